@@ -1,0 +1,20 @@
+"""shiftkit: stain- and scanner-domain shift for H&E computational pathology."""
+
+__version__ = "0.1.0"
+
+from .core import InvalidArgumentError, InvalidImageError, ShiftkitError, StainEstimationError, UnknownNameError
+from .stain import StainEstimate, estimate_stains, estimate_stains_pooled
+from .transforms import StainNormalizer
+
+__all__ = [
+    "__version__",
+    "ShiftkitError",
+    "InvalidImageError",
+    "InvalidArgumentError",
+    "StainEstimationError",
+    "UnknownNameError",
+    "StainEstimate",
+    "estimate_stains",
+    "estimate_stains_pooled",
+    "StainNormalizer",
+]

@@ -1,0 +1,188 @@
+"""The image contract: what shiftkit accepts, how it computes, and what it gives back.
+
+Accepted inputs (validated by :func:`to_batch`):
+
+* ``numpy.ndarray`` channel-last: ``(H, W, 3)`` or a batch ``(B, H, W, 3)``;
+* ``torch.Tensor`` channel-first: ``(3, H, W)`` or a batch ``(B, 3, H, W)``, on any device;
+* dtypes ``uint8`` (values 0..255) or floating (``float16``, ``bfloat16``, ``float32``,
+  ``float64``) with values in ``[0, 1]``;
+* a 4th alpha channel is accepted when it is fully opaque (255 or 1.0); it is dropped for
+  computation and put back unchanged on output. Other channel counts, grayscale images,
+  non-finite values and floats outside ``[0, 1]`` raise :class:`InvalidImageError`.
+
+Inside the library every image is a float tensor ``(B, 3, H, W)`` RGB in ``[0, 1]``:
+float64 when the caller gave float64, float32 otherwise (half-precision inputs are computed in
+float32 and cast back). :func:`from_batch` restores the caller's type, dtype, device, layout
+and alpha; ``uint8`` is rounded (``round(255 * x)``), so a ``uint8`` image round-trips exactly
+through an identity. Inputs are never modified in place and a batch of ``B = 0`` works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .errors import InvalidImageError
+
+_NUMPY_DTYPES = {np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_TORCH_DTYPES = {torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+@dataclass
+class ImageSpec:
+    """How an input looked, so that the output can look the same."""
+
+    is_numpy: bool
+    batched: bool
+    dtype: Any
+    device: torch.device
+    alpha: Optional[torch.Tensor]  # (B, 1, H, W) in the caller's dtype, or None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype in (torch.float64, np.dtype(np.float64)):
+            return torch.float64
+        return torch.float32
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        kind = "numpy array" if isinstance(x, np.ndarray) else "tensor"
+        return f"{kind} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
+    """Validate ``image`` and return it as a float ``(B, 3, H, W)`` tensor in ``[0, 1]``.
+
+    Args:
+        image: numpy ``(H, W, C)``/``(B, H, W, C)`` or torch ``(C, H, W)``/``(B, C, H, W)``
+            with ``C`` = 3, or 4 with an opaque alpha channel.
+        arg: the argument's name, used in error messages.
+
+    Returns:
+        ``(batch, spec)``: the float batch (a new tensor or a non-aliasing view that callers
+        must not modify in place) and the :class:`ImageSpec` for :func:`from_batch`.
+
+    Raises:
+        TypeError: ``image`` is neither a numpy array nor a tensor, or has an unsupported dtype.
+        InvalidImageError: wrong rank or channel count, translucent alpha, non-finite values
+            or floats outside ``[0, 1]``.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"`{arg}` has an unsupported dtype: expected uint8 or float16/32/64, got {_describe(image)}")
+        if image.ndim not in (3, 4):
+            what = "a grayscale image" if image.ndim == 2 else _describe(image)
+            raise InvalidImageError(
+                f"`{arg}` has the wrong shape: expected an RGB numpy array (H, W, 3) or (B, H, W, 3), got {what}"
+            )
+        batched = image.ndim == 4
+        arr = image if batched else image[None]
+        channels = arr.shape[-1]
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr).copy()
+        t = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        is_numpy, dtype, device = True, image.dtype, torch.device("cpu")
+    elif isinstance(image, torch.Tensor):
+        if image.dtype not in _TORCH_DTYPES:
+            raise TypeError(
+                f"`{arg}` has an unsupported dtype: expected uint8, float16, bfloat16, float32 or float64, "
+                f"got {_describe(image)}"
+            )
+        if image.ndim not in (3, 4):
+            what = "a grayscale image" if image.ndim == 2 else _describe(image)
+            raise InvalidImageError(
+                f"`{arg}` has the wrong shape: expected an RGB tensor (3, H, W) or (B, 3, H, W), got {what}"
+            )
+        batched = image.ndim == 4
+        t = image if batched else image[None]
+        channels = t.shape[1]
+        is_numpy, dtype, device = False, image.dtype, image.device
+    else:
+        raise TypeError(f"`{arg}` has the wrong type: expected a numpy array or a torch tensor, got {_describe(image)}")
+
+    if channels not in (3, 4):
+        hint = " (grayscale)" if channels == 1 else ""
+        layout = "(..., H, W, 3)" if is_numpy else "(..., 3, H, W)"
+        raise InvalidImageError(
+            f"`{arg}` has the wrong number of channels{hint}: expected 3 (RGB) or 4 (RGBA, opaque) in layout "
+            f"{layout}, got {channels} channels in {_describe(image)}"
+        )
+
+    spec = ImageSpec(is_numpy=is_numpy, batched=batched, dtype=dtype, device=device, alpha=None)
+    if channels == 4:
+        alpha = t[:, 3:4]
+        opaque = 255 if t.dtype == torch.uint8 else 1.0
+        if alpha.numel() and not bool((alpha == opaque).all()):
+            raise InvalidImageError(
+                f"`{arg}` has a translucent alpha channel: expected RGBA with alpha = {opaque} everywhere "
+                f"(fully opaque), got alpha in [{alpha.min().item()}, {alpha.max().item()}]"
+            )
+        spec.alpha = alpha.clone()
+        t = t[:, :3]
+
+    cdtype = spec.compute_dtype
+    if t.dtype == torch.uint8:
+        x = t.to(cdtype) / 255.0
+    else:
+        x = t.to(cdtype)
+        if x.numel():
+            bad = ~torch.isfinite(x) | (x < 0) | (x > 1)
+            if bool(bad.any()):
+                finite = torch.isfinite(x)
+                n_nonfinite = int((~finite).sum())
+                if n_nonfinite:
+                    raise InvalidImageError(
+                        f"`{arg}` has non-finite values: expected finite floats in [0, 1], got {n_nonfinite} NaN/Inf "
+                        f"values in {_describe(image)}"
+                    )
+                raise InvalidImageError(
+                    f"`{arg}` has floats outside [0, 1]: expected values in [0, 1] (divide 8-bit data by 255 or "
+                    f"pass uint8), got range [{x.min().item():.4g}, {x.max().item():.4g}] in {_describe(image)}"
+                )
+    if x.data_ptr() == t.data_ptr() and x.numel():
+        # Same storage as the caller's data (float input of the compute dtype): hand out a copy-on-write
+        # guarantee by cloning, so no later operation can touch the caller's memory.
+        x = x.clone()
+    return x.contiguous(), spec
+
+
+def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
+    """Return ``x`` (``(B, 3, H, W)`` float in ``[0, 1]``) in the caller's format described by ``spec``.
+
+    Values are clamped to ``[0, 1]`` (and NaN mapped to 0 as a last guard); ``uint8`` outputs are
+    rounded.
+    """
+    y = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    target_dtype = spec.dtype
+    if spec.is_numpy:
+        torch_dtype = {
+            np.dtype(np.uint8): torch.uint8,
+            np.dtype(np.float16): torch.float16,
+            np.dtype(np.float32): torch.float32,
+            np.dtype(np.float64): torch.float64,
+        }[np.dtype(target_dtype)]
+    else:
+        torch_dtype = target_dtype
+    if torch_dtype == torch.uint8:
+        y = torch.round(y * 255.0).to(torch.uint8)
+    else:
+        y = y.to(torch_dtype)
+    if spec.alpha is not None:
+        y = torch.cat([y, spec.alpha.to(y.device)], dim=1)
+    y = y.to(spec.device)
+    if not spec.batched:
+        y = y[0]
+    if spec.is_numpy:
+        perm = (0, 2, 3, 1) if spec.batched else (1, 2, 0)
+        return np.ascontiguousarray(y.permute(*perm).cpu().numpy())
+    return y
+
+
+def as_float_batch(image: Any, arg: str = "images") -> torch.Tensor:
+    """Shortcut: validate ``image`` and return only the float ``(B, 3, H, W)`` batch."""
+    return to_batch(image, arg)[0]

@@ -1,0 +1,16 @@
+"""Tile IO and bundled sample data."""
+
+from .io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, write_image
+from .samples import load_sample, load_sample_tiles, sample_path, sample_tiles_dir
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "list_images",
+    "read_image",
+    "write_image",
+    "load_sample",
+    "load_sample_tiles",
+    "sample_path",
+    "sample_tiles_dir",
+]

@@ -1,0 +1,92 @@
+"""Deterministic stain-normalization kernels on float ``(B, 3, H, W)`` batches in ``[0, 1]``.
+
+No randomness and no state: every per-sample quantity is an explicit ``(B, ...)`` tensor. Gradients flow
+through the apply steps (``rgb_to_od`` → solve → scale → reconstruct) with respect to the image and the
+matrices, except where a clamp is active.
+"""
+
+from __future__ import annotations
+
+import kornia
+import torch
+
+from ..stain.model import od_to_rgb, rgb_to_od
+from ..stain.solve import concentrations_to_od, od_to_concentrations
+
+
+def normalize_stains(
+    images: torch.Tensor,
+    source_matrix: torch.Tensor,
+    source_max: torch.Tensor,
+    target_matrix: torch.Tensor,
+    target_max: torch.Tensor,
+    *,
+    i0: float = 1.0,
+    target_i0: float | None = None,
+    clamp_concentrations: bool = True,
+    max_scale: float = 5.0,
+) -> torch.Tensor:
+    """Macenko/Vahadane-style normalization with given source and target stains.
+
+    ``C = solve(S_src, OD)``; ``C_k ← C_k · clamp(maxC_tgt,k / maxC_src,k, 1/max_scale, max_scale)``;
+    ``I = I0_tgt · exp(-S_tgt^T C)``.
+
+    Args:
+        images: ``(B, 3, H, W)`` float in ``[0, 1]``.
+        source_matrix: ``(B, 2, 3)`` stain matrix of each tile.
+        source_max: ``(B, 2)`` robust max concentrations of each tile.
+        target_matrix: ``(2, 3)`` or ``(B, 2, 3)``.
+        target_max: ``(2,)`` or ``(B, 2)``.
+        i0: background intensity of the source, ``[0, 1]`` units.
+        target_i0: background intensity of the output (default ``i0``).
+        clamp_concentrations: clamp concentrations at 0 before rescaling (default; torchstain does not).
+        max_scale: bound on the concentration rescaling factor (guards tiles whose maximum is near 0).
+
+    Returns:
+        ``(B, 3, H, W)`` in ``[0, 1]``.
+    """
+    bsz = images.shape[0]
+    tm = target_matrix if target_matrix.ndim == 3 else target_matrix.expand(bsz, 2, 3)
+    tmax = target_max if target_max.ndim == 2 else target_max.expand(bsz, 2)
+    od = rgb_to_od(images, i0=i0)
+    conc = od_to_concentrations(od, source_matrix.to(od.dtype), clamp=clamp_concentrations)
+    scale = (tmax.to(od.dtype) / source_max.to(od.dtype).clamp_min(1e-6)).clamp(1.0 / max_scale, max_scale)
+    conc = conc * scale[:, :, None, None]
+    return od_to_rgb(concentrations_to_od(conc, tm.to(od.dtype)), i0=i0 if target_i0 is None else target_i0)
+
+
+def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
+    """CIE L*a*b* (D65, sRGB companding) via Kornia: L in [0, 100], a and b roughly in [-128, 127]."""
+    return kornia.color.rgb_to_lab(images)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_lab`, clamped to ``[0, 1]``."""
+    return kornia.color.lab_to_rgb(lab, clip=True)
+
+
+def reinhard_normalize(
+    images: torch.Tensor,
+    source_mean: torch.Tensor,
+    source_std: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_std: torch.Tensor,
+) -> torch.Tensor:
+    """Reinhard et al. 2001 colour transfer in CIELAB: ``(x − μ_src) / σ_src · σ_tgt + μ_tgt`` per channel.
+
+    Args:
+        images: ``(B, 3, H, W)`` float in ``[0, 1]``.
+        source_mean, source_std: ``(B, 3)`` LAB statistics of each tile (tissue-masked, see
+            :func:`shiftkit.stain.stats.weighted_mean_std`).
+        target_mean, target_std: ``(3,)`` or ``(B, 3)``.
+
+    Returns:
+        ``(B, 3, H, W)`` in ``[0, 1]``.
+    """
+    lab = rgb_to_lab(images)
+    tm = target_mean.to(lab)
+    ts = target_std.to(lab)
+    if tm.ndim == 1:
+        tm, ts = tm[None], ts[None]
+    out = (lab - source_mean.to(lab)[..., None, None]) / source_std.to(lab)[..., None, None] * ts[..., None, None] + tm[..., None, None]
+    return lab_to_rgb(out)

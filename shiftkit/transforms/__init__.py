@@ -1,0 +1,5 @@
+"""Transforms as ``nn.Module``s."""
+
+from .normalizer import StainNormalizer
+
+__all__ = ["StainNormalizer"]

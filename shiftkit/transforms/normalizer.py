@@ -1,0 +1,277 @@
+"""``StainNormalizer``: Reinhard, Macenko and Vahadane normalization as an ``nn.Module``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
+from ..core.image import from_batch, to_batch
+from ..functional.stain import normalize_stains, reinhard_normalize, rgb_to_lab
+from ..stain.estimate import (
+    STATUS_DEGENERATE,
+    STATUS_LOW_TISSUE,
+    STATUS_NAMES,
+    STATUS_OK,
+    EstimatorConfig,
+    _config,
+    _estimate_batch,
+    estimate_stains_pooled,
+)
+from ..stain.mask import tissue_mask
+from ..stain.model import MACENKO_REFERENCE_MAX_CONCENTRATIONS, reference_stain_matrix, validate_stain_matrix
+from ..stain.stats import weighted_mean_std
+
+NORMALIZER_METHODS = ("reinhard", "macenko", "vahadane")
+FAILURE_POLICIES = ("reference", "identity", "raise")
+_FORMAT = "shiftkit.StainNormalizer"
+_MIN_LAB_STD = 1e-2
+
+
+def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig):
+    """Tissue-masked LAB mean/std ``(B, 3)``, tissue pixel counts and totals ``(B,)``."""
+    w = tissue_mask(x, cfg.tissue_method, luminosity_threshold=cfg.luminosity_threshold,
+                    od_threshold=cfg.od_threshold, i0=cfg.i0, exclude_saturated=cfg.exclude_saturated).flatten(1)
+    lab = rgb_to_lab(x).flatten(2)
+    mean, std = weighted_mean_std(lab, w, eps=1e-6)
+    return mean, std, w.sum(-1), torch.full_like(w[:, 0], w.shape[-1])
+
+
+class StainNormalizer(nn.Module):
+    """Normalize H&E tiles to a target's stain appearance, per tile, batched, on any device.
+
+    Methods:
+
+    * ``"reinhard"`` — Reinhard et al. 2001 colour transfer in CIELAB (Kornia), with **tissue-masked**
+      statistics of each tile and of the target.
+    * ``"macenko"`` — Macenko et al. 2009: each tile's stain matrix and 99th-percentile concentrations are
+      estimated (:func:`shiftkit.estimate_stains`), concentrations are rescaled to the target's and the
+      image is rebuilt with the target's stain matrix.
+    * ``"vahadane"`` — the same with the sparse non-negative (Vahadane et al. 2016) estimator.
+
+    Before :meth:`fit`, the stain methods use the Macenko reference target (HERef/maxCRef of torchstain and
+    MONAI); Reinhard must be fitted.
+
+    Failure policy per tile (``on_failure``): a tile whose estimate has status ``"low-tissue"`` or
+    ``"degenerate"`` is (``"reference"``, default) normalized with the reference stain matrix and its
+    concentrations instead of its own estimate, (``"identity"``) returned unchanged, or (``"raise"``) makes
+    the call raise :class:`StainEstimationError`. For Reinhard both fallbacks return the tile unchanged. A
+    tile's output never depends on the other tiles of its batch, and no NaN is ever returned.
+
+    Args:
+        method: ``"reinhard"``, ``"macenko"`` or ``"vahadane"``.
+        on_failure: ``"reference"``, ``"identity"`` or ``"raise"``.
+        clamp_concentrations: clamp concentrations at 0 (stain methods).
+        max_scale: bound on the per-stain concentration rescaling factor (stain methods).
+        **options: estimator options (see :func:`shiftkit.estimate_stains`), e.g. ``i0=240/255``.
+
+    Shape:
+        Input and output follow the image contract: numpy ``(H, W, 3)``/``(B, H, W, 3)`` or torch
+        ``(3, H, W)``/``(B, 3, H, W)``; dtype, device and layout are kept.
+
+    Examples:
+        >>> from shiftkit.data import load_sample
+        >>> norm = StainNormalizer("macenko").fit(load_sample("slideflow"))
+        >>> out = norm(load_sample("stardist"))
+        >>> out.shape, out.dtype
+        ((300, 500, 3), dtype('uint8'))
+    """
+
+    def __init__(
+        self,
+        method: str = "macenko",
+        *,
+        on_failure: str = "reference",
+        clamp_concentrations: bool = True,
+        max_scale: float = 5.0,
+        **options: Any,
+    ):
+        super().__init__()
+        if method not in NORMALIZER_METHODS:
+            raise UnknownNameError("method", method, NORMALIZER_METHODS)
+        if on_failure not in FAILURE_POLICIES:
+            raise UnknownNameError("on_failure", on_failure, FAILURE_POLICIES)
+        if not (isinstance(max_scale, (int, float)) and max_scale >= 1.0 and math.isfinite(max_scale)):
+            raise InvalidArgumentError(f"`max_scale` out of range: expected a finite number >= 1, got {max_scale!r}")
+        self.method = method
+        self.on_failure = on_failure
+        self.clamp_concentrations = bool(clamp_concentrations)
+        self.max_scale = float(max_scale)
+        self.options = dict(options)
+        self.config = _config("vahadane" if method == "vahadane" else "macenko", self.options)
+        ref = reference_stain_matrix(self.config.reference)
+        self.register_buffer("target_matrix", ref.clone())
+        self.register_buffer("target_max_concentrations", torch.tensor(MACENKO_REFERENCE_MAX_CONCENTRATIONS))
+        self.register_buffer("target_mean", torch.zeros(3))
+        self.register_buffer("target_std", torch.ones(3))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, images: Union[Any, Sequence[Any]]) -> "StainNormalizer":
+        """Fit the target on one image, a batch, or a list of images of any sizes (pooled over their tissue).
+
+        Returns ``self``. Raises :class:`StainEstimationError` if the pooled target has too little tissue
+        or a degenerate stain estimate.
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidArgumentError("`images` is empty: expected at least one image to fit on, got 0 images")
+        if self.method == "reinhard":
+            labs, ws = [], []
+            for i, img in enumerate(items):
+                x, _ = to_batch(img, f"images[{i}]")
+                w = tissue_mask(x, self.config.tissue_method, luminosity_threshold=self.config.luminosity_threshold,
+                                od_threshold=self.config.od_threshold, i0=self.config.i0,
+                                exclude_saturated=self.config.exclude_saturated)
+                labs.append(rgb_to_lab(x.float()).permute(1, 0, 2, 3).reshape(3, -1))
+                ws.append(w.float().reshape(-1))
+            lab, w = torch.cat(labs, -1)[None], torch.cat(ws, -1)[None]
+            if float(w.sum()) < self.config.min_tissue_pixels:
+                raise StainEstimationError(
+                    f"`images` has too little tissue to fit a Reinhard target: expected at least "
+                    f"{self.config.min_tissue_pixels} tissue pixels, got {int(w.sum())}"
+                )
+            mean, std = weighted_mean_std(lab, w)
+            self.target_mean.copy_(mean[0].to(self.target_mean))
+            self.target_std.copy_(std[0].to(self.target_std))
+        else:
+            est = estimate_stains_pooled(items, self.config.method, **self.options)
+            if est.status[0] != "ok":
+                raise StainEstimationError(
+                    f"`images` gave no usable target: expected status 'ok' for the pooled {self.method} estimate, "
+                    f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
+                )
+            self.target_matrix.copy_(est.matrix[0].to(self.target_matrix))
+            self.target_max_concentrations.copy_(est.max_concentrations[0].to(self.target_max_concentrations))
+        self.fitted.fill_(True)
+        return self
+
+    def set_target(self, matrix: Any, max_concentrations: Any) -> "StainNormalizer":
+        """Use a given stain matrix ``(2, 3)`` and max concentrations ``(2,)`` as the target (stain methods)."""
+        if self.method == "reinhard":
+            raise InvalidArgumentError("`method` has no stain-matrix target: expected 'macenko' or 'vahadane', got 'reinhard'")
+        m = validate_stain_matrix(torch.as_tensor(matrix, dtype=torch.float32), "matrix")
+        c = torch.as_tensor(max_concentrations, dtype=torch.float32)
+        if c.shape != (2,) or not bool(torch.isfinite(c).all()) or bool((c <= 0).any()):
+            raise InvalidArgumentError(f"`max_concentrations` is invalid: expected 2 positive finite values, got {c.tolist()}")
+        self.target_matrix.copy_(m.to(self.target_matrix))
+        self.target_max_concentrations.copy_(c.to(self.target_max_concentrations))
+        self.fitted.fill_(True)
+        return self
+
+    # ------------------------------------------------------------------ applying
+    def normalize(self, images: Any, return_status: bool = False):
+        """Normalize ``images``; with ``return_status=True`` also return the per-tile status names."""
+        x, spec = to_batch(images, "images")
+        y, code = self._normalize_batch(x)
+        out = from_batch(y, spec)
+        return (out, [STATUS_NAMES[int(c)] for c in code.tolist()]) if return_status else out
+
+    def forward(self, images: Any) -> Any:
+        return self.normalize(images)
+
+    def _normalize_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 0:
+            return x, torch.zeros(0, dtype=torch.int8, device=x.device)
+        cfg = self.config
+        if self.method == "reinhard":
+            if not bool(self.fitted):
+                raise InvalidArgumentError("`StainNormalizer('reinhard')` is not fitted: expected a call to .fit(target) first, got none")
+            mean, std, n_tissue, n = _lab_statistics(x, cfg)
+            enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
+            flat = (std < _MIN_LAB_STD).any(-1)
+            code = torch.where(~enough, STATUS_LOW_TISSUE, torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
+            ok = code == STATUS_OK
+            safe_std = torch.where(ok[:, None], std, torch.ones_like(std))
+            y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device))
+            y = torch.where(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
+        else:
+            est = _estimate_batch(x, cfg, None, "report")
+            code = est.status_code
+            y = normalize_stains(
+                x,
+                est.matrix,
+                est.max_concentrations,
+                self.target_matrix.to(x.device, x.dtype),
+                self.target_max_concentrations.to(x.device, x.dtype),
+                i0=cfg.i0,
+                clamp_concentrations=self.clamp_concentrations,
+                max_scale=self.max_scale,
+            ).to(x.dtype)
+            if self.on_failure == "identity":
+                y = torch.where((code == STATUS_OK)[:, None, None, None], y, x)
+        if self.on_failure == "raise" and not bool((code == STATUS_OK).all()):
+            bad = [(i, STATUS_NAMES[int(c)]) for i, c in enumerate(code.tolist()) if c != STATUS_OK]
+            raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
+        return torch.nan_to_num(y, nan=0.0), code
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        """JSON-serializable description: method, options and the fitted target."""
+        from .. import __version__
+
+        target = (
+            {"mean": self.target_mean.tolist(), "std": self.target_std.tolist()}
+            if self.method == "reinhard"
+            else {"matrix": self.target_matrix.tolist(), "max_concentrations": self.target_max_concentrations.tolist()}
+        )
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "shiftkit_version": __version__,
+            "method": self.method,
+            "on_failure": self.on_failure,
+            "clamp_concentrations": self.clamp_concentrations,
+            "max_scale": self.max_scale,
+            "options": self.options,
+            "fitted": bool(self.fitted),
+            "target": target,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StainNormalizer":
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise InvalidArgumentError(f"`data` is not a saved normalizer: expected format {_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else type(data).__name__!r}")
+        norm = cls(
+            data["method"],
+            on_failure=data.get("on_failure", "reference"),
+            clamp_concentrations=data.get("clamp_concentrations", True),
+            max_scale=data.get("max_scale", 5.0),
+            **data.get("options", {}),
+        )
+        t = data["target"]
+        if norm.method == "reinhard":
+            norm.target_mean.copy_(torch.tensor(t["mean"]))
+            norm.target_std.copy_(torch.tensor(t["std"]))
+            norm.fitted.fill_(bool(data.get("fitted", True)))
+        else:
+            norm.set_target(t["matrix"], t["max_concentrations"])
+            norm.fitted.fill_(bool(data.get("fitted", True)))
+        return norm
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Save as JSON (atomically)."""
+        p = Path(path)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "StainNormalizer":
+        """Load a normalizer saved by :meth:`save`."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidArgumentError(f"`{p}` cannot be loaded: expected a JSON file written by StainNormalizer.save, got {exc}") from exc
+        return cls.from_dict(data)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, on_failure={self.on_failure!r}, fitted={bool(self.fitted)}"
