@@ -85,7 +85,7 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
         channels = arr.shape[-1]
         if not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr).copy()
-        t = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # a channel-first copy
         is_numpy, dtype, device = True, image.dtype, torch.device("cpu")
     elif isinstance(image, torch.Tensor):
         if image.dtype not in _TORCH_DTYPES:
@@ -127,7 +127,7 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
 
     cdtype = spec.compute_dtype
     if t.dtype == torch.uint8:
-        x = t.to(cdtype) / 255.0
+        x = t.to(cdtype).div_(255.0)  # a new tensor, scaled in place
     else:
         x = t.to(cdtype)
         if x.numel():
@@ -157,7 +157,7 @@ def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
     Values are clamped to ``[0, 1]`` (and NaN mapped to 0 as a last guard); ``uint8`` outputs are
     rounded.
     """
-    y = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    y = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)  # a new tensor
     target_dtype = spec.dtype
     if spec.is_numpy:
         torch_dtype = {
@@ -169,7 +169,7 @@ def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
     else:
         torch_dtype = target_dtype
     if torch_dtype == torch.uint8:
-        y = torch.round(y * 255.0).to(torch.uint8)
+        y = y.mul_(255.0).round_().to(torch.uint8)
     else:
         y = y.to(torch_dtype)
     if spec.alpha is not None:

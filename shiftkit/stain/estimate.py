@@ -82,6 +82,7 @@ class EstimatorConfig:
     reference: str = "macenko"
     max_reference_angle: float = 35.0
     exclude_saturated: bool = True
+    max_pixels: Optional[int] = 16384
     min_stain_angle: float = 3.0
     vahadane_lambda: float = 0.1
     vahadane_max_pixels: int = 4096
@@ -105,6 +106,7 @@ class EstimatorConfig:
             ("vahadane_max_pixels", int(self.vahadane_max_pixels) >= 16, "an integer >= 16"),
             ("vahadane_max_iter", int(self.vahadane_max_iter) >= 1, "an integer >= 1"),
             ("vahadane_tol", self.vahadane_tol >= 0.0, "a non-negative tolerance"),
+            ("max_pixels", self.max_pixels is None or int(self.max_pixels) >= 1024, "None or an integer >= 1024"),
         ]
         for arg, ok, spec in checks:
             if not ok:
@@ -250,10 +252,18 @@ def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cf
     return StainEstimate(matrix=matrix, max_concentrations=maxc, tissue_fraction=frac.to(od.dtype), status_code=status)
 
 
-def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor] = None):
-    od = rgb_to_od(images, i0=cfg.i0).flatten(2)
+def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor] = None, subsample: bool = True):
+    """OD ``(B, 3, M)`` and tissue weights ``(B, M)`` of a fixed, strided pixel subsample (every ``s``-th
+    pixel in raster order, ``s = ceil(N / max_pixels)``; all pixels when ``max_pixels`` is None)."""
+    x = images.flatten(2)
+    n = x.shape[-1]
+    step = 1
+    if subsample and cfg.max_pixels is not None and n > cfg.max_pixels:
+        step = -(-n // int(cfg.max_pixels))
+        x = x[..., ::step]
+    od = rgb_to_od(x, i0=cfg.i0)
     w = tissue_mask(
-        images,
+        x,
         cfg.tissue_method,
         luminosity_threshold=cfg.luminosity_threshold,
         od_threshold=cfg.od_threshold,
@@ -261,7 +271,7 @@ def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Te
         exclude_saturated=cfg.exclude_saturated,
     )
     if mask is not None:
-        w = w * mask.to(w)
+        w = w * mask.flatten(2)[..., ::step].to(w)
     return od, w.flatten(1).to(od.dtype)
 
 
@@ -308,7 +318,9 @@ def estimate_stains(
             second stain is closer to DAB than to eosin, i.e. IHC), ``exclude_saturated`` (True: pixels
             with a channel at 0, whose OD is clipped, are not tissue),
             ``min_stain_angle`` (3°), ``vahadane_lambda`` (0.1), ``vahadane_max_pixels`` (4096),
-            ``vahadane_max_iter`` (100), ``vahadane_tol`` (1e-5), ``seed`` (0; Vahadane's pixel subsample).
+            ``vahadane_max_iter`` (100), ``vahadane_tol`` (1e-5), ``seed`` (0; Vahadane's pixel subsample),
+            ``max_pixels`` (16384: estimation reads every ``ceil(N / max_pixels)``-th pixel in raster order,
+            the same pixels whatever the batch; ``None`` uses all pixels. Pooled fits use all pixels).
 
     Returns:
         :class:`StainEstimate` with ``matrix`` ``(B, 2, 3)``, ``max_concentrations`` ``(B, 2)``,
@@ -361,7 +373,7 @@ def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", **opt
     ods, ws, dtype = [], [], None
     for i, img in enumerate(images):
         x, _ = to_batch(img, f"images[{i}]")
-        od, w = _flatten(x, cfg)
+        od, w = _flatten(x, cfg, subsample=False)
         ods.append(od.permute(1, 0, 2).reshape(3, -1))
         ws.append(w.reshape(-1))
         dtype = x.dtype

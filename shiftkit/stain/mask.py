@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-import kornia
 import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
 from .model import MACENKO_BETA_LN, MIN_INTENSITY, rgb_to_od
 
 TISSUE_METHODS = ("luminosity", "od")
+
+
+def relative_luminance(images: torch.Tensor) -> torch.Tensor:
+    """CIE Y (D65) of sRGB images ``(B, 3, H, W)`` in ``[0, 1]``, as ``(B, 1, H, W)``.
+
+    The same Y that CIELAB's L* is computed from (Kornia, OpenCV, scikit-image), so thresholding L* equals
+    thresholding Y, without the cube root and the chroma channels.
+    """
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)
+    wts = torch.tensor([0.212671, 0.715160, 0.072169], dtype=lin.dtype, device=lin.device)
+    return (lin * wts.view(3, *([1] * (lin.ndim - 2)))).sum(1, keepdim=True)
+
+
+def _lightness_to_luminance(lightness: float) -> float:
+    """Inverse of CIE L* = 116 f(Y) − 16 for relative luminance Y in [0, 1]."""
+    f = (lightness + 16.0) / 116.0
+    delta = 6.0 / 29.0
+    return f**3 if f > delta else 3 * delta**2 * (f - 4.0 / 29.0)
 
 
 def tissue_mask(
@@ -26,18 +44,19 @@ def tissue_mask(
     1/255: its OD is clipped at ln 255 and points the wrong way, and such pixels dominate a covariance),
     so that black tiles have no tissue:
 
-    * ``"luminosity"`` (default; StainTools, tiatoolbox, torch-staintools): CIE L* / 100 below
-      ``luminosity_threshold`` (0.8). Keeps pale eosin, which an OD threshold on every channel drops.
+    * ``"luminosity"`` (default; StainTools, tiatoolbox, torch-staintools): CIE L* / 100 (sRGB, D65) below
+      ``luminosity_threshold`` (0.8), evaluated as the equivalent threshold on luminance Y. Keeps pale
+      eosin, which an OD threshold on every channel drops.
     * ``"od"`` (Macenko 2009, cuCIM): every channel's natural-log OD at or above ``od_threshold``
       (default ``0.15 · ln 10 = 0.345``, Macenko's β = 0.15 in log10 units; pass 0.15 to mimic
       torchstain/MONAI, which use β = 0.15 on natural-log OD).
 
     Args:
-        images: ``(B, 3, H, W)`` float in ``[0, 1]``.
+        images: ``(B, 3, H, W)`` (or flattened ``(B, 3, N)``) float in ``[0, 1]``.
         method: ``"luminosity"`` or ``"od"``.
 
     Returns:
-        ``(B, 1, H, W)`` weights (same dtype as ``images``), 1 for tissue.
+        ``(B, 1, H, W)`` (or ``(B, 1, N)``) weights (same dtype as ``images``), 1 for tissue.
     """
     if method not in TISSUE_METHODS:
         raise UnknownNameError("tissue_method", method, TISSUE_METHODS)
@@ -51,8 +70,7 @@ def tissue_mask(
     if not exclude_saturated:
         not_saturated = torch.ones_like(not_saturated)
     if method == "luminosity":
-        lum = kornia.color.rgb_to_lab(images.float())[:, :1] / 100.0
-        keep = lum < luminosity_threshold
+        keep = relative_luminance(images) < _lightness_to_luminance(100.0 * luminosity_threshold)
     else:
         keep = (rgb_to_od(images, i0=i0) >= od_threshold).all(dim=1, keepdim=True)
     return (keep & not_saturated).to(images.dtype)

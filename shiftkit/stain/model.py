@@ -98,13 +98,21 @@ def rgb_to_od(images: torch.Tensor, i0: float = 1.0, min_intensity: float = MIN_
     """
     _check_i0(i0)
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    return -torch.log(x.clamp(min_intensity, i0) / i0)
+    od = x.clamp(min_intensity, i0)  # new tensor: the in-place steps below never touch the input
+    if i0 != 1.0:
+        od = od / i0 if od.requires_grad else od.div_(i0)
+    return -torch.log(od) if od.requires_grad else od.log_().neg_()
 
 
 def od_to_rgb(od: torch.Tensor, i0: float = 1.0) -> torch.Tensor:
     """Natural-log optical density back to RGB: ``I = clamp(I0 · exp(-OD), 0, 1)``."""
     _check_i0(i0)
-    return (i0 * torch.exp(-od)).clamp(0.0, 1.0)
+    if od.requires_grad and torch.is_grad_enabled():
+        return (i0 * torch.exp(-od)).clamp(0.0, 1.0)
+    out = torch.exp(-od)  # new tensor; the steps below work in place on it
+    if i0 != 1.0:
+        out.mul_(i0)
+    return out.clamp_(0.0, 1.0)
 
 
 def normalize_rows(matrix: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

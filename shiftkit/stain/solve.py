@@ -43,7 +43,7 @@ def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool 
     proj = (inv @ matrix.double()).to(od.dtype)  # (B, S, 3): pseudo-inverse rows
     c = proj @ flat
     if clamp:
-        c = c.clamp_min(0.0)
+        c = c.clamp_min(0.0) if (c.requires_grad and torch.is_grad_enabled()) else c.clamp_min_(0.0)
     return c.reshape(shape[0], matrix.shape[-2], *shape[2:])
 
 
