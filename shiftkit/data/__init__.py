@@ -1,6 +1,7 @@
 """Tile IO and bundled sample data."""
 
 from .io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, write_image
+from .synthetic import random_stain_matrix, synthetic_he
 from .samples import load_sample, load_sample_tiles, sample_path, sample_tiles_dir
 
 __all__ = [
@@ -13,4 +14,6 @@ __all__ = [
     "load_sample_tiles",
     "sample_path",
     "sample_tiles_dir",
+    "synthetic_he",
+    "random_stain_matrix",
 ]

@@ -1,0 +1,144 @@
+"""``shiftkit`` command line: thin click commands over the library.
+
+Exit codes: 0 success, 1 some inputs failed (listed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from shiftkit import __version__
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(f"expected an available device, got {device!r} but CUDA is not available", param_hint="--device")
+    return device
+
+
+def _load_target(target: str, method: str | None, on_failure: str):
+    """A fitted StainNormalizer from an image, a folder of images or a saved JSON target."""
+    from shiftkit import StainNormalizer
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data import list_images, read_image
+
+    p = Path(target)
+    if p.suffix.lower() == ".json":
+        norm = StainNormalizer.load(p)
+        if method is not None and method != norm.method:
+            raise click.BadParameter(
+                f"expected the method of the saved target ({norm.method!r}) or none, got {method!r}", param_hint="--method"
+            )
+        norm.on_failure = on_failure
+        return norm
+    files = list_images(p) if p.is_dir() else [p]
+    if not files:
+        raise click.BadParameter(f"expected an image, a folder of images or a .json target, got {target!r} with no images", param_hint="--target")
+    try:
+        images = [read_image(f) for f in files]
+        return StainNormalizer(method or "macenko", on_failure=on_failure).fit(images)
+    except ShiftkitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shiftkit")
+def cli():
+    """shiftkit: stain- and scanner-domain shift for H&E computational pathology."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default=None,
+              help="Normalization method (default: the saved target's, else macenko).")
+@click.option("--target", required=True, help="Target: an image, a folder of images (pooled) or a JSON file from fit-target.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Tiles per batch (same-size tiles are batched).")
+@click.option("--format", "fmt", type=click.Choice(["png", "same", "jpg", "tif"]), default="png", show_default=True,
+              help="Output format; 'same' keeps each input's suffix.")
+@click.option("--on-failure", type=click.Choice(["reference", "identity", "raise"]), default="reference", show_default=True,
+              help="What to do with tiles whose stains cannot be estimated (blank, too little tissue, not H&E).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+def normalize(src, out, method, target, device, batch_size, fmt, on_failure, as_json):
+    """Stain-normalize SRC (an image or a folder, searched recursively) into OUT, mirroring file names.
+
+    Unreadable or corrupt inputs are listed with the reason and skipped; the rest complete. Outputs are
+    written atomically. Exit code 1 if any input failed, 0 otherwise.
+    """
+    from shiftkit.data.runner import collect_inputs, map_images, output_path
+
+    device = _device(device)
+    norm = _load_target(target, method, "report" if on_failure == "raise" else on_failure).to(device)
+    if on_failure == "raise":
+        norm.on_failure = "raise"
+    root, files = collect_inputs(src)
+    if not files:
+        raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
+
+    def fn(batch):
+        out_b, status = norm.normalize(batch, return_status=True)
+        return out_b, status
+
+    with click.progressbar(length=len(files), label=f"normalize ({norm.method})", file=sys.stderr,
+                           show_pos=True, show_eta=True) as bar:
+        report = map_images(files, fn, lambda p: output_path(p, root, Path(out), fmt),
+                            batch_size=batch_size, device=device, progress=bar.update)
+    summary = {"method": norm.method, "inputs": len(files), "out": str(out), **report.to_dict()}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"normalized {len(report.written)}/{len(files)} images into {out} ({norm.method}); "
+                   f"status: {report.status_counts}")
+        for item in summary["not_ok"]:
+            click.echo(f"  fallback ({on_failure}) for {item['path']}: {item['status']}")
+        for p, reason in report.failed:
+            click.echo(f"  FAILED {p}: {reason}", err=True)
+    sys.exit(1 if report.failed else 0)
+
+
+@cli.command("fit-target")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the JSON target.")
+@click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default="macenko", show_default=True)
+def fit_target(images, output, method):
+    """Fit a normalization target on IMAGES (files or folders; pooled over all their tissue) and save it as JSON."""
+    from shiftkit import StainNormalizer
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data import list_images, read_image
+
+    files = []
+    for p in images:
+        files.extend(list_images(p) if p.is_dir() else [p])
+    arrays, failed = [], []
+    for f in files:
+        try:
+            arrays.append(read_image(f))
+        except ShiftkitError as exc:
+            failed.append((f, str(exc)))
+    for f, reason in failed:
+        click.echo(f"  FAILED {f}: {reason}", err=True)
+    if not arrays:
+        raise click.UsageError("no readable image among IMAGES")
+    try:
+        norm = StainNormalizer(method).fit(arrays)
+    except ShiftkitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    norm.save(output)
+    click.echo(f"fitted a {method} target on {len(arrays)} images -> {output}")
+    sys.exit(1 if failed else 0)
+
+
+def main():
+    cli(prog_name="shiftkit")
+
+
+if __name__ == "__main__":
+    main()
