@@ -16,7 +16,7 @@ from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNam
 from ..core.image import to_batch
 from .mask import TISSUE_METHODS, tissue_mask
 from .model import RUIFROK_DAB, normalize_rows, reference_stain_matrix, rgb_to_od
-from .solve import od_to_concentrations
+from .solve import od_to_concentrations, positive_lasso_2
 from .stats import masked_quantile, weighted_mean_cov
 
 METHODS = ("macenko", "vahadane")
@@ -143,29 +143,6 @@ def _macenko_flat(od: torch.Tensor, w: torch.Tensor, cfg: EstimatorConfig):
     return torch.stack([vmin, vmax], dim=1), well_defined
 
 
-def _positive_lasso_2(dtx: torch.Tensor, gram: torch.Tensor, lam: float) -> torch.Tensor:
-    """Exact solution of ``min_a ½‖x − D a‖² + λ·Σa, a ≥ 0`` for two atoms, per pixel.
-
-    ``dtx`` is ``D^T x`` ``(B, 2, M)``, ``gram`` is ``D^T D`` ``(B, 2, 2)``. The minimiser lies on one
-    face of the positive orthant; every face's minimiser has a closed form, and the feasible one with
-    the lowest objective is the global solution (the problem is convex).
-    """
-    r = dtx - lam
-    g11, g12, g22 = gram[:, 0, 0, None], gram[:, 0, 1, None], gram[:, 1, 1, None]
-    det = (g11 * g22 - g12 * g12).clamp_min(1e-12)
-    a1 = (g22 * r[:, 0] - g12 * r[:, 1]) / det
-    a2 = (g11 * r[:, 1] - g12 * r[:, 0]) / det
-    both_ok = (a1 > 0) & (a2 > 0)
-    s1 = r[:, 0].clamp_min(0) / g11.clamp_min(1e-12)
-    s2 = r[:, 1].clamp_min(0) / g22.clamp_min(1e-12)
-    f1 = -0.5 * s1 * s1 * g11  # objective (up to a constant) of the single-atom faces
-    f2 = -0.5 * s2 * s2 * g22
-    use1 = f1 <= f2
-    c1 = torch.where(both_ok, a1, torch.where(use1, s1, torch.zeros_like(s1)))
-    c2 = torch.where(both_ok, a2, torch.where(use1, torch.zeros_like(s2), s2))
-    return torch.stack([c1, c2], dim=1)
-
-
 def _vahadane_flat(od: torch.Tensor, w: torch.Tensor, cfg: EstimatorConfig):
     """Vahadane et al. 2016 sparse non-negative dictionary learning, batched and deterministic.
 
@@ -191,7 +168,7 @@ def _vahadane_flat(od: torch.Tensor, w: torch.Tensor, cfg: EstimatorConfig):
     xw = x * ws[:, None]
     for it in range(int(cfg.vahadane_max_iter)):
         gram = d.transpose(1, 2) @ d
-        a = _positive_lasso_2(d.transpose(1, 2) @ x, gram, lam)  # (B, 2, M)
+        a = positive_lasso_2(d.transpose(1, 2) @ x, gram, lam)  # (B, 2, M)
         aa = (a * ws[:, None]) @ a.transpose(1, 2)  # (B, 2, 2)
         xa = xw @ a.transpose(1, 2)  # (B, 3, 2)
         new = d.clone()

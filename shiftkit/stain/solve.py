@@ -21,11 +21,34 @@ def _gram_inverse(matrix: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor
     return inv, det
 
 
-def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
-    """Least-squares concentrations of ``S`` stains: ``C = (S S^T)^{-1} S · OD``.
+def positive_lasso_2(dtx: torch.Tensor, gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """Exact solution of ``min_a ½‖x − D a‖² + λ·Σa, a ≥ 0`` for two atoms, per pixel (λ = 0: NNLS).
 
-    The 2×2 (or 3×3) normal equations are solved in closed form; the Gram matrix is formed in float64
-    and a near-singular one (parallel stains) is regularised instead of producing Inf.
+    ``dtx`` is ``D^T x`` ``(B, 2, M)``, ``gram`` is ``D^T D`` ``(B, 2, 2)`` (positive definite). With
+    ``r = D^T x − λ`` and ``a = G^{-1} r`` the unconstrained minimiser, the KKT conditions give: if
+    ``a_2 ≤ 0`` the optimum has ``a_2 = 0`` and ``a_1 = max(r_1, 0) / G_11`` (and symmetrically), otherwise
+    ``a_1 = max(a_1, 0)``. Two small matrix products and two selections, no iterations.
+    """
+    g = gram
+    det = (g[:, 0, 0] * g[:, 1, 1] - g[:, 0, 1] * g[:, 1, 0]).clamp_min(1e-12)
+    inv = torch.stack([torch.stack([g[:, 1, 1], -g[:, 0, 1]], -1), torch.stack([-g[:, 1, 0], g[:, 0, 0]], -1)], -2) / det[:, None, None]
+    r = dtx - lam if lam else dtx
+    a = inv.to(r.dtype) @ r
+    q = r / torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(1e-12)[..., None].to(r.dtype)
+    c1 = torch.where(a[:, 1] > 0, a[:, 0].clamp_min(0), q[:, 0].clamp_min(0))
+    c2 = torch.where(a[:, 0] > 0, a[:, 1].clamp_min(0), q[:, 1].clamp_min(0))
+    return torch.stack([c1, c2], dim=1)
+
+
+def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+    """Concentrations of ``S`` stains by least squares, non-negative by default.
+
+    * ``clamp=False``: ``C = (S S^T)^{-1} S · OD``, the 2×2 (or 3×3) normal equations solved in closed form
+      (Gram matrix in float64; a near-singular one — parallel stains — is regularised instead of giving Inf).
+    * ``clamp=True`` with 2 stains: the exact non-negative least-squares solution per pixel, in closed form
+      (:func:`positive_lasso_2` with λ = 0: when one stain would be negative it is 0 and the other is refitted,
+      rather than clipping the unconstrained solution, which overestimates the other stain). With 3 stains
+      the unconstrained solution is clipped at 0.
 
     Args:
         od: ``(B, 3, N)`` or ``(B, 3, H, W)`` natural-log OD.
@@ -39,6 +62,10 @@ def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool 
     flat = od.reshape(shape[0], 3, -1)
     if matrix.ndim == 2:
         matrix = matrix.expand(shape[0], *matrix.shape)
+    if clamp and matrix.shape[-2] == 2:
+        m = matrix.to(od.dtype)
+        c = positive_lasso_2(m @ flat, (matrix.double() @ matrix.double().transpose(-1, -2)).to(od.dtype), 0.0)
+        return c.reshape(shape[0], 2, *shape[2:])
     inv, _ = _gram_inverse(matrix)
     proj = (inv @ matrix.double()).to(od.dtype)  # (B, S, 3): pseudo-inverse rows
     c = proj @ flat

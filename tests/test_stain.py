@@ -1,0 +1,263 @@
+"""Stain model, estimators and normalizers against independent references and known ground truth."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2lab
+
+from shiftkit import StainNormalizer, StainEstimationError, estimate_stains, estimate_stains_pooled
+from shiftkit.core import InvalidArgumentError, UnknownNameError
+from shiftkit.data import random_stain_matrix, read_image, synthetic_he
+from shiftkit.functional import normalize_stains
+from shiftkit.stain import (
+    complete_stain_matrix,
+    masked_quantile,
+    od_to_concentrations,
+    od_to_rgb,
+    reference_stain_matrix,
+    rgb_to_od,
+    stain_angles,
+    tissue_mask,
+)
+
+from .conftest import devices, shared
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_rgb_to_od_matches_formula_and_inverts():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    i0 = 240 / 255
+    od = rgb_to_od(x, i0=i0)
+    ref = -np.log(np.clip(x.numpy(), 1 / 255, i0) / i0)
+    np.testing.assert_allclose(od.numpy(), ref, rtol=1e-12)
+    back = od_to_rgb(od, i0=i0)
+    np.testing.assert_allclose(back.numpy(), np.clip(x.numpy(), 1 / 255, i0), rtol=1e-12)
+    assert od.min() >= 0
+
+
+def test_reference_matrices_and_residual():
+    for name in ("macenko", "ruifrok", "ruifrok-hdab"):
+        m = reference_stain_matrix(name)
+        assert torch.allclose(m.norm(dim=-1), torch.ones(2))
+    full = complete_stain_matrix(reference_stain_matrix("ruifrok")[None].double())
+    assert full.shape == (1, 3, 3)
+    assert torch.allclose(full[0] @ full[0, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-12)
+    with pytest.raises(UnknownNameError, match="did you mean 'macenko'"):
+        reference_stain_matrix("macenk")
+
+
+def test_concentrations_match_numpy_lstsq():
+    g = torch.Generator().manual_seed(0)
+    m = random_stain_matrix(3, 10.0, g).double()
+    od = torch.rand(3, 3, 500, generator=g, dtype=torch.float64)
+    c = od_to_concentrations(od, m, clamp=False)
+    for b in range(3):
+        ref = np.linalg.lstsq(m[b].numpy().T, od[b].numpy(), rcond=None)[0]
+        np.testing.assert_allclose(c[b].numpy(), ref, atol=1e-10)
+    assert od_to_concentrations(od, m, clamp=True).min() >= 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_masked_quantile_equals_numpy(seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(4, 1000, generator=g)
+    w = (torch.rand(4, 1000, generator=g) > 0.3).float()
+    w[3] = 0  # an empty row gives 0
+    q = [0.0, 0.01, 0.25, 0.5, 0.99, 1.0]
+    out = masked_quantile(v, w, q)
+    for b in range(3):
+        np.testing.assert_allclose(out[b].numpy(), np.quantile(v[b][w[b] > 0].numpy(), q), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[3], torch.zeros(len(q)))
+
+
+def test_luminosity_mask_equals_skimage_lab_threshold(real_tile):
+    x = torch.from_numpy(real_tile).permute(2, 0, 1)[None].float() / 255
+    m = tissue_mask(x)[0, 0].numpy() > 0
+    lab = rgb2lab(real_tile)
+    ref = (lab[..., 0] / 100 < 0.8) & (real_tile > 1).all(-1)
+    assert (m != ref).mean() < 1e-3  # float32 vs float64 ties at the threshold only
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_known_stain_vectors_within_3_degrees(method, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    truth = random_stain_matrix(8, 12.0, g)
+    x, _, truth = synthetic_he(8, 224, stain_matrix=truth, noise=0.002, seed=seed)
+    est = estimate_stains(_u8(x), method)  # 8-bit quantised, as real tiles are
+    assert est.status == ["ok"] * 8
+    ang = stain_angles(est.matrix, truth)
+    assert ang.max() < 3.0, ang
+
+
+def test_vahadane_is_deterministic_and_seeded(real_tile):
+    a = estimate_stains(real_tile, "vahadane")
+    b = estimate_stains(real_tile, "vahadane")
+    assert torch.equal(a.matrix, b.matrix) and torch.equal(a.max_concentrations, b.max_concentrations)
+    c = estimate_stains(real_tile, "vahadane", seed=1, max_pixels=None, vahadane_max_pixels=1024)
+    assert stain_angles(a.matrix, c.matrix).max() < 3.0  # another subsample, same answer within 3 degrees
+
+
+def test_estimate_fields_and_shapes(real_tile):
+    est = estimate_stains(np.stack([real_tile] * 3), "macenko")
+    assert est.matrix.shape == (3, 2, 3) and est.max_concentrations.shape == (3, 2)
+    assert est.tissue_fraction.shape == (3,) and len(est.status) == 3
+    assert torch.allclose(est.matrix.norm(dim=-1), torch.ones(3, 2), atol=1e-6)
+    assert (est.max_concentrations > 0).all() and (est.matrix >= 0).all()
+    with pytest.raises(InvalidArgumentError, match="unknown keywords"):
+        estimate_stains(real_tile, "macenko", alpha=1)
+    with pytest.raises(UnknownNameError):
+        estimate_stains(real_tile, "pca")
+
+
+def _edge_batch(edge_tiles):
+    ihc = read_image(shared("pypi_skimage_ihc_not_he", "ihc.png"))[:224, :224]
+    pen = read_image(shared("edge_cases_histolab", "no-tissue-green-pen.png"))[:224, :224]
+    names = ["white", "black", "five", "ihc", "pen"]
+    return names, [edge_tiles["white"], edge_tiles["black"], edge_tiles["five"], ihc, pen]
+
+
+EXPECTED = {"white": "low-tissue", "black": "low-tissue", "five": "ok", "ihc": "degenerate", "pen": "degenerate"}
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_edge_tiles_status_alone_and_in_mixed_batch(edge_tiles, real_tile, method):
+    names, tiles = _edge_batch(edge_tiles)
+    for n, t in zip(names, tiles):
+        est = estimate_stains(t, method)
+        assert est.status == [EXPECTED[n]], n
+        assert torch.isfinite(est.matrix).all() and torch.isfinite(est.max_concentrations).all()
+    batch = np.stack([real_tile] + tiles + [real_tile[::-1]])
+    est = estimate_stains(batch, method)
+    assert est.status == ["ok"] + [EXPECTED[n] for n in names] + ["ok"]
+    alone = estimate_stains(real_tile, method)
+    assert torch.allclose(est.matrix[0], alone.matrix[0], atol=1e-6)
+    with pytest.raises(StainEstimationError, match="low-tissue"):
+        estimate_stains(batch, method, on_failure="raise")
+
+
+@pytest.mark.parametrize("method", ["reinhard", "macenko", "vahadane"])
+@pytest.mark.parametrize("policy", ["reference", "identity"])
+def test_normalizer_bad_tiles_never_abort_or_nan_and_good_tiles_are_batch_independent(edge_tiles, real_tile, method, policy):
+    names, tiles = _edge_batch(edge_tiles)
+    norm = StainNormalizer(method, on_failure=policy).fit(read_image(shared("pypi_slideflow", "norm_tile.jpg")))
+    good2 = real_tile[::-1].copy()
+    batch = np.stack([real_tile] + tiles + [good2])
+    out, status = norm.normalize(batch, return_status=True)
+    assert out.dtype == np.uint8 and out.shape == batch.shape
+    np.testing.assert_array_equal(out[0], norm(real_tile))  # identical to the single-tile output
+    np.testing.assert_array_equal(out[-1], norm(good2))
+    assert status[0] == "ok" and status[-1] == "ok"
+    f = norm(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255)
+    assert torch.isfinite(f).all()
+    for i, n in enumerate(names, start=1):
+        if status[i] != "ok" and (policy == "identity" or method == "reinhard"):
+            np.testing.assert_array_equal(out[i], batch[i])
+    with pytest.raises(StainEstimationError):
+        StainNormalizer.from_dict({**norm.to_dict(), "on_failure": "raise"})(batch)
+
+
+def test_white_and_black_stay_white_and_black_under_reference_policy(edge_tiles):
+    norm = StainNormalizer("macenko")
+    assert np.abs(norm(edge_tiles["white"]).astype(int) - 255).max() <= 1
+    assert norm(edge_tiles["black"]).max() <= 1
+
+
+# ----------------------------------------------------------------------------- normalization physics
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_normalizing_to_synthetic_target_reproduces_target_stains_and_concentrations(method):
+    g = torch.Generator().manual_seed(7)
+    mats = random_stain_matrix(2, 12.0, g)
+    src, _, _ = synthetic_he(1, 256, stain_matrix=mats[:1], h_max=1.2, e_max=0.6, seed=1)
+    tgt, _, tgt_m = synthetic_he(1, 256, stain_matrix=mats[1:], h_max=1.8, e_max=1.1, seed=2)
+    norm = StainNormalizer(method).fit(tgt)
+    out = norm(src)
+    est_out = estimate_stains(out, method)
+    est_tgt = estimate_stains(tgt, method)
+    assert stain_angles(est_out.matrix, tgt_m).max() < 3.0  # output carries the target's stain vectors
+    rel = (est_out.max_concentrations - est_tgt.max_concentrations).abs() / est_tgt.max_concentrations
+    assert rel.max() < 0.05, rel  # and the target's robust maximum concentrations
+    assert not torch.allclose(estimate_stains(src, method).max_concentrations, est_tgt.max_concentrations, rtol=0.2)
+
+
+def test_reinhard_output_has_target_lab_statistics(real_tile):
+    target = read_image(shared("targets_histoqc", "template1.png"))
+    norm = StainNormalizer("reinhard").fit(target)
+    x = torch.from_numpy(real_tile).permute(2, 0, 1)[None].double() / 255
+    out = norm(x)
+    from shiftkit.functional import rgb_to_lab
+    from shiftkit.stain.stats import weighted_mean_std
+
+    w = tissue_mask(x).flatten(1)
+    mean, std = weighted_mean_std(rgb_to_lab(out).flatten(2), w)
+    assert torch.allclose(mean[0].float(), norm.target_mean, atol=1.5)  # LAB units; gamut clipping
+    assert torch.allclose(std[0].float(), norm.target_std, rtol=0.1, atol=0.5)
+
+
+def test_own_target_equals_numpy_projection_onto_own_stain_plane(real_tile):
+    # With its own stains as target, normalization keeps each pixel's stain part: the least-squares
+    # projection of its OD onto the H/E plane (the 2-stain model drops the residual), computed here by numpy.
+    norm = StainNormalizer("macenko", max_pixels=None, clamp_concentrations=False)
+    est = estimate_stains(real_tile, "macenko", max_pixels=None)
+    norm.set_target(est.matrix[0], est.max_concentrations[0])
+    out = norm(real_tile).astype(int)
+    s = est.matrix[0].double().numpy()
+    od = -np.log(np.clip(real_tile.reshape(-1, 3) / 255.0, 1 / 255, 1.0))
+    c = np.linalg.lstsq(s.T, od.T, rcond=None)[0]
+    ref = np.clip(np.round(255 * np.exp(-(s.T @ c).T)), 0, 255).reshape(real_tile.shape)
+    assert np.abs(out - ref).max() <= 1
+
+
+def test_pooled_fit_save_load_state_dict_roundtrip(tmp_path, real_tile):
+    tiles = [real_tile, read_image(shared("pypi_stardist", "histo.jpg"))]
+    for method in ("reinhard", "macenko", "vahadane"):
+        norm = StainNormalizer(method).fit(tiles)
+        path = tmp_path / f"{method}.json"
+        norm.save(path)
+        json.loads(path.read_text())
+        loaded = StainNormalizer.load(path)
+        np.testing.assert_array_equal(loaded(real_tile), norm(real_tile))
+        sd = norm.state_dict()
+        assert {"target_matrix", "target_max_concentrations", "target_mean", "target_std"} <= set(sd)
+        fresh = StainNormalizer(method)
+        fresh.load_state_dict(sd)
+        np.testing.assert_array_equal(fresh(real_tile), norm(real_tile))
+    pooled = estimate_stains_pooled(tiles, "macenko")
+    assert pooled.matrix.shape == (1, 2, 3) and pooled.status == ["ok"]
+
+
+def test_gradcheck_apply_step_with_fixed_matrices():
+    g = torch.Generator().manual_seed(0)
+    x = (0.2 + 0.6 * torch.rand(1, 3, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    src = random_stain_matrix(1, 5.0, g).double()
+    tgt = reference_stain_matrix("ruifrok", dtype=torch.float64)[None]
+    smax = torch.tensor([[1.5, 0.8]], dtype=torch.float64)
+    tmax = torch.tensor([[1.9, 1.0]], dtype=torch.float64)
+
+    def f(img, s):
+        return normalize_stains(img, s, smax, tgt, tmax, clamp_concentrations=False)
+
+    assert torch.autograd.gradcheck(f, (x, src.requires_grad_()), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_device_kept_and_cpu_equals_device(real_tile, device):
+    norm = StainNormalizer("macenko").to(device)
+    x = (torch.from_numpy(np.stack([real_tile, real_tile[::-1]])).permute(0, 3, 1, 2).float() / 255).to(device)
+    out = norm(x)
+    assert out.device == x.device
+    cpu = StainNormalizer("macenko")(x.cpu())
+    assert (out.cpu() - cpu).abs().max() < 2e-3
