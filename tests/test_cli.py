@@ -1,0 +1,72 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from shiftkit import StainNormalizer
+from shiftkit.cli.main import cli
+from shiftkit.data import read_image, sample_path, sample_tiles_dir
+
+
+@pytest.fixture
+def tile_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    tiles = sorted(sample_tiles_dir().glob("*.png"))[:4]
+    for t in tiles[:3]:
+        shutil.copy(t, src / t.name)
+    shutil.copy(tiles[3], src / "sub" / tiles[3].name)
+    (src / "empty.png").write_bytes(b"")
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    import cv2
+
+    cv2.imwrite(str(src / "gray.png"), np.full((32, 32), 128, np.uint8))
+    cv2.imwrite(str(src / "blank.png"), np.full((64, 64, 3), 255, np.uint8))
+    return src, tiles
+
+
+def test_normalize_folder_skips_bad_files_and_exits_1(tile_folder, tmp_path):
+    src, tiles = tile_folder
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["normalize", str(src), str(out), "--target", str(sample_path("slideflow")), "--json"])
+    assert res.exit_code == 1, res.output
+    summary = json.loads(res.stdout)
+    failed = {f["path"].split("/")[-1]: f["reason"] for f in summary["failed"]}
+    assert set(failed) == {"empty.png", "corrupt.jpg", "gray.png"}
+    assert "empty" in failed["empty.png"] and "grayscale" in failed["gray.png"] and "decode" in failed["corrupt.jpg"]
+    assert summary["written"] == 5
+    assert summary["status_counts"] == {"ok": 4, "low-tissue": 1}
+    # outputs mirror input names (png), equal the library's output, and no temporary file is left
+    expected = StainNormalizer("macenko").fit(read_image(sample_path("slideflow")))
+    for t in tiles[:3]:
+        np.testing.assert_array_equal(read_image(out / t.name), expected(read_image(t)))
+    assert (out / "sub" / tiles[3].name).exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_fit_target_then_normalize_with_json_target(tmp_path):
+    tgt = tmp_path / "target.json"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["fit-target", str(sample_path("slideflow")), str(sample_path("stardist")), "-o", str(tgt), "--method", "vahadane"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(tgt.read_text())
+    assert data["method"] == "vahadane" and len(data["target"]["matrix"]) == 2
+    out = tmp_path / "out"
+    src = sorted(sample_tiles_dir().glob("*.png"))[0]
+    res = runner.invoke(cli, ["normalize", str(src), str(out), "--target", str(tgt), "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(read_image(out / src.name), StainNormalizer.load(tgt)(read_image(src)))
+    res = runner.invoke(cli, ["normalize", str(src), str(out), "--target", str(tgt), "--method", "reinhard"])
+    assert res.exit_code == 2 and "saved target" in res.output
+
+
+def test_usage_errors_exit_2(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["normalize", str(tmp_path / "missing"), str(tmp_path / "o"), "--target", "x.png"]).exit_code == 2
+    res = runner.invoke(cli, ["normalize", str(sample_path("stardist")), str(tmp_path / "o"), "--target", str(sample_path("stardist")), "--device", "cuda:7"])
+    if res.exit_code != 0:  # no such GPU here
+        assert res.exit_code == 2 and "--device" in res.output
+    res = runner.invoke(cli, ["normalize", "--help"])
+    assert res.exit_code == 0 and "--on-failure" in res.output
