@@ -127,7 +127,8 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
 
     cdtype = spec.compute_dtype
     if t.dtype == torch.uint8:
-        x = t.to(cdtype).div_(255.0)  # a new tensor, scaled in place
+        t = t.contiguous()  # bytes: cheap, and the float pass below then writes a contiguous tensor
+        x = t.to(cdtype).div_(255.0) if cdtype == torch.float64 else t * (1.0 / 255.0)  # one pass, a new tensor
     else:
         x = t.to(cdtype)
         if x.numel():

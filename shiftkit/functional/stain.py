@@ -7,11 +7,13 @@ matrices, except where a clamp is active.
 
 from __future__ import annotations
 
+import math
+
 import kornia
 import torch
 
-from ..stain.model import od_to_rgb, rgb_to_od
-from ..stain.solve import od_to_concentrations
+from ..stain.model import MIN_INTENSITY, od_to_rgb, rgb_to_od
+from ..stain.solve import od_to_concentrations, positive_lasso_2
 
 
 def normalize_stains(
@@ -48,17 +50,29 @@ def normalize_stains(
     bsz = images.shape[0]
     tm = target_matrix if target_matrix.ndim == 3 else target_matrix.expand(bsz, 2, 3)
     tmax = target_max if target_max.ndim == 2 else target_max.expand(bsz, 2)
-    od = rgb_to_od(images, i0=i0)
-    conc = od_to_concentrations(od.flatten(2), source_matrix.to(od.dtype), clamp=clamp_concentrations)
-    scale = (tmax.to(od.dtype) / source_max.to(od.dtype).clamp_min(1e-6)).clamp(1.0 / max_scale, max_scale)
-    # the rescaling is folded into the (B, 3, 2) reconstruction matrix: one pass less over the pixels
-    rebuild = tm.to(od.dtype).transpose(1, 2) * scale[:, None, :]
-    out = (rebuild @ conc).reshape(images.shape)
     ti0 = i0 if target_i0 is None else target_i0
-    if out.requires_grad and torch.is_grad_enabled():
-        return od_to_rgb(out, i0=ti0)
-    out = out.neg_().exp_()  # our own tensor: rebuilt in place
-    return (out.mul_(ti0) if ti0 != 1.0 else out).clamp_(0.0, 1.0)
+    dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+    src = source_matrix.to(dtype)
+    scale = (tmax.to(dtype) / source_max.to(dtype).clamp_min(1e-6)).clamp(1.0 / max_scale, max_scale)
+    rebuild = tm.to(dtype).transpose(1, 2) * scale[:, None, :]  # (B, 3, 2): rescaling folded in
+    if images.requires_grad and torch.is_grad_enabled() or src.requires_grad or tm.requires_grad:
+        od = rgb_to_od(images, i0=i0)
+        conc = od_to_concentrations(od.flatten(2), src, clamp=clamp_concentrations)
+        return od_to_rgb((rebuild @ conc).reshape(images.shape), i0=ti0)
+    # Fast path, algebraically the same: with OD = ln(I0) − ln(I), S·OD = ln(I0)·S·1 − S·ln(I), and
+    # I0_t·exp(−R·C) = exp(ln I0_t − R·C), so the negations and I0 ride along in two baddbmm biases.
+    flat = images.to(dtype).flatten(2).clamp(MIN_INTENSITY, i0).log_()
+    bias = math.log(i0) * src.sum(-1, keepdim=True)  # (B, 2, 1)
+    dtx = torch.baddbmm(bias, src, flat, alpha=-1.0)
+    if clamp_concentrations:
+        conc = positive_lasso_2(dtx, src @ src.transpose(1, 2), 0.0)
+    else:
+        conc = od_to_concentrations(rgb_to_od(images, i0=i0).flatten(2), src, clamp=False)
+    out = torch.baddbmm(torch.full((1, 1, 1), math.log(ti0), dtype=dtype, device=images.device).expand(bsz, 3, 1), rebuild, conc, alpha=-1.0)
+    out = out.exp_()
+    if not (clamp_concentrations and ti0 <= 1.0 and bool((rebuild >= 0).all())):
+        out = out.clamp_(0.0, 1.0)  # otherwise exp(−R·C) with R, C ≥ 0 is already in (0, I0_t]
+    return out.reshape(images.shape)
 
 
 def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:

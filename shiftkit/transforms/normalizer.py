@@ -32,6 +32,7 @@ NORMALIZER_METHODS = ("reinhard", "macenko", "vahadane")
 FAILURE_POLICIES = ("reference", "identity", "raise")
 _FORMAT = "shiftkit.StainNormalizer"
 _MIN_LAB_STD = 1e-2
+_CPU_CHUNK_PIXELS = 8 * 224 * 224
 
 
 def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig):
@@ -170,6 +171,9 @@ class StainNormalizer(nn.Module):
         """Normalize ``images``; with ``return_status=True`` also return the per-tile status names."""
         x, spec = to_batch(images, "images")
         y, code = self._normalize_batch(x)
+        if self.on_failure == "raise" and not bool((code == STATUS_OK).all()):
+            bad = [(i, STATUS_NAMES[int(c)]) for i, c in enumerate(code.tolist()) if c != STATUS_OK]
+            raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
         out = from_batch(y, spec)
         return (out, [STATUS_NAMES[int(c)] for c in code.tolist()]) if return_status else out
 
@@ -179,6 +183,15 @@ class StainNormalizer(nn.Module):
     def _normalize_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] == 0:
             return x, torch.zeros(0, dtype=torch.int8, device=x.device)
+        # On CPU the batch is processed in cache-sized chunks of tiles (about 0.5 Mpx): every step is
+        # memory-bound there, and tiles are independent, so the result is the same as in one go.
+        step = max(1, _CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+        if x.device.type == "cpu" and x.shape[0] > step:
+            parts = [self._normalize_chunk(x[i : i + step]) for i in range(0, x.shape[0], step)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return self._normalize_chunk(x)
+
+    def _normalize_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         if self.method == "reinhard":
             if not bool(self.fitted):
@@ -206,9 +219,6 @@ class StainNormalizer(nn.Module):
             ).to(x.dtype)
             if self.on_failure == "identity":
                 y = torch.where((code == STATUS_OK)[:, None, None, None], y, x)
-        if self.on_failure == "raise" and not bool((code == STATUS_OK).all()):
-            bad = [(i, STATUS_NAMES[int(c)]) for i, c in enumerate(code.tolist()) if c != STATUS_OK]
-            raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
         return y, code  # from_batch maps any NaN to 0 as a last guard
 
     # ------------------------------------------------------------------ persistence

@@ -1,0 +1,262 @@
+"""Stain-normalization speed: shiftkit next to staintools, torchstain, torch-staintools and tiatoolbox.
+
+Same real tiles, same target, one process, median of several passes after a warm-up. Prints tiles/s per
+library and workload, the ratio shiftkit / peer, and the machine. A peer that is not importable is listed as
+missing (install it with ``pip install -e ".[reference]"``; torch-staintools pins kornia 0.8, so run this
+script from a venv that has it, see docs/benchmarks.md).
+
+    python experiments/speed/bench_normalize.py                    # CPU, all importable peers
+    python experiments/speed/bench_normalize.py --device cuda      # shiftkit and GPU-capable peers on CUDA
+    python experiments/speed/bench_normalize.py --json out.json    # also write the records
+
+Workloads (target fitted once on the stardist H&E image, as in REFERENCES A17/A18):
+  * ``fit``: fitting the target image;
+  * ``macenko``/``vahadane``/``reinhard``: normalizing a batch of tiles with per-tile estimation.
+Peers without a batch API are called tile by tile (that is how their users call them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+warnings.filterwarnings("ignore")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _read(path: Path) -> np.ndarray:
+    from shiftkit.data import read_image
+
+    return read_image(path)
+
+
+def tiles_224(n: int) -> np.ndarray:
+    """``n`` real 224² tiles: crops of the Camelyon17 and scanner images, else the bundled tiles."""
+    crops = []
+    for folder in ("camelyon17_5centers", "scanners5_same_region", "tcga_crc_examples"):
+        for p in sorted((DATA / folder).glob("*")):
+            if p.suffix.lower() not in (".png", ".jpg", ".tif"):
+                continue
+            img = _read(p)
+            for y in range(0, img.shape[0] - 223, 224):
+                for x in range(0, img.shape[1] - 223, 224):
+                    crops.append(img[y : y + 224, x : x + 224])
+    if not crops:
+        from shiftkit.data import load_sample_tiles
+
+        crops = list(load_sample_tiles())
+    out = [crops[i % len(crops)] for i in range(n)]
+    return np.stack(out)
+
+
+def images_1024(n: int) -> np.ndarray:
+    srcs = [DATA / "targets_henorm" / "example1.png", DATA / "targets_henorm" / "example2.png",
+            DATA / "pypi_histolytics" / "hgsc_nest.jpg", DATA / "pypi_histolytics" / "hgsc_stromal_he.jpg"]
+    imgs = [_read(p)[:1024, :1024] for p in srcs if p.exists()]
+    if not imgs:
+        from shiftkit.data import load_sample
+
+        imgs = [np.pad(load_sample("stardist"), ((0, 724), (0, 524), (0, 0)), mode="reflect")[:1024, :1024]]
+    return np.stack([imgs[i % len(imgs)] for i in range(n)])
+
+
+def target_image() -> np.ndarray:
+    p = DATA / "pypi_stardist" / "histo.jpg"
+    if p.exists():
+        return _read(p)
+    from shiftkit.data import load_sample
+
+    return load_sample("stardist")
+
+
+# ----------------------------------------------------------------------------- adapters
+# Each adapter: name, fit(target), run(batch uint8 (B,H,W,3)) -> None. Built lazily; ImportError = missing.
+
+
+def shiftkit_adapter(method, device, **opts):
+    from shiftkit import StainNormalizer
+
+    norm = StainNormalizer(method, **opts).to(device)
+
+    def fit(t):
+        norm.fit(t)
+
+    def run(batch):
+        # numpy (B, H, W, 3) uint8 goes in as is on CPU (what users pass); on CUDA the uint8 batch is moved first
+        x = batch if device == "cpu" else torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+        y = norm(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return y
+
+    return fit, run
+
+
+def staintools_adapter(method, device):
+    import staintools
+
+    norm = staintools.ReinhardColorNormalizer() if method == "reinhard" else staintools.StainNormalizer(method=method)
+    return norm.fit, lambda batch: [norm.transform(t) for t in batch]
+
+
+def torchstain_adapter(method, device):
+    import torchstain
+
+    if method == "vahadane":
+        raise ImportError("torchstain has no Vahadane")
+    cls = torchstain.normalizers.MacenkoNormalizer if method == "macenko" else torchstain.normalizers.ReinhardNormalizer
+    norm = cls(backend="torch")
+
+    def to_t(img):
+        return torch.from_numpy(img).permute(2, 0, 1).float()  # CHW in [0, 255], torchstain's convention
+
+    def run(batch):
+        for t in batch:
+            if method == "macenko":
+                norm.normalize(I=to_t(t), stains=False)
+            else:
+                norm.normalize(I=to_t(t))
+
+    return (lambda t: norm.fit(to_t(t))), run
+
+
+def tiatoolbox_adapter(method, device):
+    from tiatoolbox.tools.stainnorm import get_normalizer
+
+    norm = get_normalizer(method)
+    return norm.fit, lambda batch: [norm.transform(t) for t in batch]
+
+
+def torch_staintools_adapter(method, device):
+    from torch_staintools.normalizer import NormalizerBuilder
+
+    norm = NormalizerBuilder.build(method, concentration_solver="qr", use_cache=False, device=torch.device(device))
+    norm = norm.to(device)
+
+    def to_t(b):
+        return torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 255
+
+    def run(batch):
+        out = norm(to_t(batch))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    return (lambda t: norm.fit(to_t(t[None]))), run
+
+
+PEERS = {
+    "staintools": staintools_adapter,
+    "torchstain": torchstain_adapter,
+    "torch-staintools": torch_staintools_adapter,
+    "tiatoolbox": tiatoolbox_adapter,
+}
+# peers that are slow per tile get fewer tiles per pass (rates are per tile, so they stay comparable)
+SLOW = {("staintools", "vahadane"): 4, ("torch-staintools", "vahadane"): 8}
+
+
+def timed(fn, passes: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--sizes", default="224,1024")
+    ap.add_argument("--methods", default="macenko,vahadane,reinhard")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--batch-1024", type=int, default=64, help="batch size at 1024² (memory: ~1 GB per 16 images)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    target = target_image()
+    records = []
+    print(f"machine: {json.dumps(machine(args.device))}")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        batch = tiles_224(args.batch) if size == 224 else images_1024(args.batch_1024)
+        for method in args.methods.split(","):
+            libs = [("shiftkit", lambda m, d: shiftkit_adapter(m, d)),
+                    ("shiftkit[all pixels]", lambda m, d: shiftkit_adapter(m, d, max_pixels=None))]
+            if method == "reinhard":
+                libs = libs[:1]
+            libs += [(p, PEERS[p]) for p in args.peers.split(",") if p in PEERS]
+            for name, make in libs:
+                try:
+                    fit, run = make(method, args.device)
+                except ImportError as exc:
+                    records.append({"library": name, "method": method, "size": size, "error": f"missing: {exc}"})
+                    continue
+                except Exception as exc:  # a peer that cannot even be built
+                    records.append({"library": name, "method": method, "size": size, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                n = batch.shape[0]
+                if name in ("staintools", "torchstain", "tiatoolbox") or (name, method) in SLOW:
+                    n = min(n, SLOW.get((name, method), 16 if size == 224 else 4))
+                sub = batch[:n]
+                try:
+                    t_fit = timed(lambda: fit(target), max(1, args.passes // 2))
+                    t = timed(lambda: run(sub), args.passes if n > 8 else max(2, args.passes // 2))
+                    rec = {"library": name, "method": method, "size": size, "tiles": n, "tiles_per_s": n / t,
+                           "fit_s": t_fit}
+                except Exception as exc:
+                    rec = {"library": name, "method": method, "size": size, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+                records.append(rec)
+                msg = f"{rec['tiles_per_s']:9.1f} tiles/s  (fit {rec['fit_s']*1000:7.1f} ms, {n} tiles)" if "tiles_per_s" in rec else rec["error"]
+                print(f"{size:5d}² {method:9s} {name:22s} {msg}", flush=True)
+
+    print("\nratios (shiftkit tiles/s ÷ peer tiles/s, same run):")
+    for size in {r["size"] for r in records}:
+        for method in args.methods.split(","):
+            ours = [r for r in records if r["library"] == "shiftkit" and r["method"] == method and r["size"] == size and "tiles_per_s" in r]
+            if not ours:
+                continue
+            for r in records:
+                if r["method"] == method and r["size"] == size and r["library"] != "shiftkit" and "tiles_per_s" in r:
+                    print(f"  {size:5d}² {method:9s} vs {r['library']:22s} {ours[0]['tiles_per_s'] / r['tiles_per_s']:7.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(args.device), "records": records}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
