@@ -4,7 +4,14 @@ __version__ = "0.1.0"
 
 from .core import InvalidArgumentError, InvalidImageError, ShiftkitError, StainEstimationError, UnknownNameError
 from .stain import StainEstimate, estimate_stains, estimate_stains_pooled
-from .transforms import StainNormalizer
+from .transforms import (
+    HEDJitter,
+    StainAugment,
+    StainNormalize,
+    StainNormalizer,
+    StainTemplateSample,
+    fit_stain_statistics,
+)
 
 __all__ = [
     "__version__",
@@ -17,4 +24,9 @@ __all__ = [
     "estimate_stains",
     "estimate_stains_pooled",
     "StainNormalizer",
+    "StainAugment",
+    "HEDJitter",
+    "StainTemplateSample",
+    "StainNormalize",
+    "fit_stain_statistics",
 ]

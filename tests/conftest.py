@@ -10,7 +10,7 @@ from shiftkit.data import read_image
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("SHIFTKIT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 def shared(*parts) -> Path:

@@ -1,0 +1,203 @@
+"""Base class of shiftkit's random transforms, on Kornia's intensity augmentation base.
+
+Kornia gives composition in ``AugmentationSequential``, ``p``, ``same_on_batch``, ``keepdim`` and replay with
+``forward(x, params=...)``. shiftkit changes one thing: every random number — the per-sample ``p`` gate and
+the parameters — comes from the transform's own ``torch.Generator`` (``seed=`` or ``generator=``), drawn on CPU
+in float32, never from the global RNG. Subclasses declare their constructor arguments in ``_config`` (for
+``to_dict``/``from_dict``), draw parameters in :meth:`sample` and apply them with a ``shiftkit.functional``
+kernel in ``apply_transform``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from kornia.augmentation import IntensityAugmentationBase2D
+
+from ..core.errors import InvalidArgumentError, InvalidImageError, UnknownNameError
+from ..core.rng import GeneratorHolder, SeedLike, uniform
+
+_REGISTRY: Dict[str, type] = {}
+_CPU_CHUNK_PIXELS = 8 * 224 * 224
+
+
+def register_transform(cls):
+    """Class decorator: make a transform reachable by :func:`transform_from_dict`."""
+    if cls.__name__ in _REGISTRY:
+        raise InvalidArgumentError(f"`name` already registered: expected a new transform name, got {cls.__name__!r}")
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def list_transforms() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def transform_from_dict(data: dict) -> "ShiftkitAugmentation":
+    """Rebuild any registered transform from :meth:`ShiftkitAugmentation.to_dict` output."""
+    name = data.get("transform") if isinstance(data, dict) else None
+    if name not in _REGISTRY:
+        raise UnknownNameError("transform", name, _REGISTRY)
+    return _REGISTRY[name].from_dict(data)
+
+
+def check_range(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, length: int = 2) -> Tuple[float, ...]:
+    """Validate a ``*_range`` argument: ``length`` finite numbers, ordered, inside ``[lo, hi]``."""
+    try:
+        vals = tuple(float(v) for v in value)
+    except TypeError:
+        raise InvalidArgumentError(f"`{name}` has the wrong type: expected a ({'low, high' if length == 2 else '...'}) tuple of numbers, got {value!r}") from None
+    if len(vals) != length or not all(math.isfinite(v) for v in vals):
+        raise InvalidArgumentError(f"`{name}` is invalid: expected {length} finite numbers, got {value!r}")
+    if length == 2 and vals[0] > vals[1]:
+        raise InvalidArgumentError(f"`{name}` is not ordered: expected low <= high, got {value!r}")
+    if any(v < lo or v > hi for v in vals):
+        raise InvalidArgumentError(f"`{name}` out of range: expected values in [{lo}, {hi}], got {value!r}")
+    return vals
+
+
+class ShiftkitAugmentation(IntensityAugmentationBase2D):
+    """Kornia intensity augmentation whose randomness comes from an explicit generator.
+
+    Args:
+        p: probability to apply the transform, per sample.
+        same_on_batch: one parameter draw (and one ``p`` decision) shared by the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator``; ``None`` derives one from ``torch.initial_seed()``. DataLoader
+            workers re-seed from ``(seed, worker seed)`` so they draw differently.
+
+    Inputs are float tensors ``(B, 3, H, W)`` or ``(3, H, W)`` with values in ``[0, 1]`` (as in Kornia); use
+    :func:`shiftkit.transforms.to_albumentations` or :func:`shiftkit.transforms.to_torchvision` for numpy/uint8
+    pipelines.
+    """
+
+    def __init__(self, p: float = 1.0, same_on_batch: bool = False, keepdim: bool = False, seed: SeedLike = None):
+        if not (isinstance(p, (int, float)) and 0.0 <= float(p) <= 1.0):
+            raise InvalidArgumentError(f"`p` out of range: expected a probability in [0, 1], got {p!r}")
+        super().__init__(p=float(p), same_on_batch=bool(same_on_batch), keepdim=bool(keepdim))
+        self._rng = GeneratorHolder(seed)
+        self._config: Dict[str, Any] = {"p": float(p), "same_on_batch": bool(same_on_batch), "keepdim": bool(keepdim),
+                                        "seed": self._rng.seed}
+
+    # ---------------------------------------------------------------- randomness
+    @property
+    def generator(self) -> torch.Generator:
+        override = getattr(self, "_override_generator", None)
+        return override if override is not None else self._rng.get()
+
+    def draw_parameters(self, batch_shape: Tuple[int, ...], generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Parameters for ``batch_shape`` drawn from ``generator`` (default: the transform's own), for
+        ``forward(x, params=...)``. Adapters use it to draw the same parameters from their own seeds."""
+        self._override_generator = generator
+        try:
+            return self.forward_parameters(tuple(batch_shape))
+        finally:
+            self._override_generator = None
+
+    def manual_seed(self, seed: int) -> "ShiftkitAugmentation":
+        self._rng.manual_seed(seed)
+        self._config["seed"] = int(seed)
+        return self
+
+    def _u(self, rng: Sequence[float], shape: Tuple[int, ...], batch: int) -> torch.Tensor:
+        """``U(rng)`` of shape ``(batch, *shape)``; one row repeated when ``same_on_batch``."""
+        rows = 1 if self.same_on_batch else batch
+        out = uniform(rng[0], rng[1], (rows, *shape), self.generator)
+        return out.expand(batch, *shape).clone() if self.same_on_batch else out
+
+    def sample(self, batch: int) -> Dict[str, torch.Tensor]:
+        """Draw the per-sample parameters (CPU float32 tensors with leading dimension ``batch``)."""
+        return {}
+
+    def forward_parameters(self, batch_shape: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
+        b = int(batch_shape[0])
+        if self.p >= 1.0:
+            prob = torch.ones(b)
+        elif self.p <= 0.0:
+            prob = torch.zeros(b)
+        else:
+            rows = 1 if self.same_on_batch else b
+            prob = (torch.rand(rows, generator=self.generator) < self.p).float().expand(b).clone()
+        params = self.sample(b)
+        params["batch_prob"] = prob
+        params["forward_input_shape"] = torch.tensor(tuple(batch_shape), dtype=torch.long)
+        return params
+
+    def generate_parameters(self, batch_shape: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
+        return self.sample(int(batch_shape[0]))
+
+    # ---------------------------------------------------------------- input checks
+    def forward(self, input: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None, **kwargs: Any) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+            what = f"tensor of dtype {input.dtype}" if isinstance(input, torch.Tensor) else type(input).__name__
+            raise InvalidImageError(
+                f"`input` has the wrong type: expected a float tensor (B, 3, H, W) or (3, H, W) in [0, 1] "
+                f"(use to_albumentations/to_torchvision for uint8 or numpy), got {what}"
+            )
+        if input.ndim not in (3, 4) or input.shape[-3] != 3:
+            raise InvalidImageError(f"`input` has the wrong shape: expected (B, 3, H, W) or (3, H, W), got {tuple(input.shape)}")
+        if input.numel():
+            lo, hi = torch.aminmax(input)  # one pass; NaN propagates and fails both tests
+            if not (bool(lo >= 0) and bool(hi <= 1)):
+                raise InvalidImageError(
+                    f"`input` has values outside [0, 1] or non-finite values: expected floats in [0, 1], got range "
+                    f"[{lo.item():.4g}, {hi.item():.4g}]"
+                )
+        if input.ndim == 4 and input.shape[0] == 0:
+            return input.clone()
+        out = super().forward(input, params=params, **kwargs)
+        if out is input:
+            return out.clone()
+        return out.nan_to_num_(nan=0.0).clamp_(0.0, 1.0).to(input.dtype)  # our own tensor: guarded in place
+
+    def apply_transform(self, input, params, flags, transform=None):
+        """Run :meth:`apply_batch` — on CPU in cache-sized chunks of tiles (every step is memory-bound there and
+        tiles are independent, so the result is identical)."""
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+        b = x.shape[0]
+        step = max(1, _CPU_CHUNK_PIXELS // max(1, x.shape[-1] * x.shape[-2]))
+        if x.device.type != "cpu" or b <= step:
+            return self.apply_batch(x, params)
+        per_sample = {k: v for k, v in params.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == b}
+        parts = []
+        for i in range(0, b, step):
+            sub = dict(params)
+            sub.update({k: v[i : i + step] for k, v in per_sample.items()})
+            parts.append(self.apply_batch(x[i : i + step], sub))
+        return torch.cat(parts)
+
+    def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply the drawn ``params`` to a float batch ``x``: call a ``shiftkit.functional`` kernel."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- serialization
+    def to_dict(self) -> dict:
+        """``{"transform": name, "version": 1, "args": {...}}`` (JSON-serializable)."""
+        return {"transform": type(self).__name__, "version": 1, "args": json.loads(json.dumps(self._config))}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShiftkitAugmentation":
+        if data.get("transform") != cls.__name__:
+            raise InvalidArgumentError(f"`data` describes another transform: expected {cls.__name__!r}, got {data.get('transform')!r}")
+        return cls(**data["args"])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "ShiftkitAugmentation":
+        import yaml
+
+        return transform_from_dict(yaml.safe_load(text))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        return f"{type(self).__name__}({args})"
