@@ -88,8 +88,10 @@ def peer_runs(device):
 
         def tia(method):
             def run(batch):
-                for t in batch:
-                    TiaAug(method=method, sigma1=0.4, sigma2=0.2, augment_background=False, p=1.0)(image=t)
+                for t in batch:  # a new object per tile: one object reuses the first tile's matrix
+                    a = TiaAug(method=method, sigma1=0.4, sigma2=0.2, augment_background=False)
+                    a.fit(t)
+                    a.augment()
             return run
 
         runs["estimate/macenko"].append(("tiatoolbox StainAugmentor(macenko)", tia("macenko"), 16))
