@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from .core import InvalidArgumentError, InvalidImageError, ShiftkitError, StainEstimationError, UnknownNameError
 from .stain import StainEstimate, estimate_stains, estimate_stains_pooled
+from .shifts import get_shift, list_shifts
 from .transforms import (
+    Shift,
     HEDJitter,
     StainAugment,
     StainNormalize,
@@ -29,4 +31,7 @@ __all__ = [
     "StainTemplateSample",
     "StainNormalize",
     "fit_stain_statistics",
+    "Shift",
+    "get_shift",
+    "list_shifts",
 ]

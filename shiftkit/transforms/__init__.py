@@ -3,6 +3,7 @@
 from .adapters import TorchvisionStainTransform, to_albumentations, to_torchvision
 from .base import ShiftkitAugmentation, list_transforms, register_transform, transform_from_dict
 from .normalizer import StainNormalizer
+from .shift import Shift
 from .stain_augment import (
     HED_PRESETS,
     STAIN_AUGMENT_PRESETS,
@@ -19,6 +20,7 @@ from .stain_augment import (
 __all__ = [
     "ShiftkitAugmentation",
     "StainNormalizer",
+    "Shift",
     "StainAugment",
     "HEDJitter",
     "StainTemplateSample",

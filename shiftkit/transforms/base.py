@@ -161,7 +161,8 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         step = max(1, _CPU_CHUNK_PIXELS // max(1, x.shape[-1] * x.shape[-2]))
         if x.device.type != "cpu" or b <= step:
             return self.apply_batch(x, params)
-        per_sample = {k: v for k, v in params.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == b}
+        per_sample = {k: v for k, v in params.items()
+                      if k != "forward_input_shape" and torch.is_tensor(v) and v.ndim and v.shape[0] == b}
         parts = []
         for i in range(0, b, step):
             sub = dict(params)

@@ -1,0 +1,271 @@
+"""Deterministic scanner and slide-preparation shift kernels on float ``(B, 3, H, W)`` batches in ``[0, 1]``.
+
+Every parameter is a per-sample ``(B,)`` tensor (or ``(B, ...)``); random fields (noise) are generated from
+per-sample integer seeds, so a tile's result never depends on its batch mates. Lengths are in pixels of the
+tile; the shift registry converts micrometres with the tile's µm/px.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..stain.model import od_to_rgb, rgb_to_od
+
+
+# ----------------------------------------------------------------------------- colour helpers
+
+
+def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
+    """sRGB companding inverse (IEC 61966-2-1)."""
+    return torch.where(x > 0.04045, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, x / 12.92)
+
+
+def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(0.0, 1.0)
+    return torch.where(x > 0.0031308, 1.055 * x.clamp_min(0.0031308) ** (1 / 2.4) - 0.055, 12.92 * x)
+
+
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _keep_where(identity: torch.Tensor, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Samples whose parameter is the identity get their input back exactly (colour round trips are not)."""
+    return torch.where(identity.to(images.device).view(-1, *([1] * (images.ndim - 1))), images, out)
+
+
+# ----------------------------------------------------------------------------- optics
+
+
+def _grouped_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Convolve each sample with its own kernel ``(B, kh, kw)`` (same for the 3 channels), reflect padding."""
+    b, c, h, w = x.shape
+    kh, kw = kernel.shape[-2:]
+    ph, pw = kh // 2, kw // 2
+    if ph >= h or pw >= w:
+        raise ValueError(f"`kernel` is too large for the tile: expected a kernel smaller than {(h, w)}, got {(kh, kw)}")
+    y = F.pad(x.reshape(1, b * c, h, w), (pw, pw, ph, ph), mode="reflect")
+    wgt = kernel.to(x).repeat_interleave(c, dim=0).view(b * c, 1, kh, kw)
+    return F.conv2d(y, wgt, groups=b * c).view(b, c, h, w)
+
+
+def _gaussian_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    ax = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    s = sigma.double().clamp_min(1e-6)[:, None]
+    k = torch.exp(-(ax[None] ** 2) / (2 * s * s))
+    k = torch.where(sigma[:, None] <= 0, (ax[None] == 0).double(), k)
+    return k / k.sum(-1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Defocus with a Gaussian PSF of standard deviation ``sigma`` px per sample (0 = identity, exactly).
+
+    Separable, normalized kernels (the mean intensity is kept up to the reflect padding at the border).
+    """
+    if images.shape[0] == 0:
+        return images.clone()
+    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+    radius = min(radius, min(images.shape[-2:]) - 1)
+    k = _gaussian_1d(sigma.cpu(), radius).to(images)
+    y = _grouped_conv(images, k[:, None, :])
+    y = _grouped_conv(y, k[:, :, None])
+    return torch.where(_per_sample(sigma, images) <= 0, images, y)
+
+
+def disk_kernel(radius: torch.Tensor, alias_sigma: float = 0.5) -> torch.Tensor:
+    """Pillbox PSFs of ``radius`` px, ``(B, K, K)``: area coverage by 8× supersampling, softened by a 3×3
+    Gaussian of ``alias_sigma`` px; radius 0 gives the identity kernel."""
+    r_max = max(1, int(math.ceil(float(radius.max()))) + 1)
+    ss = 8
+    ax = (torch.arange((2 * r_max + 1) * ss, dtype=torch.float64) + 0.5) / ss - (r_max + 0.5)
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    rr = (xx**2 + yy**2).sqrt()
+    k = F.avg_pool2d((rr[None] <= radius.double().view(-1, 1, 1)).double()[:, None], ss)  # (B, 1, K, K)
+    if alias_sigma > 0:
+        g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * alias_sigma**2))
+        g2 = (g[:, None] * g[None]) / (g.sum() ** 2)
+        k = F.conv2d(k, g2[None, None], padding=1)
+    k = k[:, 0]
+    delta = torch.zeros_like(k)
+    delta[:, r_max, r_max] = 1.0
+    k = torch.where(radius.view(-1, 1, 1) <= 0, delta, k)
+    return k / k.sum(dim=(-1, -2), keepdim=True)
+
+
+def disk_blur(images: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Defocus with a pillbox (geometric-optics) PSF of ``radius`` px per sample (0 = identity)."""
+    if images.shape[0] == 0:
+        return images.clone()
+    y = _grouped_conv(images, disk_kernel(radius.cpu()).to(images))
+    return torch.where(_per_sample(radius, images) <= 0, images, y)
+
+
+def motion_blur(images: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Line-scan motion/sync blur: a 1-D box of ``length`` px along the scan axis (image x); fractional ends."""
+    if images.shape[0] == 0:
+        return images.clone()
+    half = max(1, int(math.ceil(float(length.max()) / 2)))
+    ax = torch.arange(-half, half + 1, dtype=torch.float64)
+    l = length.double().cpu()[:, None]
+    k = ((l / 2 + 0.5) - ax[None].abs()).clamp(0.0, 1.0)  # coverage of each pixel by a centred box of length l
+    k = torch.where(l <= 1, (ax[None] == 0).double(), k)
+    k = k / k.sum(-1, keepdim=True)
+    return _grouped_conv(images, k[:, None, :].to(images))
+
+
+# ----------------------------------------------------------------------------- illumination
+
+
+def vignetting(images: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Flat-field error: linear-light gain ``1 − drop · (r / r_corner)²`` around the tile centre."""
+    b, _, h, w = images.shape
+    yy = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)[:, None]
+    xx = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)[None]
+    r2 = (xx**2 + yy**2) / 2.0
+    gain = 1.0 - _per_sample(drop, images) * r2
+    return _keep_where(drop == 0, images, linear_to_srgb(srgb_to_linear(images) * gain))
+
+
+def stitching_seam(images: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """A tile-stitching seam: right of column ``position·W`` the image is scaled by ``1 + step`` (linear light)
+    and shifted down by ``offset`` px (misregistration)."""
+    b, c, h, w = images.shape
+    col = torch.arange(w, device=images.device)[None, None, None, :]
+    right = col >= (position.to(images.device) * w).round().long().view(-1, 1, 1, 1)
+    out = []
+    for i in range(b):  # offsets are small integers; a roll per sample
+        o = int(offset[i])
+        out.append(torch.roll(images[i], shifts=o, dims=1) if o else images[i])
+    shifted = torch.stack(out) if b else images
+    lin = srgb_to_linear(shifted) * (1.0 + _per_sample(step, images))
+    out = torch.where(right, linear_to_srgb(lin), images)
+    return _keep_where((step == 0) & (offset == 0), images, out)
+
+
+# ----------------------------------------------------------------------------- sensor
+
+
+def exposure(images: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Exposure/brightness: multiply linear light by ``gain`` (clipped at white)."""
+    return _keep_where(gain == 1, images, linear_to_srgb(srgb_to_linear(images) * _per_sample(gain, images)))
+
+
+def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Poisson–Gaussian sensor noise in linear light: ``Poisson(λ·x)/λ + N(0, σ_r²)``.
+
+    Args:
+        photons: ``(B,)`` λ, photons at white (smaller = noisier).
+        read_sigma: ``(B,)`` read-noise σ in linear units.
+        seed: ``(B,)`` int64 per-sample seeds of the noise fields (generated on CPU: the same on any device).
+    """
+    lin = srgb_to_linear(images.float()).cpu()
+    out = torch.empty_like(lin)
+    for i in range(lin.shape[0]):
+        g = torch.Generator().manual_seed(int(seed[i]))
+        lam = float(photons[i])
+        shot = torch.poisson(lin[i] * lam, generator=g) / lam
+        out[i] = shot + float(read_sigma[i]) * torch.randn(lin[i].shape, generator=g)
+    return linear_to_srgb(out).to(images)
+
+
+# ----------------------------------------------------------------------------- ISP
+
+
+def gamma_curve(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Tone curve ``x^γ`` per sample (γ > 1 darkens mid-tones)."""
+    return images.clamp_min(0.0) ** _per_sample(gamma, images)
+
+
+def saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """HSV saturation × ``factor`` per sample (Kornia)."""
+    return _keep_where(factor == 1, images, kornia.enhance.adjust_saturation(images, factor.to(images)).clamp(0.0, 1.0))
+
+
+def white_balance(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """Per-channel linear-light gains ``(B, 3)`` (a diagonal colour matrix), normalized to keep luminance."""
+    g = gains.to(images)
+    lum = torch.tensor([0.212671, 0.715160, 0.072169], device=images.device, dtype=images.dtype)
+    g = g / (g * lum).sum(-1, keepdim=True)
+    return _keep_where((gains == 1).all(-1), images, linear_to_srgb(srgb_to_linear(images) * g[..., None, None]))
+
+
+def unsharp_mask(images: torch.Tensor, amount: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Over-sharpening: ``x + amount · (x − blur_σ(x))``."""
+    blurred = gaussian_blur(images, torch.full((images.shape[0],), sigma))
+    return (images + _per_sample(amount, images) * (images - blurred)).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def jpeg(images: torch.Tensor, quality: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """JPEG encode/decode with OpenCV's libjpeg (4:2:0 chroma) at ``quality`` per sample.
+
+    ``offset`` ``(B, 2)`` (dy, dx) in pixels shifts the 8×8 block grid before encoding (re-encoding a tile
+    on a misaligned grid); the shift is undone after decoding. Runs on CPU; the result returns to the input's
+    device. Output values are multiples of 1/255.
+    """
+    dev, dtype = images.device, images.dtype
+    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arr)
+    for i in range(arr.shape[0]):
+        tile = arr[i]
+        dy, dx = (int(offset[i, 0]), int(offset[i, 1])) if offset is not None else (0, 0)
+        if dy or dx:
+            tile = np.pad(tile, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(tile[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality[i])])
+        dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+        out[i] = dec[dy:, dx:]
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=dev, dtype=dtype) / 255.0
+
+
+def resample(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Resolution / µm-per-px mismatch: down-sample by ``factor`` (< 1; bicubic with antialiasing, i.e. the
+    coarser sampling's low-pass) and back up (bicubic). Area or bilinear round trips blur even at 0.95 as much
+    as at 0.5 (sub-pixel interpolation), so they do not give a graded severity."""
+    b, c, h, w = images.shape
+    out = images.clone()
+    for f in torch.unique(factor.cpu()).tolist():  # one resize per distinct factor (one at a fixed severity)
+        idx = (factor.cpu() == f).nonzero().flatten().to(images.device)
+        if f >= 1.0:
+            continue
+        small = F.interpolate(images[idx], size=(max(1, round(h * f)), max(1, round(w * f))), mode="bicubic",
+                              antialias=True, align_corners=False)
+        out[idx] = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- stain and section
+
+
+def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0) -> torch.Tensor:
+    """Section thickness: Beer–Lambert ``OD ← t · OD`` per sample (t > 1 thicker, t < 1 thinner)."""
+    out = od_to_rgb(rgb_to_od(images, i0=i0) * _per_sample(scale, images), i0=i0).to(images.dtype)
+    return _keep_where(scale == 1, images, out)
+
+
+__all__ = [
+    "srgb_to_linear",
+    "linear_to_srgb",
+    "gaussian_blur",
+    "disk_blur",
+    "disk_kernel",
+    "motion_blur",
+    "vignetting",
+    "stitching_seam",
+    "exposure",
+    "sensor_noise",
+    "gamma_curve",
+    "saturation",
+    "white_balance",
+    "unsharp_mask",
+    "jpeg",
+    "resample",
+    "section_thickness",
+]

@@ -1,0 +1,154 @@
+"""Built-in shifts. Severity tables from REFERENCES B3 (anchors: [S] Schömig-Markiefka, [W] Wang 2021,
+[IC] ImageNet-C, [T] THUNDER, [R] real-device facts); values marked "proposed" are ours, to be validated."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..functional import scanner as K
+from ..functional.augment import hed_jitter, perturb_stains
+from ..stain.estimate import _config, _estimate_batch
+from .registry import ShiftSpec, direction, register_shift
+
+
+def _seeds(gen: torch.Generator, batch: int) -> torch.Tensor:
+    return torch.randint(0, 2**62, (batch,), generator=gen, dtype=torch.int64)
+
+
+def _none(values, gen, batch):
+    return dict(values)
+
+
+def _signed_factor(key: str):
+    """A factor applied up or down: ``v`` or ``1/v`` with a random direction per sample."""
+    def sample(values, gen, batch):
+        d = direction(gen, batch)
+        out = dict(values)
+        out[key] = torch.where(d > 0, values[key], 1.0 / values[key])
+        return out
+    return sample
+
+
+def _hue_kernel(x, p):
+    est = _estimate_batch(x, _config("macenko", {}), None, "report")
+    ones = torch.ones(x.shape[0], 2, device=x.device, dtype=x.dtype)
+    return perturb_stains(x, est.matrix, ones, torch.zeros_like(ones), angle=p["angle"][:, None].expand(-1, 2).to(x),
+                          azimuth=p["azimuth"].to(x), background_od=0.3)
+
+
+def _hue_sample(values, gen, batch):
+    return {"angle": values["angle"], "azimuth": 2 * math.pi * torch.rand(batch, 2, generator=gen)}
+
+
+def _intensity_sample(values, gen, batch):
+    sa = torch.where(torch.rand(batch, 2, generator=gen) < 0.5, -1.0, 1.0)
+    sb = torch.where(torch.rand(batch, 2, generator=gen) < 0.5, -1.0, 1.0)
+    alpha = torch.ones(batch, 3)
+    beta = torch.zeros(batch, 3)
+    alpha[:, :2] = 1.0 + sa * values["alpha_dev"][:, None]
+    beta[:, :2] = sb * values["beta"][:, None]
+    return {"alpha": alpha, "beta": beta}
+
+
+def _wb_sample(values, gen, batch):
+    ang = 2 * math.pi * torch.rand(batch, generator=gen)
+    d = values["gain_dev"]
+    gains = torch.stack([1 + d * torch.cos(ang), torch.ones(batch), 1 + d * torch.sin(ang)], -1)
+    return {"gains": gains}
+
+
+def _seam_sample(values, gen, batch):
+    d = direction(gen, batch)
+    pos = 0.25 + 0.5 * torch.rand(batch, generator=gen)
+    return {"step": d * values["step"], "offset": values["offset"].round(), "position": pos}
+
+
+def _noise_sample(values, gen, batch):
+    return {**values, "seed": _seeds(gen, batch)}
+
+
+def _reencode_sample(values, gen, batch):
+    off = torch.randint(1, 8, (batch, 2), generator=gen)
+    return {"quality": values["quality"], "offset": off}
+
+
+def _reencode_kernel(x, p):
+    first = K.jpeg(x, torch.full((x.shape[0],), 80))
+    return K.jpeg(first, p["quality"], offset=p["offset"])
+
+
+SPECS = [
+    ShiftSpec("gaussian-defocus", "optics", "Autofocus error / uneven coverslip: Gaussian PSF of σ px.",
+              {"sigma": (1.1, 1.7, 2.6, 3.5, 5.0)}, {"sigma": "px@0.5um"},
+              "[S] k = 5/9/15/21/31; [IC] σ 1, 2, 3, 4, 6; [T] k = 15", False,
+              lambda x, p: K.gaussian_blur(x, p["sigma"]), _none),
+    ShiftSpec("disk-defocus", "optics", "Geometric defocus of a high-NA objective: pillbox PSF of radius r px.",
+              {"radius": (1, 2, 3, 4, 6)}, {"radius": "px@0.5um"},
+              "[IC] r 3, 4, 6, 8, 10 (natural images), scaled to tissue", True,
+              lambda x, p: K.disk_blur(x, p["radius"]), _none),
+    ShiftSpec("motion-blur", "optics", "Line-scan stage / TDI desync: 1-D box along the scan axis, length L px.",
+              {"length": (3, 5, 7, 11, 15)}, {"length": "px@0.5um"},
+              "[IC] radius 10–20 at a random angle (unphysical); here along the scan axis", True,
+              lambda x, p: K.motion_blur(x, p["length"]), _none),
+    ShiftSpec("vignetting", "illumination", "Flat-field error: radial linear-light falloff, corner drop d.",
+              {"drop": (0.02, 0.04, 0.07, 0.10, 0.15)}, {"drop": "fraction"},
+              "[W] illumination map 0.8–1.1; [R] grid shading", True,
+              lambda x, p: K.vignetting(x, p["drop"]), _none),
+    ShiftSpec("stitching-seam", "illumination", "Tile misregistration: intensity step Δ and offset o px at a random column.",
+              {"step": (0.01, 0.02, 0.03, 0.05, 0.08), "offset": (0, 1, 1, 2, 4)}, {"step": "fraction", "offset": "px@0.5um"},
+              "[R] Aperio stripe width 992–2040 px; values proposed", False,
+              lambda x, p: K.stitching_seam(x, p["step"], p["offset"], p["position"]), _seam_sample),
+    ShiftSpec("sensor-noise", "sensor", "Shot + read noise in linear light: Poisson(λx)/λ + N(0, σ_r²).",
+              {"photons": (1000, 500, 200, 100, 60), "read_sigma": (0.002, 0.004, 0.008, 0.012, 0.02)},
+              {"photons": "photons at white", "read_sigma": "linear"},
+              "[IC] shot λ 60/25/12/5/3 (extreme); values proposed", False,
+              lambda x, p: K.sensor_noise(x, p["photons"], p["read_sigma"], p["seed"]), _noise_sample),
+    ShiftSpec("exposure", "sensor", "Lamp ageing / exposure: linear-light gain g (up or down).",
+              {"gain": (1.05, 1.1, 1.2, 1.3, 1.45)}, {"gain": "factor (or 1/factor)"},
+              "[S] PIL 1 ± 0.1…0.9; [IC] HSV V + .1….5", False,
+              lambda x, p: K.exposure(x, p["gain"]), _signed_factor("gain")),
+    ShiftSpec("gamma", "isp", "Scanner encoding gamma / ignored profile: x^γ (or x^(1/γ)).",
+              {"gamma": (1.1, 1.2, 1.35, 1.5, 1.8)}, {"gamma": "exponent"},
+              "[T] γ U[0.5, 1.5]", False,
+              lambda x, p: K.gamma_curve(x, p["gamma"]), _signed_factor("gamma")),
+    ShiftSpec("saturation", "isp", "ISP saturation / display profile: HSV S × a (or ÷ a).",
+              {"factor": (1.15, 1.3, 1.5, 1.75, 2.0)}, {"factor": "factor (or 1/factor)"},
+              "[IC] saturate; values of B3", True,
+              lambda x, p: K.saturation(x, p["factor"]), _signed_factor("factor")),
+    ShiftSpec("white-balance", "isp", "Calibration differences: per-channel linear-light gains (luminance kept).",
+              {"gain_dev": (0.01, 0.025, 0.05, 0.075, 0.10)}, {"gain_dev": "relative gain of R and B"},
+              "proposed (B3 asks for a colour matrix fitted to ΔE2000 1–10; not yet fitted)", False,
+              lambda x, p: K.white_balance(x, p["gains"]), _wb_sample),
+    ShiftSpec("sharpening", "isp", "Vendor unsharp masking: amount at radius 1 px.",
+              {"amount": (0.3, 0.6, 1.0, 1.5, 2.0)}, {"amount": "factor"},
+              "proposed", True,
+              lambda x, p: K.unsharp_mask(x, p["amount"]), _none),
+    ShiftSpec("jpeg", "storage", "Vendor lossy tile storage: JPEG quality Q, 4:2:0 chroma (libjpeg via OpenCV).",
+              {"quality": (90, 80, 70, 50, 30)}, {"quality": "JPEG quality"},
+              "[R] SVS Q = 70 (also 30), NDPI 80; [S] Q 5–75", False,
+              lambda x, p: K.jpeg(x, p["quality"]), _none),
+    ShiftSpec("jpeg-reencode", "storage", "Export pipelines re-tiling WSIs: Q₁ = 80, then Q₂ on a grid offset by 1–7 px.",
+              {"quality": (90, 80, 70, 60, 50)}, {"quality": "JPEG quality of the second pass"},
+              "proposed", True, _reencode_kernel, _reencode_sample),
+    ShiftSpec("resample", "storage", "Different scanner µm/px or pyramid level: down-sample by f and back.",
+              {"factor": (0.95, 0.9, 0.8, 0.7, 0.5)}, {"factor": "scale"},
+              "[IC] pixelate .6 … .25", True,
+              lambda x, p: K.resample(x, p["factor"]), _none),
+    ShiftSpec("section-thickness", "stain", "Microtome setting: Beer–Lambert OD × t (thicker) or ÷ t (thinner).",
+              {"scale": (1.15, 1.3, 1.5, 1.75, 2.0)}, {"scale": "OD factor (or 1/factor)"},
+              "Beer–Lambert; [W] regional saturation ×0.5–0.8", False,
+              lambda x, p: K.section_thickness(x, p["scale"]), _signed_factor("scale")),
+    ShiftSpec("stain-intensity", "stain", "Reagent batch / staining time: HED α and β of H and E (random signs).",
+              {"alpha_dev": (0.05, 0.1, 0.2, 0.3, 0.5), "beta": (0.01, 0.02, 0.03, 0.05, 0.08)},
+              {"alpha_dev": "|α − 1|", "beta": "natural-log OD"},
+              "Tellez HED light 0.05 / strong 0.2; [T] σ 0.025; OpenMidnight ±0.05", False,
+              lambda x, p: hed_jitter(x, p["alpha"].to(x), p["beta"].to(x), background_od=0.3), _intensity_sample),
+    ShiftSpec("stain-hue", "stain", "Other H/E formulations: rotate both stain vectors (Macenko per tile) by an angle.",
+              {"angle": (2, 4, 6, 9, 12)}, {"angle": "degrees"},
+              "proposed; to validate against PLISM stainings", True, _hue_kernel, _hue_sample),
+]
+
+for _spec in SPECS:
+    register_shift(_spec)

@@ -1,0 +1,155 @@
+"""Scanner and slide-preparation shifts: registry, severity monotonicity on real tiles, identities, references."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage.metrics import structural_similarity
+
+import shiftkit
+from shiftkit.core import InvalidArgumentError, UnknownNameError
+from shiftkit.data import load_sample_tiles
+from shiftkit.functional import scanner as K
+from shiftkit.shifts import get_spec, list_shifts
+
+# Every registered shift appears here with the distance that fits its family (test_table_covers_registry).
+DISTANCE = {
+    "gaussian-defocus": "blur", "disk-defocus": "blur", "motion-blur": "blur", "resample": "blur",
+    "sharpening": "ssim", "jpeg": "ssim", "jpeg-reencode": "ssim", "sensor-noise": "ssim", "stitching-seam": "ssim",
+    "vignetting": "deltae", "exposure": "deltae", "gamma": "deltae", "saturation": "deltae",
+    "white-balance": "deltae", "section-thickness": "deltae", "stain-intensity": "deltae", "stain-hue": "deltae",
+}
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    return torch.from_numpy(load_sample_tiles()[[0, 5, 9, 14]]).permute(0, 3, 1, 2).float() / 255
+
+
+def _np(x):
+    return x.permute(0, 2, 3, 1).double().numpy()
+
+
+def distance(kind, clean, out):
+    a, b = _np(clean), _np(out)
+    if kind == "ssim":
+        return float(np.mean([1 - structural_similarity(p, q, channel_axis=-1, data_range=1.0) for p, q in zip(a, b)]))
+    if kind == "deltae":
+        return float(np.mean([deltaE_ciede2000(rgb2lab(p), rgb2lab(q)).mean() for p, q in zip(a, b)]))
+    # blur energy: relative loss of the Laplacian's energy (high-frequency detail)
+    lap = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float64)[None, None]
+    g = lambda x: torch.nn.functional.conv2d(x.double().mean(1, keepdim=True), lap).pow(2).mean().item()  # noqa: E731
+    return 1.0 - g(out) / g(clean)
+
+
+def test_table_covers_registry():
+    assert set(DISTANCE) == set(list_shifts())
+
+
+def test_registry_metadata_and_errors():
+    for name in list_shifts():
+        spec = get_spec(name)
+        assert spec.family in shiftkit.shifts.FAMILIES and spec.source and spec.description
+        assert all(len(v) == 5 for v in spec.table.values())
+    train, held = set(list_shifts(held_out=False)), set(list_shifts(held_out=True))
+    assert train and held and not (train & held)
+    assert "gaussian-defocus" in list_shifts("*defocus*")
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        shiftkit.get_shift("gausian-defocus", 2)
+    with pytest.raises(InvalidArgumentError, match="`severity` out of range"):
+        shiftkit.get_shift("jpeg", 6)
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        shiftkit.shifts.register_shift(get_spec("jpeg"))
+
+
+def test_pixel_severities_scale_with_mpp():
+    assert shiftkit.get_shift("gaussian-defocus", 3, mpp=0.25).values["sigma"] == pytest.approx(5.2)
+    assert shiftkit.get_shift("gaussian-defocus", 3, mpp=1.0).values["sigma"] == pytest.approx(1.3)
+    assert shiftkit.get_shift("jpeg", 3, mpp=0.25).values["quality"] == 70  # not a pixel quantity
+
+
+@pytest.mark.parametrize("name", sorted(DISTANCE))
+def test_severity_is_strictly_monotone_on_real_tiles(name, tiles):
+    d = [distance(DISTANCE[name], tiles, shiftkit.get_shift(name, s, seed=0)(tiles)) for s in range(1, 6)]
+    assert d[0] > 0 and all(b > a for a, b in zip(d, d[1:])), d
+
+
+@pytest.mark.parametrize("name", sorted(DISTANCE))
+def test_deterministic_finite_and_device_independent_draws(name, tiles):
+    a = shiftkit.get_shift(name, 3, seed=5)(tiles)
+    b = shiftkit.get_shift(name, 3, seed=5)(tiles)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    edge = torch.cat([torch.ones(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)])
+    assert torch.isfinite(shiftkit.get_shift(name, 5, seed=0)(edge)).all()
+
+
+IDENTITY = [
+    (K.gaussian_blur, {"sigma": 0.0}), (K.disk_blur, {"radius": 0.0}), (K.motion_blur, {"length": 1.0}),
+    (K.vignetting, {"drop": 0.0}), (K.exposure, {"gain": 1.0}), (K.gamma_curve, {"gamma": 1.0}),
+    (K.saturation, {"factor": 1.0}), (K.unsharp_mask, {"amount": 0.0}), (K.resample, {"factor": 1.0}),
+    (K.section_thickness, {"scale": 1.0}),
+]
+
+
+@pytest.mark.parametrize("fn, kw", IDENTITY, ids=[f.__name__ for f, _ in IDENTITY])
+def test_identity_parameters_are_exact(fn, kw, tiles):
+    b = tiles.shape[0]
+    assert torch.equal(fn(tiles, *[torch.full((b,), v) for v in kw.values()]), tiles)
+
+
+def test_identity_parameters_are_exact_for_multi_parameter_kernels(tiles):
+    b = tiles.shape[0]
+    assert torch.equal(K.white_balance(tiles, torch.ones(b, 3)), tiles)
+    z = torch.zeros(b)
+    assert torch.equal(K.stitching_seam(tiles, z, z, torch.full((b,), 0.5)), tiles)
+
+
+@pytest.mark.parametrize("fn, kw", [(K.gaussian_blur, "sigma"), (K.disk_blur, "radius"), (K.motion_blur, "length")])
+def test_blur_kernels_preserve_mean_intensity(fn, kw, tiles):
+    out = fn(tiles, torch.tensor([1.0, 2.5, 4.0, 6.0]))
+    assert (out.mean(dim=(1, 2, 3)) - tiles.mean(dim=(1, 2, 3))).abs().max() < 2e-3  # reflect padding at borders
+    kern = K.disk_kernel(torch.tensor([0.0, 1.0, 3.5]))
+    assert torch.allclose(kern.sum(dim=(-1, -2)), torch.ones(3, dtype=kern.dtype))
+
+
+def test_gaussian_blur_matches_scipy_reference(tiles):
+    from scipy.ndimage import gaussian_filter
+
+    out = K.gaussian_blur(tiles[:1].double(), torch.tensor([2.0]))[0].numpy()
+    ref = np.stack([gaussian_filter(c, 2.0, mode="mirror", truncate=3.0) for c in tiles[0].double().numpy()])
+    assert np.abs(out - ref)[:, 8:-8, 8:-8].max() < 1e-6  # same kernel away from the border rule
+
+
+def test_jpeg_matches_pillow_encoder_at_the_same_quality(tiles):
+    # Both use libjpeg with 4:2:0 chroma at the same quality; stated tolerance: mean |diff| <= 0.5/255.
+    u8 = (tiles * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    for q in (90, 70, 30):
+        ours = (K.jpeg(tiles, torch.full((tiles.shape[0],), q)) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        ref = []
+        for im in u8:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="JPEG", quality=q)
+            ref.append(np.array(Image.open(buf)))
+        assert np.abs(ours.astype(int) - np.stack(ref)).mean() <= 0.5
+
+
+def test_sensor_noise_statistics_in_linear_light():
+    flat = torch.full((1, 3, 128, 128), 0.5)
+    out = K.sensor_noise(flat, torch.tensor([200.0]), torch.tensor([0.0]), torch.tensor([1]))
+    lin = K.srgb_to_linear(out)
+    mu = K.srgb_to_linear(flat)[0, 0, 0, 0].item()
+    assert abs(lin.mean().item() - mu) < 0.01  # Poisson noise is unbiased
+    assert abs(lin.var().item() - mu / 200) / (mu / 200) < 0.15  # variance = x / λ
+
+
+def test_shift_transform_per_sample_draws_and_batch_independence(tiles):
+    t = shiftkit.get_shift("sensor-noise", 3, seed=0)
+    out = t(tiles)
+    params = t._params  # each replay below records its own params
+    assert not torch.equal(params["seed"][0], params["seed"][1])
+    for i in range(tiles.shape[0]):
+        p = {k: v[i : i + 1] for k, v in params.items() if k != "forward_input_shape"}
+        assert torch.equal(t(tiles[i : i + 1], params=p), out[i : i + 1])
