@@ -136,6 +136,61 @@ def fit_target(images, output, method):
     sys.exit(1 if failed else 0)
 
 
+@cli.command("shifts")
+@click.argument("pattern", default="*")
+@click.option("--family", default=None, help="Only this family (stain, optics, illumination, sensor, isp, storage, tissue).")
+@click.option("--held-out/--train", "held_out", default=None, help="Only held-out (evaluation) or only training shifts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def shifts_cmd(pattern, family, held_out, as_json):
+    """List registered shifts matching PATTERN (wildcards) with family, train/held-out flag and severity table."""
+    from shiftkit.shifts import get_spec, list_shifts
+
+    names = list_shifts(pattern, family=family, held_out=held_out)
+    if as_json:
+        click.echo(json.dumps([get_spec(n).to_dict() for n in names], indent=2))
+        return
+    if not names:
+        click.echo(f"no shift matches {pattern!r}")
+        return
+    for n in names:
+        spec = get_spec(n)
+        click.echo(f"{n:20s} {spec.family:13s} {'held-out' if spec.held_out else 'train':8s} {spec.description}")
+        for k, vals in spec.table.items():
+            click.echo(f"{'':43s}{k} [{spec.units.get(k, '')}]: " + "  ".join(f"S{i + 1}={v:g}" for i, v in enumerate(vals)))
+        click.echo(f"{'':43s}source: {spec.source}")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--shift", "shift_name", required=True, help="A shift name (see `shiftkit shifts`).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output PNG: clean + severities 1-5.")
+@click.option("--mpp", default=0.5, show_default=True, type=float, help="µm per pixel of IMAGE.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--size", default=256, show_default=True, type=int, help="Centre crop side in pixels (0: whole image).")
+def preview(image, shift_name, output, mpp, seed, size):
+    """Write a strip: IMAGE (centre crop) clean, then at severities 1 to 5 of SHIFT, side by side."""
+    import torch
+
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data import read_image, write_image
+    from shiftkit.shifts import get_shift
+
+    try:
+        img = read_image(image)
+        if size:
+            h, w = img.shape[:2]
+            s = min(size, h, w)
+            img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        panels = [x] + [get_shift(shift_name, sev, mpp=mpp, seed=seed)(x) for sev in range(1, 6)]
+    except ShiftkitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shift/IMAGE") from exc
+    gap = torch.ones(1, 3, x.shape[-2], 4)
+    strip = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=-1)
+    write_image(output, (strip[0].permute(1, 2, 0) * 255).round().byte().numpy())
+    click.echo(f"wrote {output}: clean + {shift_name} severities 1-5")
+
+
 def main():
     cli(prog_name="shiftkit")
 

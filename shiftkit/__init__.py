@@ -6,6 +6,7 @@ from .core import InvalidArgumentError, InvalidImageError, ShiftkitError, StainE
 from .stain import StainEstimate, estimate_stains, estimate_stains_pooled
 from .shifts import get_shift, list_shifts
 from .transforms import (
+    RandomScanner,
     Shift,
     HEDJitter,
     StainAugment,
@@ -32,6 +33,7 @@ __all__ = [
     "StainNormalize",
     "fit_stain_statistics",
     "Shift",
+    "RandomScanner",
     "get_shift",
     "list_shifts",
 ]

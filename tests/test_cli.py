@@ -70,3 +70,23 @@ def test_usage_errors_exit_2(tmp_path):
         assert res.exit_code == 2 and "--device" in res.output
     res = runner.invoke(cli, ["normalize", "--help"])
     assert res.exit_code == 0 and "--on-failure" in res.output
+
+
+def test_shifts_lists_registry_and_preview_writes_strip(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["shifts", "--json"])
+    assert res.exit_code == 0
+    listed = json.loads(res.stdout)
+    from shiftkit.shifts import list_shifts
+
+    assert [d["name"] for d in listed] == list_shifts()
+    res = runner.invoke(cli, ["shifts", "*defocus*"])
+    assert "gaussian-defocus" in res.output and "S3=2.6" in res.output and "jpeg" not in res.output
+    out = tmp_path / "strip.png"
+    res = runner.invoke(cli, ["preview", str(sample_path("stardist")), "--shift", "jpeg", "-o", str(out), "--size", "128"])
+    assert res.exit_code == 0, res.output
+    strip = read_image(out)
+    assert strip.shape == (128, 6 * 128 + 5 * 4, 3)
+    np.testing.assert_array_equal(strip[:, :128], read_image(sample_path("stardist"))[86:214, 186:314])
+    res = runner.invoke(cli, ["preview", str(sample_path("stardist")), "--shift", "nope", "-o", str(out)])
+    assert res.exit_code == 2 and "unknown name" in res.output

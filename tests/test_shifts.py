@@ -21,6 +21,7 @@ DISTANCE = {
     "sharpening": "ssim", "jpeg": "ssim", "jpeg-reencode": "ssim", "sensor-noise": "ssim", "stitching-seam": "ssim",
     "vignetting": "deltae", "exposure": "deltae", "gamma": "deltae", "saturation": "deltae",
     "white-balance": "deltae", "section-thickness": "deltae", "stain-intensity": "deltae", "stain-hue": "deltae",
+    "scanner-profile-a": "ssim", "scanner-profile-b": "ssim",
 }
 
 
@@ -153,3 +154,35 @@ def test_shift_transform_per_sample_draws_and_batch_independence(tiles):
     for i in range(tiles.shape[0]):
         p = {k: v[i : i + 1] for k, v in params.items() if k != "forward_input_shape"}
         assert torch.equal(t(tiles[i : i + 1], params=p), out[i : i + 1])
+
+
+def test_composite_profiles_apply_components_in_physical_order(tiles):
+    spec = get_spec("scanner-profile-a")
+    assert spec.family == "scanner" and not spec.held_out and get_spec("scanner-profile-b").held_out
+    t = shiftkit.get_shift("scanner-profile-a", 3, seed=0)
+    out = t(tiles)
+    # the same pipeline by hand, component by component, with the drawn parameters
+    x = tiles
+    for comp in ("gaussian-defocus", "sensor-noise", "white-balance", "gamma", "stitching-seam", "jpeg"):  # B3 order
+        pre = comp + "."
+        x = get_spec(comp).kernel(x, {k[len(pre):]: v for k, v in t._params.items() if k.startswith(pre)})
+    assert torch.equal(out, x)
+    comps = [c for c in spec.description.split("order: ")[1].rstrip(".").split(", ")]
+    assert comps == ["gaussian-defocus", "sensor-noise", "white-balance", "gamma", "stitching-seam", "jpeg"]
+    assert [get_spec(c).order for c in comps] == sorted(get_spec(c).order for c in comps)
+
+
+def test_random_scanner_uses_training_shifts_per_tile_and_replays(tiles):
+    t = shiftkit.RandomScanner(severity_range=(1, 3), seed=0)
+    assert not any(get_spec(n).held_out for n in t.shifts) and len(t.shifts) >= 5
+    x = tiles.repeat(4, 1, 1, 1)
+    out = t(x)
+    params = t._params
+    assert len(set(params["choice"].tolist())) > 1 and set(params["severity"].tolist()) <= {1, 2, 3}
+    assert torch.equal(t(x, params=params), out)
+    for i in (0, 7):  # each tile equals its own shift applied alone
+        spec = get_spec(t.shifts[int(params["choice"][i])])
+        g = torch.Generator().manual_seed(int(params["seed"][i]))
+        vals = spec.values(int(params["severity"][i]))
+        p = spec.sample({k: torch.tensor([v]) for k, v in vals.items()}, g, 1)
+        assert torch.equal(spec.kernel(x[i : i + 1], p), out[i : i + 1])

@@ -47,6 +47,7 @@ FACTORIES = {
 # every registered shift, at severity 3 (shifts leave blank tiles blank only in some families: not tested here)
 for _name in shiftkit.list_shifts():
     FACTORIES[f"Shift[{_name}]"] = ((lambda n: lambda seed, stats, **kw: shiftkit.get_shift(n, 3, seed=seed, **kw))(_name), None)
+FACTORIES["RandomScanner"] = (lambda seed, stats, **kw: shiftkit.RandomScanner(seed=seed, **kw), None)
 NAMES = sorted(FACTORIES)
 
 
@@ -118,7 +119,7 @@ def test_blank_and_black_tiles_no_nan(name, stats):
     x = torch.cat([torch.ones(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)])
     out = make(name, stats)(x)
     assert torch.isfinite(out).all()
-    if not name.startswith("Shift["):  # stain transforms: a blank tile stays blank (no min-max rescaling)
+    if not (name.startswith("Shift[") or name == "RandomScanner"):  # stain transforms keep blank tiles blank
         assert (out[0] - 1).abs().max() < 2 / 255
 
 

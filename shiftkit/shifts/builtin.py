@@ -10,7 +10,7 @@ import torch
 from ..functional import scanner as K
 from ..functional.augment import hed_jitter, perturb_stains
 from ..stain.estimate import _config, _estimate_batch
-from .registry import ShiftSpec, direction, register_shift
+from .registry import ShiftSpec, composite, direction, register_shift
 
 
 def _seeds(gen: torch.Generator, batch: int) -> torch.Tensor:
@@ -99,7 +99,7 @@ SPECS = [
     ShiftSpec("stitching-seam", "illumination", "Tile misregistration: intensity step Δ and offset o px at a random column.",
               {"step": (0.01, 0.02, 0.03, 0.05, 0.08), "offset": (0, 1, 1, 2, 4)}, {"step": "fraction", "offset": "px@0.5um"},
               "[R] Aperio stripe width 992–2040 px; values proposed", False,
-              lambda x, p: K.stitching_seam(x, p["step"], p["offset"], p["position"]), _seam_sample),
+              lambda x, p: K.stitching_seam(x, p["step"], p["offset"], p["position"]), _seam_sample, stage="stitching"),
     ShiftSpec("sensor-noise", "sensor", "Shot + read noise in linear light: Poisson(λx)/λ + N(0, σ_r²).",
               {"photons": (1000, 500, 200, 100, 60), "read_sigma": (0.002, 0.004, 0.008, 0.012, 0.02)},
               {"photons": "photons at white", "read_sigma": "linear"},
@@ -152,3 +152,10 @@ SPECS = [
 
 for _spec in SPECS:
     register_shift(_spec)
+
+# Composite scanner profiles. The training profile uses training shifts only; the held-out one uses held-out
+# shifts only, so evaluation profiles stay disjoint from what a model was trained on.
+register_shift(composite("scanner-profile-a", ["white-balance", "gamma", "gaussian-defocus", "sensor-noise", "jpeg", "stitching-seam"],
+                         "A generic line-scan scanner: colour calibration, tone curve, PSF, sensor noise, JPEG storage, seams.", False))
+register_shift(composite("scanner-profile-b", ["saturation", "sharpening", "disk-defocus", "vignetting", "jpeg-reencode"],
+                         "A held-out scanner: saturation and sharpening in the ISP, disk PSF, flat-field error, re-encoded JPEG.", True))

@@ -10,7 +10,11 @@ import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
 
-FAMILIES = ("stain", "optics", "illumination", "sensor", "isp", "storage", "tissue")
+FAMILIES = ("stain", "optics", "illumination", "sensor", "isp", "storage", "tissue", "scanner")
+#: The fixed physical order of the acquisition chain (REFERENCES B3) in which composites apply components.
+PHYSICAL_ORDER = ("stain", "tissue", "optics", "sensor", "isp", "stitching", "storage")
+_DEFAULT_STAGE = {"stain": "stain", "tissue": "tissue", "optics": "optics", "illumination": "optics",
+                  "sensor": "sensor", "isp": "isp", "storage": "storage", "scanner": "storage"}
 #: Pixel-valued severities are given at this resolution and rescaled to the tile's µm/px.
 REFERENCE_MPP = 0.5
 
@@ -41,6 +45,11 @@ class ShiftSpec:
     held_out: bool
     kernel: Callable = field(repr=False, compare=False)
     sample: Callable = field(repr=False, compare=False)
+    stage: str = ""  # position in PHYSICAL_ORDER; default from the family (flat-field errors act in the optics)
+
+    @property
+    def order(self) -> int:
+        return PHYSICAL_ORDER.index(self.stage or _DEFAULT_STAGE[self.family])
 
     def values(self, severity: int, mpp: float = REFERENCE_MPP) -> Dict[str, float]:
         """The table's values at ``severity`` (1..5; 0 = identity is not tabulated), pixel values rescaled."""
@@ -92,3 +101,31 @@ def list_shifts(pattern: str = "*", *, family: str | None = None, held_out: bool
 def direction(gen: torch.Generator, batch: int) -> torch.Tensor:
     """``(B,)`` of ±1 (for shifts that go both ways, e.g. brighter/darker)."""
     return torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)
+
+
+def composite(name: str, components: list, description: str, held_out: bool) -> ShiftSpec:
+    """A scanner profile: several registered shifts at the same severity, applied in :data:`PHYSICAL_ORDER`.
+
+    Its table holds each component's parameters as ``"<shift>.<param>"``.
+    """
+    specs = sorted((get_spec(c) for c in components), key=lambda sp: sp.order)
+    table = {f"{sp.name}.{k}": v for sp in specs for k, v in sp.table.items()}
+    units = {f"{sp.name}.{k}": u for sp in specs for k, u in sp.units.items()}
+
+    def split(params, sp):
+        pre = sp.name + "."
+        return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+
+    def kernel(x, params):
+        for sp in specs:
+            x = sp.kernel(x, split(params, sp))
+        return x
+
+    def sample(values, gen, batch):
+        out = {}
+        for sp in specs:
+            out.update({f"{sp.name}.{k}": v for k, v in sp.sample(split(values, sp), gen, batch).items()})
+        return out
+
+    return ShiftSpec(name, "scanner", description + " Components, in order: " + ", ".join(sp.name for sp in specs) + ".",
+                     table, units, "composite of " + ", ".join(sp.name for sp in specs), held_out, kernel, sample)

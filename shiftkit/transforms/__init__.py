@@ -3,6 +3,7 @@
 from .adapters import TorchvisionStainTransform, to_albumentations, to_torchvision
 from .base import ShiftkitAugmentation, list_transforms, register_transform, transform_from_dict
 from .normalizer import StainNormalizer
+from .random_scanner import RandomScanner
 from .shift import Shift
 from .stain_augment import (
     HED_PRESETS,
@@ -21,6 +22,7 @@ __all__ = [
     "ShiftkitAugmentation",
     "StainNormalizer",
     "Shift",
+    "RandomScanner",
     "StainAugment",
     "HEDJitter",
     "StainTemplateSample",
