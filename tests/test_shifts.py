@@ -22,6 +22,8 @@ DISTANCE = {
     "vignetting": "deltae", "exposure": "deltae", "gamma": "deltae", "saturation": "deltae",
     "white-balance": "deltae", "section-thickness": "deltae", "stain-intensity": "deltae", "stain-hue": "deltae",
     "scanner-profile-a": "ssim", "scanner-profile-b": "ssim",
+    "focal-tilt": "blur", "chromatic-aberration": "ssim", "jpeg2000": "ssim", "fading": "deltae",
+    "air-bubbles": "ssim", "tissue-fold": "deltae", "pen-ink": "deltae", "dust": "deltae", "threads": "ssim", "tears": "ssim",
 }
 
 
@@ -91,7 +93,7 @@ IDENTITY = [
     (K.gaussian_blur, {"sigma": 0.0}), (K.disk_blur, {"radius": 0.0}), (K.motion_blur, {"length": 1.0}),
     (K.vignetting, {"drop": 0.0}), (K.exposure, {"gain": 1.0}), (K.gamma_curve, {"gamma": 1.0}),
     (K.saturation, {"factor": 1.0}), (K.unsharp_mask, {"amount": 0.0}), (K.resample, {"factor": 1.0}),
-    (K.section_thickness, {"scale": 1.0}),
+    (K.section_thickness, {"scale": 1.0}), (K.chromatic_aberration, {"shift": 0.0}),
 ]
 
 
@@ -99,6 +101,16 @@ IDENTITY = [
 def test_identity_parameters_are_exact(fn, kw, tiles):
     b = tiles.shape[0]
     assert torch.equal(fn(tiles, *[torch.full((b,), v) for v in kw.values()]), tiles)
+
+
+def test_artifacts_with_nothing_to_draw_are_exact_identities(tiles):
+    from shiftkit.functional import artifacts as A
+
+    b = tiles.shape[0]
+    z, s = torch.zeros(b), torch.arange(b)
+    for out in (A.air_bubbles(tiles, z, s), A.pen_ink(tiles, z, z, s), A.dust(tiles, z, z, s),
+                A.tissue_fold(tiles, z, z, s), A.threads(tiles, z, z, s), A.tears(tiles, z, s)):
+        assert torch.equal(out, tiles)
 
 
 def test_identity_parameters_are_exact_for_multi_parameter_kernels(tiles):

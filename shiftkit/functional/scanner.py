@@ -119,6 +119,45 @@ def motion_blur(images: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     return _grouped_conv(images, k[:, None, :].to(images))
 
 
+def focal_tilt(images: torch.Tensor, sigma_max: torch.Tensor, angle: torch.Tensor, levels: int = 6) -> torch.Tensor:
+    """Partial defocus: the Gaussian σ ramps linearly from 0 to ``sigma_max`` across the tile along direction
+    ``angle`` (radians); rendered by blending ``levels`` blur levels per pixel."""
+    b, c, h, w = images.shape
+    if b == 0:
+        return images.clone()
+    ts = torch.linspace(0, 1, levels)
+    stack = torch.stack([gaussian_blur(images, sigma_max.cpu() * t) for t in ts])  # (L, B, C, H, W)
+    yy = torch.linspace(-1, 1, h, device=images.device)[:, None]
+    xx = torch.linspace(-1, 1, w, device=images.device)[None]
+    a = angle.to(images.device).view(-1, 1, 1)
+    pos = (xx * torch.cos(a) + yy * torch.sin(a)) / (torch.cos(a).abs() + torch.sin(a).abs())  # in [-1, 1]
+    pos = ((pos + 1) / 2).clamp(0, 1) * (levels - 1)  # (B, H, W) fractional level
+    lo = pos.floor().long().clamp(max=levels - 2)
+    frac = (pos - lo).to(images.dtype)[:, None]
+    idx = lo[None, :, None].expand(1, b, c, h, w)
+    below = stack.gather(0, idx)[0]
+    above = stack.gather(0, idx + 1)[0]
+    return below + (above - below) * frac
+
+
+def chromatic_aberration(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Lateral chromatic aberration: R magnified and B shrunk about the centre so that each is displaced by
+    ``shift`` px at the tile corner, relative to G (bilinear resampling, border replicated)."""
+    b, c, h, w = images.shape
+    if b == 0:
+        return images.clone()
+    r_corner = math.hypot(h / 2, w / 2)
+    k = (shift.to(images.device, images.dtype) / r_corner).view(-1, 1, 1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype),
+                            torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype), indexing="ij")
+    grid = torch.stack([xx, yy], -1)[None].expand(b, h, w, 2)
+    out = images.clone()
+    for ch, sign in ((0, 1.0), (2, -1.0)):
+        g = grid / (1 + sign * k)  # sampling closer to the centre magnifies
+        out[:, ch : ch + 1] = F.grid_sample(images[:, ch : ch + 1], g, mode="bilinear", padding_mode="border", align_corners=True)
+    return _keep_where(shift == 0, images, out)
+
+
 # ----------------------------------------------------------------------------- illumination
 
 
@@ -225,6 +264,18 @@ def jpeg(images: torch.Tensor, quality: torch.Tensor, offset: torch.Tensor | Non
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=dev, dtype=dtype) / 255.0
 
 
+def jpeg2000(images: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """JPEG 2000 at a compression ``ratio`` (e.g. 35 for 35:1) per sample, through OpenCV's OpenJPEG."""
+    dev, dtype = images.device, images.dtype
+    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arr)
+    for i in range(arr.shape[0]):
+        rate = int(max(1, min(1000, round(1000.0 / float(ratio[i])))))
+        ok, buf = cv2.imencode(".jp2", np.ascontiguousarray(arr[i][..., ::-1]), [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, rate])
+        out[i] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=dev, dtype=dtype) / 255.0
+
+
 def resample(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Resolution / µm-per-px mismatch: down-sample by ``factor`` (< 1; bicubic with antialiasing, i.e. the
     coarser sampling's low-pass) and back up (bicubic). Area or bilinear round trips blur even at 0.95 as much
@@ -251,6 +302,9 @@ def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0
 
 
 __all__ = [
+    "focal_tilt",
+    "chromatic_aberration",
+    "jpeg2000",
     "srgb_to_linear",
     "linear_to_srgb",
     "gaussian_blur",

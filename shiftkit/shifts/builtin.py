@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..functional import artifacts as A
 from ..functional import scanner as K
 from ..functional.augment import hed_jitter, perturb_stains
 from ..stain.estimate import _config, _estimate_batch
@@ -151,6 +152,63 @@ SPECS = [
 ]
 
 for _spec in SPECS:
+    register_shift(_spec)
+
+def _angle_sample(values, gen, batch):
+    return {**values, "angle": 2 * math.pi * torch.rand(batch, generator=gen)}
+
+
+def _fading_sample(values, gen, batch):
+    alpha = torch.ones(batch, 3)
+    alpha[:, 0] = 1.0 - values["h_loss"]
+    alpha[:, 1] = 1.0 - 0.5 * values["h_loss"]  # eosin fades less than hematoxylin
+    return {"alpha": alpha, "beta": torch.zeros(batch, 3)}
+
+
+MORE = [
+    ShiftSpec("focal-tilt", "optics", "Focus-map interpolation error: σ ramps 0 → σ_max across the tile (random direction).",
+              {"sigma_max": (1.1, 1.7, 2.6, 3.5, 5.0)}, {"sigma_max": "px@0.5um"},
+              "[R] ConvFocus / FocusPath", True,
+              lambda x, p: K.focal_tilt(x, p["sigma_max"], p["angle"]), _angle_sample),
+    ShiftSpec("chromatic-aberration", "optics", "Objective dispersion: R and B radially scaled vs G; corner displacement px.",
+              {"shift": (0.25, 0.5, 1.0, 1.5, 2.5)}, {"shift": "px@0.5um"},
+              "proposed", True,
+              lambda x, p: K.chromatic_aberration(x, p["shift"]), _none),
+    ShiftSpec("jpeg2000", "storage", "Aperio J2K / archives: JPEG 2000 at a compression ratio (OpenJPEG via OpenCV).",
+              {"ratio": (10, 20, 35, 60, 100)}, {"ratio": "compression ratio :1"},
+              "[R] 35:1 common (Helin 2018); Chen 2020", True,
+              lambda x, p: K.jpeg2000(x, p["ratio"]), _none),
+    ShiftSpec("fading", "stain", "Ageing slides: hematoxylin concentration loss h (eosin h/2), HED deconvolution.",
+              {"h_loss": (0.05, 0.1, 0.2, 0.3, 0.45)}, {"h_loss": "fraction"},
+              "proposed", True,
+              lambda x, p: hed_jitter(x, p["alpha"].to(x), p["beta"].to(x), background_od=0.3), _fading_sample),
+    ShiftSpec("air-bubbles", "tissue", "Mounting-medium bubbles: smooth blobs, grey fill α 0.75, dark rim; area fraction.",
+              {"area": (0.02, 0.05, 0.10, 0.20, 0.35)}, {"area": "fraction of the tile"},
+              "[W] 25 blobs, max width 50", True,
+              lambda x, p: A.air_bubbles(x, p["area"], p["seed"]), _noise_sample),
+    ShiftSpec("tissue-fold", "tissue", "Section folded over itself: OD × (1 + layers) in a curved band of width px.",
+              {"width": (8, 16, 24, 36, 56), "layers": (1, 1, 2, 2, 3)}, {"width": "px@0.5um", "layers": "count"},
+              "[W] width 100 px, 2 layers (larger tiles)", True,
+              lambda x, p: A.tissue_fold(x, p["width"], p["layers"], p["seed"]), _noise_sample),
+    ShiftSpec("pen-ink", "tissue", "Pathologist's marker on the glass: dark-blue stroke along a curve; width px, opacity.",
+              {"width": (3, 6, 10, 16, 24), "alpha": (0.3, 0.45, 0.6, 0.75, 0.9)}, {"width": "px@0.5um", "alpha": "opacity"},
+              "[W] w = 50, alpha .75, dark-blue RGB", False,
+              lambda x, p: A.pen_ink(x, p["width"], p["alpha"], p["seed"]), _noise_sample),
+    ShiftSpec("dust", "tissue", "Debris on the slide or optics: blurred dark disks; radius px, opacity.",
+              {"radius": (3, 6, 10, 16, 24), "opacity": (0.3, 0.4, 0.5, 0.65, 0.8)}, {"radius": "px@0.5um", "opacity": "opacity"},
+              "[S] 4 sizes, 3 placements", False,
+              lambda x, p: A.dust(x, p["radius"], p["opacity"], p["seed"]), _noise_sample),
+    ShiftSpec("threads", "tissue", "Fibres above the focal plane: blurred dark curves; count and thickness px.",
+              {"count": (1, 1, 2, 3, 5), "thickness": (1, 2, 2, 2, 2)}, {"count": "count", "thickness": "px@0.5um"},
+              "[S] thread sprite + local blur", True,
+              lambda x, p: A.threads(x, p["count"], p["thickness"], p["seed"]), _noise_sample),
+    ShiftSpec("tears", "tissue", "Sectioning damage: white cracks along curves; total length in tile widths.",
+              {"length": (0.25, 0.5, 1.0, 1.5, 2.0)}, {"length": "tile widths"},
+              "[W] spline-guided point clusters with rims", True,
+              lambda x, p: A.tears(x, p["length"], p["seed"]), _noise_sample),
+]
+
+for _spec in MORE:
     register_shift(_spec)
 
 # Composite scanner profiles. The training profile uses training shifts only; the held-out one uses held-out
