@@ -23,6 +23,7 @@ DISTANCE = {
     "white-balance": "deltae", "section-thickness": "deltae", "stain-intensity": "deltae", "stain-hue": "deltae",
     "scanner-profile-a": "ssim", "scanner-profile-b": "ssim",
     "focal-tilt": "blur", "chromatic-aberration": "ssim", "jpeg2000": "ssim", "fading": "deltae",
+    "color-profile": "deltae", "line-scan-stripes": "deltae", "stain-protocol": "deltae",
     "air-bubbles": "ssim", "tissue-fold": "deltae", "pen-ink": "deltae", "dust": "deltae", "threads": "ssim", "tears": "ssim",
 }
 
@@ -198,3 +199,37 @@ def test_random_scanner_uses_training_shifts_per_tile_and_replays(tiles):
         vals = spec.values(int(params["severity"][i]))
         p = spec.sample({k: torch.tensor([v]) for k, v in vals.items()}, g, 1)
         assert torch.equal(spec.kernel(x[i : i + 1], p), out[i : i + 1])
+
+
+def test_delta_e2000_matches_skimage():
+    g = np.random.default_rng(0)
+    lab1 = np.stack([g.uniform(0, 100, 400), g.uniform(-80, 80, 400), g.uniform(-80, 80, 400)], -1)
+    lab2 = lab1 + g.normal(0, 8, lab1.shape)
+    from shiftkit.functional.color import delta_e2000
+
+    ours = delta_e2000(torch.from_numpy(lab1.T[None]), torch.from_numpy(lab2.T[None]))[0].numpy()
+    np.testing.assert_allclose(ours, deltaE_ciede2000(lab1, lab2), atol=1e-9)
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_color_profile_reaches_its_target_delta_e2000(tiles, severity):
+    t = shiftkit.get_shift("color-profile", severity, seed=2)
+    out = t(tiles)
+    target = t.values["delta_e"]
+    for a, b in zip(_np(tiles), _np(out)):
+        keep = a.min(-1) < 0.9
+        de = deltaE_ciede2000(rgb2lab(a), rgb2lab(b))[keep].mean()
+        assert abs(de - target) / target < 0.1, (de, target)  # fitted on a pixel sample; 10 %
+    white = torch.ones(1, 3, 8, 8)
+    assert torch.allclose(shiftkit.get_shift("color-profile", 5, seed=0)(white), white, atol=1e-5)  # white kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(DISTANCE))
+def test_cpu_equals_cuda_for_the_same_parameters(name, tiles):
+    t = shiftkit.get_shift(name, 3, seed=0)
+    cpu = t(tiles)
+    gpu = t.to("cuda")(tiles.cuda(), params={k: v for k, v in t._params.items()}).cpu()
+    tol = 1.5 / 255 if name in ("jpeg", "jpeg-reencode", "jpeg2000") or name.startswith("scanner") else 1e-4
+    assert (cpu - gpu).abs().max() <= tol

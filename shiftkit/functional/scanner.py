@@ -187,6 +187,23 @@ def stitching_seam(images: torch.Tensor, step: torch.Tensor, offset: torch.Tenso
     return _keep_where((step == 0) & (offset == 0), images, out)
 
 
+def line_stripes(images: torch.Tensor, amplitude: torch.Tensor, seed: torch.Tensor, width: int = 64) -> torch.Tensor:
+    """Line-scan stripes: bands of ``width`` px along the scan axis, each with its own linear-light gain
+    ``1 + amplitude · u`` (u uniform in [−1, 1] per band, drawn from the sample's seed)."""
+    b, c, h, w = images.shape
+    nb = (w + width - 1) // width + 1
+    gains = torch.empty(b, nb)
+    phase = torch.empty(b, dtype=torch.long)
+    for i in range(b):
+        g = torch.Generator().manual_seed(int(seed[i]))
+        gains[i] = 1 + float(amplitude[i]) * (2 * torch.rand(nb, generator=g) - 1)
+        phase[i] = torch.randint(0, width, (1,), generator=g)
+    col = torch.arange(w)[None] + phase[:, None]
+    band = (col // width).clamp(max=nb - 1)
+    gain = gains.gather(1, band).to(images).view(b, 1, 1, w)
+    return _keep_where(amplitude == 0, images, linear_to_srgb(srgb_to_linear(images) * gain))
+
+
 # ----------------------------------------------------------------------------- sensor
 
 
@@ -302,6 +319,7 @@ def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0
 
 
 __all__ = [
+    "line_stripes",
     "focal_tilt",
     "chromatic_aberration",
     "jpeg2000",

@@ -211,6 +211,74 @@ MORE = [
 for _spec in MORE:
     register_shift(_spec)
 
+def _profile_sample(values, gen, batch):
+    d = torch.randn(batch, 3, 3, generator=gen)
+    d = d - d.mean(-1, keepdim=True)  # rows sum to 0: white stays white
+    d = d / d.flatten(1).norm(dim=-1).view(-1, 1, 1)
+    return {"direction": d, "delta_e": values["delta_e"]}
+
+
+def _profile_kernel(x, p):
+    from ..functional.color import color_profile
+
+    return color_profile(x, p["direction"], p["delta_e"])
+
+
+_PROTOCOL_TARGETS = {}
+
+
+def _protocol_targets(device, dtype):
+    """Macenko targets fitted once on the bundled real H&E images (three staining protocols)."""
+    if "fitted" not in _PROTOCOL_TARGETS:
+        from ..data import load_sample
+        from ..transforms.normalizer import StainNormalizer
+
+        norms = [StainNormalizer("macenko").fit(load_sample(n)) for n in ("slideflow", "stardist", "wsidicom")]
+        _PROTOCOL_TARGETS["fitted"] = (torch.stack([n.target_matrix for n in norms]),
+                                       torch.stack([n.target_max_concentrations for n in norms]))
+    m, c = _PROTOCOL_TARGETS["fitted"]
+    return m.to(device, dtype), c.to(device, dtype)
+
+
+def _protocol_sample(values, gen, batch):
+    return {"fraction": values["fraction"], "target": torch.randint(0, 3, (batch,), generator=gen)}
+
+
+def _protocol_kernel(x, p):
+    from ..functional.stain import normalize_stains
+    from ..stain.model import od_to_rgb, rgb_to_od
+
+    mats, maxc = _protocol_targets(x.device, x.dtype)
+    idx = p["target"].long().to(x.device)
+    est = _estimate_batch(x, _config("macenko", {}), None, "report")
+    y = normalize_stains(x, est.matrix, est.max_concentrations, mats[idx], maxc[idx])
+    od, ody = rgb_to_od(x), rgb_to_od(y)
+    f = p["fraction"].to(x).view(-1, 1, 1, 1)
+    out = od_to_rgb((1 - f) * od + f * ody)
+    glass = od.sum(1, keepdim=True) < 0.3
+    return torch.where(glass, x, out)
+
+
+EXTRA = [
+    ShiftSpec("color-profile", "isp", "Scanner colour calibration / ICC: a white-preserving 3×3 matrix in linear light "
+              "scaled so that the tile's mean ΔE2000 equals the target.",
+              {"delta_e": (1.0, 2.5, 5.0, 7.5, 10.0)}, {"delta_e": "mean ΔE2000 over tissue"},
+              "[R] UFS 10 → 3.5 ΔE, inter-scanner 1.2 ΔE", True, _profile_kernel, _profile_sample),
+    ShiftSpec("line-scan-stripes", "illumination", "Line-scan sensor segments: 64-px bands along the scan axis, each "
+              "with its own linear-light gain ±a.",
+              {"amplitude": (0.005, 0.01, 0.02, 0.03, 0.05)}, {"amplitude": "relative gain"},
+              "[R] Aperio stripe width 992–2040 px; values proposed", True,
+              lambda x, p: K.line_stripes(x, p["amplitude"], p["seed"]), _noise_sample),
+    ShiftSpec("stain-protocol", "stain", "Another lab's protocol: Macenko transfer towards one of three real bundled "
+              "H&E targets, a fraction f of the way (in OD).",
+              {"fraction": (0.2, 0.4, 0.6, 0.8, 1.0)}, {"fraction": "of the way to the target"},
+              "[S] 15_stain_scheme; PLISM 13 stains (targets here: the bundled slideflow, stardist, wsidicom tiles)", True,
+              _protocol_kernel, _protocol_sample),
+]
+
+for _spec in EXTRA:
+    register_shift(_spec)
+
 # Composite scanner profiles. The training profile uses training shifts only; the held-out one uses held-out
 # shifts only, so evaluation profiles stay disjoint from what a model was trained on.
 register_shift(composite("scanner-profile-a", ["white-balance", "gamma", "gaussian-defocus", "sensor-noise", "jpeg", "stitching-seam"],
