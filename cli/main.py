@@ -228,12 +228,14 @@ def _shard(text):
 @click.option("--seed", default=0, show_default=True, type=int, help="Base seed; per-output seeds derive from it.")
 @click.option("--mpp", default=None, type=float, help="µm per pixel of the tiles (default: the manifest's mpp column, else 0.5).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Threads that encode and write files (the pixels do not depend on it).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
 @click.option("--shard", default=None, help="Process only shard i/n of the samples (split by sample id).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, batch_size, fmt, shard, dry_run, as_json):
+def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, workers, batch_size, fmt, shard, dry_run, as_json):
     """Write shifted copies of INPUT (folder or CSV manifest) as OUT_DIR/<shift>/<severity>/<name>.
 
     Deterministic (same command, same bytes, whatever the batch size or shard), atomic and resumable (a killed
@@ -261,7 +263,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
             return
         with click.progressbar(length=plan.planned, label="simulate", file=sys.stderr, show_pos=True, show_eta=True) as bar:
             report = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, batch_size=batch_size, device=device,
-                                  fmt=fmt, shard=shard_ij, progress=bar.update)
+                                  fmt=fmt, shard=shard_ij, progress=bar.update, workers=workers)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     if as_json:
@@ -304,6 +306,53 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
     for p, reason in report.failed:
         click.echo(f"  FAILED {p}: {reason}", err=True)
     sys.exit(1 if report.failed else 0)
+
+
+@cli.command("stress-test")
+@click.option("--model", default="default", show_default=True,
+              help="Encoder spec: default, timm:NAME, a TorchScript file, or module:callable.")
+@click.option("--weights", default=None, help="Weights for --model (safetensors or a state dict).")
+@click.option("--data", default=None, help="A folder of tiles or a CSV manifest (default: the bundled sample tiles).")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--site-column", default="site", show_default=True)
+@click.option("--shifts", "shift_pattern", default="*", show_default=True, help="Wildcard pattern of shift names.")
+@click.option("--severities", default="1-5", show_default=True)
+@click.option("--reference-model", default=None, help="Encoder spec for corruption error (CE).")
+@click.option("--out", "out_dir", default="shiftkit-report", show_default=True, type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, out_dir, device, seed):
+    """Measure an encoder under every shift and severity; write records and an HTML report to --out."""
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.report import build_report
+    from shiftkit.shifts import list_shifts
+    from shiftkit.stress import run_stress_test
+
+    device = _device(device)
+    sevs = _severities(severities)
+    names = list_shifts(shift_pattern)
+    if not names:
+        raise click.BadParameter(f"expected a pattern matching registered shifts, got {shift_pattern!r}", param_hint="--shifts")
+    try:
+        with click.progressbar(length=len(names) * len(sevs), label="stress-test", file=sys.stderr, show_eta=True) as bar:
+            run = run_stress_test(model, data, out_dir, shifts=[shift_pattern], severities=sevs, label_column=label_column,
+                                  site_column=site_column, reference_model=reference_model, weights=weights, seed=seed,
+                                  device=device, progress=bar.update)
+    except (ShiftkitError, ValueError) as exc:
+        raise click.UsageError(str(exc))
+    html_path = build_report(out_dir)
+    click.echo(f"stress test of {model} on {run['n_tiles']} tiles, {len(names)} shifts x {len(sevs)} severities "
+               f"in {run['runtime_s']:.0f} s -> {html_path}")
+    sys.exit(1 if run["failed_inputs"] else 0)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run_dir):
+    """Rebuild RUN_DIR/report.html and summary.md from the records of a stress test (no model needed)."""
+    from shiftkit.report import build_report
+
+    click.echo(f"wrote {build_report(run_dir)}")
 
 
 def main():

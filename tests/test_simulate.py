@@ -30,9 +30,9 @@ def _files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.png")}
 
 
-def test_same_bytes_whatever_the_batch_size(src, tmp_path):
+def test_same_bytes_whatever_the_batch_size_and_workers(src, tmp_path):
     a = simulate(src, tmp_path / "a", SHIFTS, [1, 4], seed=3, batch_size=1)
-    b = simulate(src, tmp_path / "b", SHIFTS, [1, 4], seed=3, batch_size=7)
+    b = simulate(src, tmp_path / "b", SHIFTS, [1, 4], seed=3, batch_size=7, workers=3)
     assert a.written == b.written == 5 * 3 * 2 and not a.failed
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert fa == fb and len(fa) == 30

@@ -183,13 +183,15 @@ def simulate(
     shard: Optional[Tuple[int, int]] = None,
     dry_run: bool = False,
     progress: Optional[Callable[[int], None]] = None,
+    workers: int = 0,
 ) -> SimulationReport:
     """Materialize shifted copies of ``base`` as ``out_dir/<shift>/<severity>/<sample_id>``.
 
     Writes ``manifest.csv`` / ``manifest.json`` (one row per output: source, output, seed, drawn parameters, source
     and output SHA-256, shiftkit version, shift configuration) and ``README.txt``. Unreadable inputs are listed
-    (manifest ``failed`` and the report) and every other output completes. See the module docstring for the
-    determinism and resume guarantees.
+    (manifest ``failed`` and the report) and every other output completes. ``workers`` > 0 encodes and writes
+    files in that many threads (OpenCV releases the GIL); the pixels do not depend on it. See the module docstring
+    for the determinism and resume guarantees.
     """
     from .. import __version__
     from ..shifts.registry import get_spec
@@ -210,27 +212,27 @@ def simulate(
         return report
     out.mkdir(parents=True, exist_ok=True)
     journal_path = out / (f".journal-{shard[0]}-of-{shard[1]}.jsonl" if shard else ".journal.jsonl")
-    done: Dict[str, dict] = {}
+    done: Dict[str, str] = {}  # output -> SHA-256 recorded by an earlier run (only checksums stay in memory)
     if journal_path.exists():
-        for line in journal_path.read_text().splitlines():
-            try:
-                e = json.loads(line)
-                done[e["output"]] = e
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line from a kill
+        with open(journal_path) as fh:
+            for line in fh:
+                try:
+                    e = json.loads(line)
+                    done[e["output"]] = e["output_sha256"]
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a torn last line from a kill
+        _rewrite_journal_without_torn_lines(journal_path)
     for tmp in out.rglob("*.tmp"):  # partial files of a killed run never survive
         tmp.unlink()
 
     def out_rel(name, sev, rec):
         return (Path(name) / str(sev) / Path(rec.sample_id).with_suffix(suffix)).as_posix()
 
-    rows: List[dict] = []
     todo = []
     for name, sev, rec in plan:
         rel = out_rel(name, sev, rec)
-        e = done.get(rel)
-        if e is not None and (out / rel).is_file() and _sha256(out / rel) == e["output_sha256"]:
-            rows.append(e)
+        sha = done.get(rel)
+        if sha is not None and (out / rel).is_file() and _sha256(out / rel) == sha:
             report.verified += 1
             if progress:
                 progress(1)
@@ -252,6 +254,14 @@ def simulate(
                 return None, ""
         return source_cache[rec.sample_id]
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers and workers > 0 else None
+
+    def write_one(rel, a):
+        write_image(out / rel, a)
+        return _sha256(out / rel)
+
     with open(journal_path, "a") as journal:
         # iterate per source so that each file is read once; batch across sources per (shift, severity, size)
         pending: Dict[tuple, list] = {}
@@ -264,15 +274,14 @@ def simulate(
             tile_mpp = float(mpp if mpp is not None else items[0][0].meta.get("mpp", 0.5))
             y, drawn = shift_tiles(x, name, sev, seeds, tile_mpp)
             arr = (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            for (rec, _, src_sha), a, s_, d in zip(items, arr, seeds, drawn):
-                rel = out_rel(name, sev, rec)
-                write_image(out / rel, a)
+            rels = [out_rel(name, sev, it[0]) for it in items]
+            shas = list(pool.map(write_one, rels, arr)) if pool else [write_one(r, a) for r, a in zip(rels, arr)]
+            for (rec, _, src_sha), rel, out_sha, s_, d in zip(items, rels, shas, seeds, drawn):
                 entry = {"source": rec.sample_id, "output": rel, "shift": name, "severity": sev, "seed": s_,
                          "mpp": tile_mpp, "params": d, "source_sha256": src_sha,
-                         "output_sha256": _sha256(out / rel), **{f"meta_{k}": v for k, v in rec.meta.items()}}
+                         "output_sha256": out_sha, **{f"meta_{k}": v for k, v in rec.meta.items()}}
                 journal.write(json.dumps(entry) + "\n")
                 journal.flush()
-                rows.append(entry)
                 report.written += 1
             if progress:
                 progress(len(items))
@@ -294,24 +303,63 @@ def simulate(
                     flush(key)
         for key in list(pending):
             flush(key)
+    if pool:
+        pool.shutdown()
 
     report.failed = sorted(failed_sources.items())
-    rows.sort(key=lambda r: (r["shift"], r["severity"], r["source"]))
     config = {"shifts": [sp.to_dict() for sp in specs], "severities": sevs, "seed": int(seed), "mpp": mpp,
               "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
               "torch": torch.__version__, "python": platform.python_version(), "device": device}
     stem = f"manifest-{shard[0]}-of-{shard[1]}" if shard else "manifest"
-    _write_atomic(out / f"{stem}.json", json.dumps({"config": config, "outputs": rows,
-                                                    "failed": [{"path": p, "reason": r} for p, r in report.failed]}, indent=1))
-    cols = ["source", "output", "shift", "severity", "seed", "mpp", "params", "source_sha256", "output_sha256"]
-    extra = sorted({k for r in rows for k in r if k.startswith("meta_")})
-    lines = [",".join(cols + extra)]
-    for r in rows:
-        vals = [json.dumps(r[c]) if c == "params" else str(r[c]) for c in cols] + [str(r.get(k, "")) for k in extra]
-        lines.append(",".join('"' + v.replace('"', '""') + '"' for v in vals))
-    _write_atomic(out / f"{stem}.csv", "\n".join(lines) + "\n")
-    _write_atomic(out / "README.txt", _readme(config, rows, report))
+    n_rows = _write_manifests(out, stem, journal_path, config, report, {out_rel(n, s, r) for n, s, r in plan})
+    _write_atomic(out / "README.txt", _readme(config, n_rows, report))
     return report
+
+
+def _rewrite_journal_without_torn_lines(path: Path) -> None:
+    """Drop a torn (killed mid-write) last line so that later appends start on a fresh line."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data and not data.endswith(b"\n"):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data[: data.rfind(b"\n") + 1])
+        os.replace(tmp, path)
+
+
+def _write_manifests(out: Path, stem: str, journal_path: Path, config: dict, report: "SimulationReport", planned: set) -> int:
+    """Stream ``<stem>.json`` and ``<stem>.csv`` from the journal, sorted by (shift, severity, source), holding only
+    a small index per output in memory (the last journal entry of each planned output wins)."""
+    index: Dict[str, tuple] = {}
+    extra: set = set()
+    with open(journal_path, "rb") as fh:
+        offset = 0
+        for line in fh:
+            try:
+                e = json.loads(line)
+                if e["output"] in planned:
+                    index[e["output"]] = ((e["shift"], e["severity"], e["source"]), offset, len(line))
+                    extra.update(k for k in e if k.startswith("meta_"))
+            except (json.JSONDecodeError, KeyError):
+                pass
+            offset += len(line)
+    order = sorted(index.values())
+    cols = ["source", "output", "shift", "severity", "seed", "mpp", "params", "source_sha256", "output_sha256"]
+    extra_cols = sorted(extra)
+    jtmp, ctmp = out / f".{stem}.json.tmp", out / f".{stem}.csv.tmp"
+    with open(journal_path, "rb") as src, open(jtmp, "w") as jf, open(ctmp, "w") as cf:
+        jf.write('{"config": ' + json.dumps(config) + ',\n"failed": '
+                 + json.dumps([{"path": p, "reason": r} for p, r in report.failed]) + ',\n"outputs": [\n')
+        cf.write(",".join(cols + extra_cols) + "\n")
+        for i, (_, off, length) in enumerate(order):
+            src.seek(off)
+            e = json.loads(src.read(length))
+            jf.write(("," if i else "") + json.dumps(e) + "\n")
+            vals = [json.dumps(e[c]) if c == "params" else str(e[c]) for c in cols] + [str(e.get(k, "")) for k in extra_cols]
+            cf.write(",".join('"' + v.replace('"', '""') + '"' for v in vals) + "\n")
+        jf.write("]}\n")
+    os.replace(jtmp, out / f"{stem}.json")
+    os.replace(ctmp, out / f"{stem}.csv")
+    return len(order)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -320,7 +368,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _readme(config: dict, rows: list, report: SimulationReport) -> str:
+def _readme(config: dict, n_rows: int, report: SimulationReport) -> str:
     names = ", ".join(s["name"] for s in config["shifts"])
     return (
         "Shifted test set written by shiftkit " + config["shiftkit_version"] + ".\n\n"
@@ -329,5 +377,5 @@ def _readme(config: dict, rows: list, report: SimulationReport) -> str:
         "(derived from base seed, shift, severity and source path), drawn parameters and SHA-256 checksums of the\n"
         "source pixels and the output file; the JSON also holds each shift's severity table and source.\n"
         "Regenerate bit for bit with the same command (`shiftkit simulate ... --seed " + str(config["seed"]) + "`).\n"
-        f"Outputs: {len(rows)}; inputs that failed: {len(report.failed)}.\n"
+        f"Outputs: {n_rows}; inputs that failed: {len(report.failed)}.\n"
     )

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared device run for issues #2-#5: CUDA tests and GPU benchmarks, outputs under $OUT (default gpu-out/).
+#
+# The lent GPU machines (Python 3.12, torch 2.11) have no kornia/albumentations: carry them as wheels.
+# Here, once, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl kornia==0.9.0 kornia-rs albumentations==2.0.8 albucore==0.0.24 simsimd stringzilla pydantic \
+#     pydantic-core annotated-types typing-inspection
+# Then: run(command="bash experiments/gpu/run_gpu_checks.sh", carry=[".whl"], timeout_s=540)
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+# shiftkit.cli lives in cli/: expose it without installing
+# (the tests import shiftkit.cli only in test_cli.py, which this script does not run)
+export PYTHONUNBUFFERED=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 - <<'PY' > "$OUT/env.txt" 2>&1
+import torch, kornia; print(torch.__version__, kornia.__version__, torch.cuda.get_device_name(0))
+PY
+timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_shifts.py tests/test_stain.py tests/test_image_contract.py 2>&1 | tail -30 > "$OUT/gpu-tests.txt"
+timeout 90 python3 experiments/speed/bench_normalize.py --device cuda --peers none --sizes 224 --batch 1024 --passes 5 --json "$OUT/normalize_cuda.json" > "$OUT/normalize_cuda.txt" 2>&1
+timeout 90 python3 experiments/speed/bench_augment.py --device cuda --batch 1024 --passes 5 --json "$OUT/augment_cuda.json" > "$OUT/augment_cuda.txt" 2>&1
+timeout 90 python3 experiments/speed/bench_shifts.py --device cuda --passes 5 --json "$OUT/shifts_cuda.json" > "$OUT/shifts_cuda.txt" 2>&1
+tail -n 5 "$OUT"/*.txt

@@ -1,0 +1,114 @@
+"""Encoders by spec, and batched embedding extraction.
+
+Specs: ``"default"`` (the documented fixed encoder below), ``"timm:<name>"`` (random init unless ``weights=``;
+``timm:hf-hub:...`` names load where a hub is reachable), a TorchScript file (``*.pt``/``*.ts``/``*.torchscript``),
+or ``"module:callable"`` returning an ``nn.Module``. Weights load from safetensors or a state dict read with
+``weights_only=True`` — never by unpickling arbitrary objects.
+
+The default encoder, until the pretraining issue ships a trained one: timm ``resnet18`` with weights drawn from a
+fixed seed (0) and global-average-pooled 512-d features. It is a reproducible, untrained reference: its
+robustness figures describe a random convolutional network, not a pathology model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.errors import InvalidArgumentError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder and how to feed it."""
+
+    module: nn.Module
+    spec: str
+    input_size: int = 224
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    weights_sha256: str = ""
+    info: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+        """Embeddings ``(N, D)`` float32 of float images ``(N, 3, H, W)`` in [0, 1] (resized to ``input_size``)."""
+        m = self.module.to(device).eval()
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        out = []
+        for s in range(0, images.shape[0], batch_size):
+            x = images[s : s + batch_size].to(device).float()
+            if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+                x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                                    antialias=True, align_corners=False)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                f = m((x - mean) / std)
+            if f.ndim == 3:  # tokens: mean-pool
+                f = f.mean(1)
+            out.append(f.float().flatten(1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _load_weights(module: nn.Module, weights: Path) -> str:
+    data = weights.read_bytes()
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if len(missing) > len(state) // 2:
+        raise InvalidArgumentError(f"`weights` do not fit the model: expected its parameters, got {len(missing)} missing keys")
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_encoder(spec: str = "default", weights: Optional[str] = None, *, input_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Encoder:
+    """Load an encoder from ``spec`` (see the module docstring)."""
+    import timm
+
+    wsha = ""
+    if spec == "default":
+        with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG state
+            torch.manual_seed(0)
+            module = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        info = {"architecture": "resnet18 (timm)", "weights": "random, seed 0 (untrained reference)"}
+    elif spec.startswith("timm:"):
+        name = spec[5:]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            module = timm.create_model(name, pretrained=name.startswith("hf-hub:"), num_classes=0)
+        info = {"architecture": name, "weights": "random, seed 0" if weights is None else str(weights)}
+    elif Path(spec).suffix in (".pt", ".ts", ".torchscript") and Path(spec).is_file():
+        module = torch.jit.load(spec, map_location="cpu")
+        wsha = hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        info = {"architecture": "TorchScript", "weights": spec}
+    elif ":" in spec:
+        mod, fn = spec.split(":", 1)
+        try:
+            module = getattr(importlib.import_module(mod), fn)()
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgumentError(f"`model` cannot be loaded: expected module:callable, got {spec!r} ({exc})") from exc
+        info = {"architecture": spec, "weights": "from the callable"}
+    else:
+        raise InvalidArgumentError(f"`model` has an unknown spec: expected 'default', 'timm:NAME', a TorchScript file "
+                                   f"or 'module:callable', got {spec!r}")
+    if weights is not None:
+        wsha = _load_weights(module, Path(weights))
+    if not wsha:
+        wsha = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.state_dict().values()
+                                       if hasattr(p, "numpy"))).hexdigest()
+    return Encoder(module.eval(), spec, input_size, tuple(mean), tuple(std), wsha, info)

@@ -1,0 +1,151 @@
+"""Stress test and report: metric sanity, encoder comparison, failures as records, report contents, browser."""
+
+import base64
+import html.parser
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from shiftkit.cli.main import cli
+from shiftkit.report import SECTIONS, build_report
+from shiftkit.shifts import get_spec, list_shifts, register_shift
+from shiftkit.shifts.registry import ShiftSpec
+from shiftkit.stress import read_records, run_stress_test
+
+
+def _test_shifts():
+    if "test-identity" not in list_shifts():
+        register_shift(ShiftSpec("test-identity", "optics", "identity (tests)", {"v": (0, 0, 0, 0, 0)}, {"v": ""}, "test", True,
+                                 lambda x, p: x.clone(), lambda v, g, b: dict(v)))
+
+        def boom(x, p):
+            raise RuntimeError("kernel exploded")
+
+        register_shift(ShiftSpec("test-broken", "optics", "always fails (tests)", {"v": (1, 2, 3, 4, 5)}, {"v": ""}, "test", True,
+                                 boom, lambda v, g, b: dict(v)))
+
+
+class StructureEncoder(nn.Module):
+    """Invariant to stain by construction: gradients of the per-tile standardised OD magnitude."""
+
+    def forward(self, x):
+        od = -torch.log(x.clamp_min(1 / 255)).sum(1, keepdim=True)
+        od = (od - od.mean(dim=(2, 3), keepdim=True)) / od.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        gx = (od[..., 1:] - od[..., :-1]).abs()
+        gy = (od[..., 1:, :] - od[..., :-1, :]).abs()
+        return torch.cat([nn.functional.adaptive_avg_pool2d(gx, 8).flatten(1), nn.functional.adaptive_avg_pool2d(gy, 8).flatten(1)], 1)
+
+
+class ColourEncoder(nn.Module):
+    """Stain-sensitive: mean colour of a 4x4 grid of regions."""
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def structure_encoder():
+    return StructureEncoder()
+
+
+def colour_encoder():
+    return ColourEncoder()
+
+
+def test_identity_shift_gives_cosine_1_and_retention_1(tmp_path):
+    _test_shifts()
+    run_stress_test("default", None, tmp_path, shifts=["test-identity"], severities=[1, 2])
+    recs = read_records(tmp_path)
+    cos = [r["value"] for r in recs if r["metric"] == "cosine"]
+    assert cos and all(abs(c - 1) < 1e-6 for c in cos)
+    assert all(r["value"] == 1.0 for r in recs if r["metric"] == "knn_retention")
+    assert all(r["value"] == 0.0 for r in recs if r["metric"] == "flip_rate")
+    clean = [r for r in recs if r["shift"] == "none" and r["metric"] == "knn_ba"]
+    assert clean and clean[0]["value"] > 0.7  # nest vs stroma are separable even for the random reference encoder
+
+
+def test_stain_invariant_encoder_scores_higher_on_stain_shifts(tmp_path):
+    def mean_cos(spec, out):
+        run_stress_test(spec, None, out, shifts=["stain-hue", "stain-intensity", "section-thickness"], severities=[3, 5])
+        return np.mean([r["value"] for r in read_records(out) if r["metric"] == "cosine"])
+
+    inv = mean_cos("tests.test_stress:structure_encoder", tmp_path / "inv")
+    col = mean_cos("tests.test_stress:colour_encoder", tmp_path / "col")
+    assert inv > col + 0.05, (inv, col)
+
+
+def test_failing_shift_is_a_record_and_report_has_every_section(tmp_path):
+    _test_shifts()
+    run = run_stress_test("default", None, tmp_path, shifts=["test-broken", "jpeg"], severities=[1, 5])
+    recs = read_records(tmp_path)
+    broken = [r for r in recs if r["shift"] == "test-broken"]
+    assert broken and all("kernel exploded" in r["error"] for r in broken)
+    assert [r for r in recs if r["shift"] == "jpeg" and r["metric"] == "cosine" and not r["error"]]
+    # records round-trip through CSV
+    import csv
+
+    with open(tmp_path / "records.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(recs) and set(rows[0]) == set(recs[0])
+    # the report is built from records alone: remove the embeddings and rebuild
+    shutil.rmtree(tmp_path / "embeddings")
+    res = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "report.html").read_text()
+
+    class P(html.parser.HTMLParser):
+        ids, imgs = set(), []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                self.ids.add(a["id"])
+            if tag == "img":
+                self.imgs.append(a["src"])
+
+    p = P()
+    p.feed(page)
+    assert set(SECTIONS) <= p.ids
+    assert p.imgs and all(s.startswith("data:image/png;base64,") for s in p.imgs)
+    for s in p.imgs:
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kernel exploded" in page and run["model_info"]["weights_sha256"][:16] in page
+    assert (tmp_path / "summary.md").read_text().startswith("# Robustness report")
+
+
+def test_user_strings_are_escaped(tmp_path):
+    src = tmp_path / "tiles"
+    src.mkdir()
+    from shiftkit.data import sample_tiles_dir
+
+    for p in sorted(sample_tiles_dir().glob("*.png"))[:6]:
+        shutil.copy(p, src / p.name)
+    (src / "m.csv").write_text("path,label\n" + "".join(f"{p.name},<b>x{i % 2}</b>\n" for i, p in enumerate(sorted(src.glob('*.png')))))
+    run_stress_test("default", src / "m.csv", tmp_path / "o", shifts=["gamma"], severities=[1])
+    page = build_report(tmp_path / "o").read_text()
+    assert "<b>x" not in page and "m.csv" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="Debian's chromium is installed by .ci/run")
+def test_report_renders_in_headless_chromium_without_broken_images_or_script_errors(tmp_path):
+    run_stress_test("default", None, tmp_path, shifts=["jpeg", "gamma"], severities=[1, 3])
+    page = build_report(tmp_path).read_text()
+    probe = ("<script>window.__errors=0;window.onerror=function(){window.__errors++};window.addEventListener('load',function(){"
+             "var b=[].filter.call(document.images,function(i){return !i.complete||i.naturalWidth===0}).length;"
+             "document.body.setAttribute('data-broken',b);document.body.setAttribute('data-errors',window.__errors);});</script>")
+    probed = tmp_path / "probe.html"
+    probed.write_text(page.replace("</head>", probe + "</head>", 1))
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-broken="0"' in dom and 'data-errors="0"' in dom, dom[-500:]
+    shot = tmp_path / "report.png"
+    subprocess.run([exe, *flags, "--window-size=1200,2400", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
