@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -25,19 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_normalize import machine, tiles_224  # noqa: E402
+from bench_normalize import machine, tiles_224, timed  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-
-def timed(fn, passes):
-    fn()
-    ts = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def shiftkit_runs(device):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_normalize import machine, tiles_224  # noqa: E402
+from bench_normalize import machine, tiles_224, timed  # noqa: E402
 
 import shiftkit  # noqa: E402
 
@@ -57,15 +56,6 @@ def baselines():
         "vignetting": lambda t: t,  # placeholder replaced below
     }
 
-
-def timed(fn, passes):
-    fn()
-    ts = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None):

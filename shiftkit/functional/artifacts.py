@@ -31,6 +31,21 @@ def _curve(rng: np.random.Generator, h: int, w: int, n: int = 64) -> np.ndarray:
     return np.round(pts).astype(np.int32)
 
 
+def _stroke_masks(seed: torch.Tensor, h: int, w: int, counts, thickness, blur: tuple | None = None) -> np.ndarray:
+    """``(B, 1, H, W)`` masks of ``counts[i]`` random curves of ``thickness[i]`` px per sample (anti-aliased),
+    optionally Gaussian-blurred with ``blur = (kernel, sigma)``."""
+    masks = np.zeros((len(seed), 1, h, w), np.float32)
+    for i, (s, n, t) in enumerate(zip(seed.tolist(), counts, thickness)):
+        if n <= 0 or t <= 0:
+            continue
+        rng = np.random.default_rng(int(s))
+        for _ in range(int(n)):
+            cv2.polylines(masks[i, 0], [_curve(rng, h, w)], False, 1.0, thickness=max(1, int(round(t))), lineType=cv2.LINE_AA)
+        if blur is not None:
+            masks[i, 0] = cv2.GaussianBlur(masks[i, 0], (blur[0], blur[0]), blur[1])
+    return masks
+
+
 def _smooth_blobs(rng: np.random.Generator, h: int, w: int, fraction: float, scale: float) -> np.ndarray:
     """Boolean mask of smooth random blobs covering about ``fraction`` of the tile."""
     noise = rng.random((h, w)).astype(np.float32)
@@ -73,14 +88,7 @@ def _unchanged_where_empty(mask: torch.Tensor, images: torch.Tensor, out: torch.
 def pen_ink(images: torch.Tensor, width: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """A marker stroke along a random smooth curve, ``width`` px, opacity ``alpha`` (dark-blue ink by default)."""
     b, _, h, w = images.shape
-
-    masks = np.zeros((b, 1, h, w), np.float32)
-    for i, (s, wd) in enumerate(zip(seed.tolist(), width.tolist())):
-        if wd <= 0:
-            continue
-        rng = np.random.default_rng(int(s))
-        cv2.polylines(masks[i, 0], [_curve(rng, h, w)], False, 1.0, thickness=max(1, int(round(wd))), lineType=cv2.LINE_AA)
-    m = torch.from_numpy(masks).to(images)
+    m = torch.from_numpy(_stroke_masks(seed, h, w, [1] * b, width.tolist())).to(images)
     ink = torch.tensor([1.2, 0.9, 0.35])  # OD of a dark-blue marker at full opacity
     return _od_overlay(images, m * alpha.to(images).view(-1, 1, 1, 1) * 3.0, ink.expand(b, 3))
 
@@ -105,14 +113,7 @@ def tissue_fold(images: torch.Tensor, width: torch.Tensor, layers: torch.Tensor,
     """A fold: along a random curve band of ``width`` px the section lies ``layers`` times over itself, so its OD
     is multiplied by ``1 + layers`` (with soft edges)."""
     b, _, h, w = images.shape
-    masks = np.zeros((b, 1, h, w), np.float32)
-    for i, (s, wd) in enumerate(zip(seed.tolist(), width.tolist())):
-        if wd <= 0:
-            continue
-        rng = np.random.default_rng(int(s))
-        cv2.polylines(masks[i, 0], [_curve(rng, h, w)], False, 1.0, thickness=max(1, int(round(wd))), lineType=cv2.LINE_AA)
-        masks[i, 0] = cv2.GaussianBlur(masks[i, 0], (7, 7), 2)
-    m = torch.from_numpy(masks).to(images)
+    m = torch.from_numpy(_stroke_masks(seed, h, w, [1] * b, width.tolist(), blur=(7, 2))).to(images)
     od = rgb_to_od(images)
     out = od_to_rgb(od * (1 + m * layers.to(images).view(-1, 1, 1, 1))).to(images.dtype)
     return _unchanged_where_empty(m, images, out)
@@ -121,14 +122,7 @@ def tissue_fold(images: torch.Tensor, width: torch.Tensor, layers: torch.Tensor,
 def threads(images: torch.Tensor, count: torch.Tensor, thickness: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Out-of-focus fibres above the focal plane: ``count`` dark curves of ``thickness`` px, blurred."""
     b, _, h, w = images.shape
-    masks = np.zeros((b, 1, h, w), np.float32)
-    for i, (s, n, t) in enumerate(zip(seed.tolist(), count.tolist(), thickness.tolist())):
-        rng = np.random.default_rng(int(s))
-        for _ in range(int(n)):
-            cv2.polylines(masks[i, 0], [_curve(rng, h, w)], False, 1.0, thickness=max(1, int(round(t))), lineType=cv2.LINE_AA)
-        if n > 0:
-            masks[i, 0] = cv2.GaussianBlur(masks[i, 0], (9, 9), 2.5)
-    m = torch.from_numpy(masks).to(images)
+    m = torch.from_numpy(_stroke_masks(seed, h, w, count.tolist(), thickness.tolist(), blur=(9, 2.5))).to(images)
     return _od_overlay(images, m * 1.5, torch.tensor([0.6, 0.6, 0.5]).expand(b, 3))
 
 
