@@ -321,7 +321,8 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
 @click.option("--out", "out_dir", default="shiftkit-report", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
-def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, out_dir, device, seed):
+@click.option("--no-gallery", is_flag=True, help="Keep no tile thumbnails (for data whose images must stay private).")
+def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, out_dir, device, seed, no_gallery):
     """Measure an encoder under every shift and severity; write records and an HTML report to --out."""
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.report import build_report
@@ -337,7 +338,7 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
         with click.progressbar(length=len(names) * len(sevs), label="stress-test", file=sys.stderr, show_eta=True) as bar:
             run = run_stress_test(model, data, out_dir, shifts=[shift_pattern], severities=sevs, label_column=label_column,
                                   site_column=site_column, reference_model=reference_model, weights=weights, seed=seed,
-                                  device=device, progress=bar.update)
+                                  device=device, progress=bar.update, gallery=not no_gallery)
     except (ShiftkitError, ValueError) as exc:
         raise click.UsageError(str(exc))
     html_path = build_report(out_dir)

@@ -60,9 +60,11 @@ def run_stress_test(
     device: str = "cpu",
     batch_size: int = 32,
     progress=None,
+    gallery: bool = True,
 ) -> dict:
     """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding cache.
 
+    ``gallery=False`` keeps no tile thumbnails (for data whose images must not leave their folder).
     Returns the run description (config, timing, counts).
     """
     from ..data import sample_tiles_dir
@@ -119,7 +121,7 @@ def run_stress_test(
                 records.append(_rec(mname, "none", "clean", 0, "site_auc", error=f"{type(exc).__name__}: {exc}", n=n, seed=seed))
 
     steps = len(names) * len(severities)
-    gallery = []
+    gallery_items = []
     for name in names:
         spec = get_spec(name)
         for sev in severities:
@@ -144,13 +146,13 @@ def run_stress_test(
                         flips = (pred != clean_pred).astype(float)
                         f_est, f_lo, f_hi = M.bootstrap_ci(flips, groups=groups, seed=seed)
                         records.append(_rec(mname, name, spec.family, sev, "flip_rate", f_est, (f_lo, f_hi), n, seed))
-                    if mname == models[0][0] and sev == max(severities):
+                    if gallery and mname == models[0][0] and sev == max(severities):
                         worst = np.argsort(cos)[:2]
                         for i in worst:
                             fn = f"{_safe(name)}__{i}.png"
                             pair = torch.cat([x[i], torch.ones(3, x.shape[-2], 4), shifted[i]], dim=-1)
                             write_image(out / "gallery" / fn, (pair.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-                            gallery.append({"shift": name, "severity": sev, "tile": recs[i].sample_id, "cosine": float(cos[i]), "file": fn})
+                            gallery_items.append({"shift": name, "severity": sev, "tile": recs[i].sample_id, "cosine": float(cos[i]), "file": fn})
             except Exception as exc:  # a failing shift is a record, not a crash
                 records.append(_rec(models[0][0], name, spec.family, sev, "cosine", n=n, seed=seed,
                                     error=f"{type(exc).__name__}: {exc}"))
@@ -170,6 +172,7 @@ def run_stress_test(
     conds = np.array([r.meta.get("condition", "") for r in recs])
     if all(pair_ids != "") and len(set(conds)) > 1:
         e = clean_emb[models[0][0]]
+        e = e - e.mean(0, keepdims=True)  # centred, as for the synthetic-shift cosine
         cs = sorted(set(conds))
         for ia, ca in enumerate(cs):
             for cb in cs[ia + 1 :]:
@@ -196,7 +199,7 @@ def run_stress_test(
         "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                      "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
-        "runtime_s": time.time() - t0, "gallery": gallery,
+        "runtime_s": time.time() - t0, "gallery": gallery_items,
     }
     write_records(out, records)
     (out / "run.json").write_text(json.dumps(run, indent=2))
