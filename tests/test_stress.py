@@ -64,7 +64,10 @@ def test_identity_shift_gives_cosine_1_and_retention_1(tmp_path):
     cos = [r["value"] for r in recs if r["metric"] == "cosine"]
     assert cos and all(abs(c - 1) < 1e-6 for c in cos)
     assert all(r["value"] == 1.0 for r in recs if r["metric"] == "knn_retention")
-    assert all(r["value"] == 0.0 for r in recs if r["metric"] == "flip_rate")
+    assert all(r["value"] == 0.0 for r in recs if r["metric"] in ("flip_rate", "probe_flip_rate"))
+    assert all(r["value"] == 1.0 for r in recs if r["metric"] == "probe_retention")
+    ece = {r["severity"]: r["value"] for r in recs if r["metric"] == "ece"}
+    assert len(set(ece.values())) == 1  # identical inputs, identical calibration
     clean = [r for r in recs if r["shift"] == "none" and r["metric"] == "knn_ba"]
     assert clean and clean[0]["value"] > 0.7  # nest vs stroma are separable even for the random reference encoder
 

@@ -86,11 +86,14 @@ def build_report(run_dir) -> Path:
         cells = "".join(f"<td>{_fmt(cos[s][v]['value'])} [{_fmt(cos[s][v]['ci_low'], 2)}, {_fmt(cos[s][v]['ci_high'], 2)}]</td>"
                         if v in cos[s] else "<td>–</td>" for v in sevs)
         ret = [r["value"] for r in main if r["shift"] == s and r["metric"] == "knn_retention" and r["value"] is not None]
-        body.append(f"<tr><td>{e(s)}</td><td>{e(fam[s])}</td>{cells}<td>{_fmt(float(np.mean(ret)) if ret else None)}</td></tr>")
+        pret = [r["value"] for r in main if r["shift"] == s and r["metric"] == "probe_retention" and r["value"] is not None]
+        body.append(f"<tr><td>{e(s)}</td><td>{e(fam[s])}</td>{cells}<td>{_fmt(float(np.mean(ret)) if ret else None)}</td>"
+                    f"<td>{_fmt(float(np.mean(pret)) if pret else None)}</td></tr>")
     parts.append("<h2 id='scorecard'>Scorecard</h2>"
                  f"<p>Embedding consistency cos(f(x) − μ, f(T x) − μ) (μ: mean clean embedding) per shift and severity (↑), bootstrap 95 % CI; mean kNN "
-                 f"retention over severities (↑). Clean kNN balanced accuracy: {_fmt(clean.get('knn_ba'))}.</p>"
-                 f"<table><tr><th>shift</th><th>family</th>{head}<th>mean kNN retention</th></tr>{''.join(body)}</table>")
+                 f"and linear-probe retention over severities (↑). Clean balanced accuracy: kNN {_fmt(clean.get('knn_ba'))}, "
+                 f"probe {_fmt(clean.get('probe_ba'))}; clean probe ECE {_fmt(clean.get('ece'))}.</p>"
+                 f"<table><tr><th>shift</th><th>family</th>{head}<th>mean kNN retention</th><th>mean probe retention</th></tr>{''.join(body)}</table>")
     if errors:
         parts.append("<p class='bad'>Failed: " + "; ".join(e(f"{r['shift']} S{r['severity']}: {r['error']}") for r in errors) + "</p>")
 

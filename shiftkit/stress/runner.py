@@ -44,6 +44,26 @@ def _loo_knn(emb_ref: np.ndarray, labels: np.ndarray, emb_query: np.ndarray, k: 
     return M.knn_predict(emb_ref, labels, emb_query, k=k, exclude_same=(ids, ids))
 
 
+def _probe_folds(labels: np.ndarray, seed: int):
+    """Stratified folds for cross-fitted linear probes (at most 5, at least 2, bounded by the smallest class)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n_min = int(np.unique(labels, return_counts=True)[1].min())
+    return list(StratifiedKFold(n_splits=max(2, min(5, n_min)), shuffle=True, random_state=seed).split(labels, labels))
+
+
+def _probe_predict(clean: np.ndarray, labels: np.ndarray, query: np.ndarray, folds, seed: int):
+    """Out-of-fold probe predictions and probabilities for ``query``: each fold's probe is trained on the *clean*
+    embeddings of the other folds."""
+    classes = np.unique(labels)
+    proba = np.zeros((len(labels), len(classes)))
+    for tr, te in folds:
+        model = M.linear_probe(clean[tr], labels[tr], seed=seed)
+        cols = np.searchsorted(classes, model.classes_)
+        proba[np.ix_(te, cols)] = model.predict_proba(query[te])
+    return classes[proba.argmax(1)], proba
+
+
 def run_stress_test(
     model: str = "default",
     data=None,
@@ -103,6 +123,8 @@ def run_stress_test(
     records = []
     # k = 20, but below the smallest class (leave-one-out votes would otherwise be won by the other class)
     k = max(1, min(20, (min(np.unique(labels, return_counts=True)[1]) - 1) if has_labels else 20))
+    folds = _probe_folds(labels, seed) if has_labels and min(np.unique(labels, return_counts=True)[1]) >= 2 else None
+    probe_clean = {}
     clean_emb = {}
     for mname, m in models:
         e = m.embed(x, batch_size=batch_size, device=device)
@@ -111,6 +133,11 @@ def run_stress_test(
         if has_labels:
             pred = _loo_knn(e, labels, e, k)
             records.append(_rec(mname, "none", "clean", 0, "knn_ba", M.balanced_accuracy(labels, pred), n=n, seed=seed))
+        if folds is not None:
+            p_pred, p_proba = _probe_predict(e, labels, e, folds, seed)
+            probe_clean[mname] = (p_pred, M.balanced_accuracy(labels, p_pred))
+            records.append(_rec(mname, "none", "clean", 0, "probe_ba", probe_clean[mname][1], n=n, seed=seed))
+            records.append(_rec(mname, "none", "clean", 0, "ece", M.expected_calibration_error(p_proba, np.searchsorted(np.unique(labels), labels)), n=n, seed=seed))
         if site_column and all(sites != "") and len(set(sites)) > 1:
             try:
                 records.append(_rec(mname, "none", "clean", 0, "site_auc", M.site_predictability(e, sites), n=n, seed=seed))
@@ -146,6 +173,14 @@ def run_stress_test(
                         flips = (pred != clean_pred).astype(float)
                         f_est, f_lo, f_hi = M.bootstrap_ci(flips, groups=groups, seed=seed)
                         records.append(_rec(mname, name, spec.family, sev, "flip_rate", f_est, (f_lo, f_hi), n, seed))
+                    if folds is not None:
+                        p_pred, p_proba = _probe_predict(clean_emb[mname], labels, e, folds, seed)
+                        pba = M.balanced_accuracy(labels, p_pred)
+                        pc_pred, pc_ba = probe_clean[mname]
+                        records.append(_rec(mname, name, spec.family, sev, "probe_ba", pba, n=n, seed=seed))
+                        records.append(_rec(mname, name, spec.family, sev, "probe_retention", pba / pc_ba if pc_ba > 0 else None, n=n, seed=seed))
+                        records.append(_rec(mname, name, spec.family, sev, "probe_flip_rate", M.flip_rate(pc_pred, p_pred), n=n, seed=seed))
+                        records.append(_rec(mname, name, spec.family, sev, "ece", M.expected_calibration_error(p_proba, np.searchsorted(np.unique(labels), labels)), n=n, seed=seed))
                     if gallery and mname == models[0][0] and sev == max(severities):
                         worst = np.argsort(cos)[:2]
                         for i in worst:
