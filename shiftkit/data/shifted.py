@@ -106,8 +106,10 @@ class ShiftedDataset(torch.utils.data.Dataset):
 
     Args:
         base: a :class:`TileDataset` or anything it accepts (folder, CSV manifest).
-        shift, severity, seed, mpp: the shift and the run seed (``mpp`` defaults to the manifest's per-tile
-            ``mpp`` column, else 0.5).
+        shift: a registered shift name.
+        severity: 1..5.
+        seed: the run seed (per-tile seeds derive from it).
+        mpp: µm per pixel; defaults to the manifest's per-tile ``mpp`` column, else 0.5.
 
     Returns (``__getitem__``): ``(uint8 (3, H, W) tensor, record)``.
     """

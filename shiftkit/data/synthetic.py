@@ -63,10 +63,12 @@ def synthetic_he(
     """Synthetic H&E tiles.
 
     Args:
-        batch, size: number and side of the tiles.
+        batch: number of tiles.
+        size: side of the tiles in pixels.
         stain_matrix: ``(2, 3)`` or ``(B, 2, 3)``; default the Macenko reference.
         tissue_fraction: approximate fraction of pixels covered by tissue (the rest is background, C = 0).
-        h_max, e_max: peak hematoxylin and eosin concentrations (natural-log OD).
+        h_max: peak hematoxylin concentration (natural-log OD).
+        e_max: peak eosin concentration (natural-log OD).
         noise: standard deviation of additive Gaussian noise on the intensities.
         i0: background intensity.
         seed: seed of the generator (CPU).

@@ -24,7 +24,10 @@ class Shift(ShiftkitAugmentation):
         name: a name from :func:`shiftkit.shifts.list_shifts`.
         severity: 1..5.
         mpp: the tiles' µm per pixel (pixel-valued severities are defined at 0.5 µm/px).
-        p, same_on_batch, keepdim, seed: see :class:`ShiftkitAugmentation`.
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator``.
     """
 
     def __init__(self, name: str, severity: int = 3, mpp: float = REFERENCE_MPP, p: float = 1.0,

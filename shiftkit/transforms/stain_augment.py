@@ -84,7 +84,10 @@ class StainAugment(ShiftkitAugmentation):
         background_od: background (glass) = pixels whose summed natural-log OD is below this (0.3 ≈ every
             channel brighter than 90 % of ``I0``); kept unchanged unless ``augment_background``.
         preset: ``"light"``, ``"medium"`` or ``"strong"`` (explicit ranges override it).
-        p, same_on_batch, keepdim, seed: see :class:`ShiftkitAugmentation`.
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator`` (see :class:`ShiftkitAugmentation`).
         **options: stain-estimation options (:func:`shiftkit.estimate_stains`), e.g. ``i0``.
 
     Shape:
@@ -188,7 +191,8 @@ class HEDJitter(ShiftkitAugmentation):
     and clipped. β is in natural-log OD units (scikit-image ≥ 0.19's ``rgb2hed`` divides these by ln 10⁶).
 
     Args:
-        alpha_range, beta_range: ranges of α and β for H and E (and DAB if ``jitter_dab``).
+        alpha_range: range of α for H and E (and DAB if ``jitter_dab``).
+        beta_range: range of β for H and E (and DAB if ``jitter_dab``).
         jitter_dab: also jitter the DAB channel (off by default: H&E has no DAB).
         augment_background: also change non-tissue pixels (Tellez's original shifts glass too, tinting blank
             areas; off by default, as in :class:`StainAugment`).
