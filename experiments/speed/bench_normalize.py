@@ -192,7 +192,7 @@ def machine(device: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     except OSError:
-        pass
+        pass  # no /proc/cpuinfo (not Linux): keep platform.processor()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -342,7 +342,7 @@ def _write_manifests(out: Path, stem: str, journal_path: Path, config: dict, rep
                     index[e["output"]] = ((e["shift"], e["severity"], e["source"]), offset, len(line))
                     extra.update(k for k in e if k.startswith("meta_"))
             except (json.JSONDecodeError, KeyError):
-                pass
+                pass  # a line that is not a journal entry (torn lines were dropped at start): nothing to index
             offset += len(line)
     order = sorted(index.values())
     cols = ["source", "output", "shift", "severity", "seed", "mpp", "params", "source_sha256", "output_sha256"]
