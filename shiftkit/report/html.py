@@ -47,8 +47,7 @@ def build_report(run_dir) -> Path:
     run = json.loads((run_dir / "run.json").read_text())
     e = html.escape
     model = run["config"]["model"]
-    main = [r for r in records if r["model"] == (records[0]["model"] if records else model)]
-    main_model = main[0]["model"] if main else model
+    main_model = model  # the evaluated encoder (a reference model's records are kept apart)
     main = [r for r in records if r["model"] == main_model]
     cos = defaultdict(dict)
     fam = {}

@@ -57,13 +57,10 @@ class StainEstimate:
     def __len__(self) -> int:
         return self.matrix.shape[0]
 
-    def to(self, *args, **kwargs) -> "StainEstimate":
-        return StainEstimate(
-            self.matrix.to(*args, **kwargs),
-            self.max_concentrations.to(*args, **kwargs),
-            self.tissue_fraction.to(*args, **kwargs),
-            self.status_code.to(kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)),
-        )
+    def to(self, device) -> "StainEstimate":
+        """The same estimate on ``device`` (status codes keep their integer dtype)."""
+        return StainEstimate(self.matrix.to(device), self.max_concentrations.to(device),
+                             self.tissue_fraction.to(device), self.status_code.to(device))
 
 
 @dataclass(frozen=True)
@@ -89,6 +86,11 @@ class EstimatorConfig:
     vahadane_max_iter: int = 100
     vahadane_tol: float = 1e-5
     seed: int = 0
+
+    def tissue_weights(self, images: torch.Tensor) -> torch.Tensor:
+        """Tissue weights ``(B, 1, ...)`` of ``images`` under this configuration's rule (:func:`tissue_mask`)."""
+        return tissue_mask(images, self.tissue_method, luminosity_threshold=self.luminosity_threshold,
+                           od_threshold=self.od_threshold, i0=self.i0, exclude_saturated=self.exclude_saturated)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -239,14 +241,7 @@ def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Te
         step = -(-n // int(cfg.max_pixels))
         x = x[..., ::step]
     od = rgb_to_od(x, i0=cfg.i0)
-    w = tissue_mask(
-        x,
-        cfg.tissue_method,
-        luminosity_threshold=cfg.luminosity_threshold,
-        od_threshold=cfg.od_threshold,
-        i0=cfg.i0,
-        exclude_saturated=cfg.exclude_saturated,
-    )
+    w = cfg.tissue_weights(x)
     if mask is not None:
         w = w * mask.flatten(2)[..., ::step].to(w)
     return od, w.flatten(1).to(od.dtype)

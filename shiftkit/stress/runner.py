@@ -117,14 +117,14 @@ def run_stress_test(
     mpp = [float(r.meta.get("mpp", 0.5)) for r in recs]
 
     enc = load_encoder(model, weights)
-    models = [(enc.spec if model != "default" else "default", enc)]
+    models = [(model, enc)]
     if reference_model:
         models.append((reference_model, load_encoder(reference_model)))
     records = []
     # k = 20, but below the smallest class (leave-one-out votes would otherwise be won by the other class)
     k = max(1, min(20, (min(np.unique(labels, return_counts=True)[1]) - 1) if has_labels else 20))
     folds = _probe_folds(labels, seed) if has_labels and min(np.unique(labels, return_counts=True)[1]) >= 2 else None
-    probe_clean = {}
+    probe_clean, knn_clean = {}, {}
     clean_emb = {}
     for mname, m in models:
         e = m.embed(x, batch_size=batch_size, device=device)
@@ -132,7 +132,8 @@ def run_stress_test(
         np.save(out / "embeddings" / f"{_safe(mname)}__clean.npy", e)
         if has_labels:
             pred = _loo_knn(e, labels, e, k)
-            records.append(_rec(mname, "none", "clean", 0, "knn_ba", M.balanced_accuracy(labels, pred), n=n, seed=seed))
+            knn_clean[mname] = (pred, M.balanced_accuracy(labels, pred))
+            records.append(_rec(mname, "none", "clean", 0, "knn_ba", knn_clean[mname][1], n=n, seed=seed))
         if folds is not None:
             p_pred, p_proba = _probe_predict(e, labels, e, folds, seed)
             probe_clean[mname] = (p_pred, M.balanced_accuracy(labels, p_pred))
@@ -164,9 +165,8 @@ def run_stress_test(
                     est, lo, hi = M.bootstrap_ci(cos, groups=groups, seed=seed)
                     records.append(_rec(mname, name, spec.family, sev, "cosine", est, (lo, hi), n, seed))
                     if has_labels:
-                        clean_pred = _loo_knn(clean_emb[mname], labels, clean_emb[mname], k)
+                        clean_pred, ba_clean = knn_clean[mname]
                         pred = _loo_knn(clean_emb[mname], labels, e, k)
-                        ba_clean = M.balanced_accuracy(labels, clean_pred)
                         ba = M.balanced_accuracy(labels, pred)
                         records.append(_rec(mname, name, spec.family, sev, "knn_ba", ba, n=n, seed=seed))
                         records.append(_rec(mname, name, spec.family, sev, "knn_retention", ba / ba_clean if ba_clean > 0 else None, n=n, seed=seed))

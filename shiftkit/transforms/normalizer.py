@@ -24,7 +24,6 @@ from ..stain.estimate import (
     _estimate_batch,
     estimate_stains_pooled,
 )
-from ..stain.mask import tissue_mask
 from ..stain.model import MACENKO_REFERENCE_MAX_CONCENTRATIONS, reference_stain_matrix, validate_stain_matrix
 from ..stain.stats import weighted_mean_std
 
@@ -37,8 +36,7 @@ _CPU_CHUNK_PIXELS = 8 * 224 * 224
 
 def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig):
     """Tissue-masked LAB mean/std ``(B, 3)``, tissue pixel counts and totals ``(B,)``."""
-    w = tissue_mask(x, cfg.tissue_method, luminosity_threshold=cfg.luminosity_threshold,
-                    od_threshold=cfg.od_threshold, i0=cfg.i0, exclude_saturated=cfg.exclude_saturated).flatten(1)
+    w = cfg.tissue_weights(x).flatten(1)
     lab = rgb_to_lab(x).flatten(2)
     mean, std = weighted_mean_std(lab, w, eps=1e-6)
     return mean, std, w.sum(-1), torch.full_like(w[:, 0], w.shape[-1])
@@ -127,9 +125,7 @@ class StainNormalizer(nn.Module):
             labs, ws = [], []
             for i, img in enumerate(items):
                 x, _ = to_batch(img, f"images[{i}]")
-                w = tissue_mask(x, self.config.tissue_method, luminosity_threshold=self.config.luminosity_threshold,
-                                od_threshold=self.config.od_threshold, i0=self.config.i0,
-                                exclude_saturated=self.config.exclude_saturated)
+                w = self.config.tissue_weights(x)
                 labs.append(rgb_to_lab(x.float()).permute(1, 0, 2, 3).reshape(3, -1))
                 ws.append(w.float().reshape(-1))
             lab, w = torch.cat(labs, -1)[None], torch.cat(ws, -1)[None]

@@ -19,8 +19,9 @@ from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
 from ..stain.estimate import _config, _estimate_batch
 from ..stain.mask import tissue_mask
-from ..stain.model import validate_stain_matrix
-from ..stain.stats import weighted_mean_std
+from ..stain.model import rgb_to_od, validate_stain_matrix
+from ..stain.solve import od_to_concentrations
+from ..stain.stats import masked_quantile, weighted_mean_std
 from .base import ShiftkitAugmentation, check_range, register_transform
 from .normalizer import StainNormalizer
 
@@ -59,6 +60,19 @@ def _preset(presets: dict, name: Optional[str], arg: str = "preset") -> dict:
     if name not in presets:
         raise UnknownNameError(arg, name, presets)
     return presets[name]
+
+
+_RANGE_BOUNDS = {"alpha_range": ((1.0, 1.0), 0.0, 10.0), "beta_range": ((0.0, 0.0), -5.0, 5.0), "angle_range": ((0.0, 0.0), 0.0, 45.0)}
+
+
+def _ranges(presets: dict, preset: Optional[str], **given) -> dict:
+    """Validated ``*_range`` arguments: an explicit value, else the preset's, else the identity range."""
+    chosen = _preset(presets, preset)
+    out = {}
+    for name, value in given.items():
+        identity, lo, hi = _RANGE_BOUNDS[name]
+        out[name] = check_range(name, value if value is not None else chosen.get(name, identity), lo, hi)
+    return out
 
 
 @register_transform
@@ -125,11 +139,8 @@ class StainAugment(ShiftkitAugmentation):
             raise UnknownNameError("method", method, ("macenko", "vahadane", "fixed"))
         if beta_units not in ("absolute", "relative"):
             raise UnknownNameError("beta_units", beta_units, ("absolute", "relative"))
-        base = {"alpha_range": (1.0, 1.0), "beta_range": (0.0, 0.0), "angle_range": (0.0, 0.0)}
-        base.update(_preset(STAIN_AUGMENT_PRESETS, preset))
-        self.alpha_range = check_range("alpha_range", alpha_range if alpha_range is not None else base["alpha_range"], 0.0, 10.0)
-        self.beta_range = check_range("beta_range", beta_range if beta_range is not None else base["beta_range"], -5.0, 5.0)
-        self.angle_range = check_range("angle_range", angle_range if angle_range is not None else base["angle_range"], 0.0, 45.0)
+        r = _ranges(STAIN_AUGMENT_PRESETS, preset, alpha_range=alpha_range, beta_range=beta_range, angle_range=angle_range)
+        self.alpha_range, self.beta_range, self.angle_range = r["alpha_range"], r["beta_range"], r["angle_range"]
         self.method = method
         self.beta_units = beta_units
         self.keep_residual = bool(keep_residual)
@@ -167,13 +178,9 @@ class StainAugment(ShiftkitAugmentation):
             mat, maxc = est.matrix, est.max_concentrations
         beta = params["beta"].to(x)
         if self.beta_units == "relative":
-            if maxc is None:
-                from ..stain.solve import od_to_concentrations
-                from ..stain.model import rgb_to_od
-                from ..stain.stats import masked_quantile
-
+            if maxc is None:  # fixed matrix: the tile's robust maximum under the same tissue rule as the estimators
                 conc = od_to_concentrations(rgb_to_od(x, i0=cfg.i0).flatten(2), mat)
-                w = tissue_mask(x).flatten(1)
+                w = cfg.tissue_weights(x).flatten(1)
                 maxc = masked_quantile(conc, w[:, None].expand_as(conc), cfg.percentile / 100)
             beta = beta * maxc.to(x)
         return perturb_stains(
@@ -217,10 +224,8 @@ class HEDJitter(ShiftkitAugmentation):
         seed: SeedLike = None,
     ):
         super().__init__(p=p, same_on_batch=same_on_batch, keepdim=keepdim, seed=seed)
-        base = {"alpha_range": (1.0, 1.0), "beta_range": (0.0, 0.0)}
-        base.update(_preset(HED_PRESETS, preset))
-        self.alpha_range = check_range("alpha_range", alpha_range if alpha_range is not None else base["alpha_range"], 0.0, 10.0)
-        self.beta_range = check_range("beta_range", beta_range if beta_range is not None else base["beta_range"], -5.0, 5.0)
+        r = _ranges(HED_PRESETS, preset, alpha_range=alpha_range, beta_range=beta_range)
+        self.alpha_range, self.beta_range = r["alpha_range"], r["beta_range"]
         self.jitter_dab = bool(jitter_dab)
         self.augment_background = bool(augment_background)
         self.background_od = _check_background_od(background_od)
@@ -394,7 +399,7 @@ class StainNormalize(ShiftkitAugmentation):
         normalizer: a fitted :class:`~shiftkit.StainNormalizer`, its ``to_dict()``, or a path to its JSON.
     """
 
-    def __init__(self, normalizer: Union[StainNormalizer, dict, str, Path], keepdim: bool = False, **_: Any):
+    def __init__(self, normalizer: Union[StainNormalizer, dict, str, Path], keepdim: bool = False):
         super().__init__(p=1.0, same_on_batch=False, keepdim=keepdim, seed=0)
         if isinstance(normalizer, (str, Path)):
             normalizer = StainNormalizer.load(normalizer)
