@@ -310,7 +310,8 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
 
 @cli.command("stress-test")
 @click.option("--model", default="default", show_default=True,
-              help="Encoder spec: default, timm:NAME, a TorchScript file, or module:callable.")
+              help="Encoder spec: default (bundled), random, timm:NAME, a `shiftkit pretrain` run folder, a TorchScript "
+                   "file, or module:callable.")
 @click.option("--weights", default=None, help="Weights for --model (safetensors or a state dict).")
 @click.option("--data", default=None, help="A folder of tiles or a CSV manifest (default: the bundled sample tiles).")
 @click.option("--label-column", default="label", show_default=True)
@@ -345,6 +346,80 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
     click.echo(f"stress test of {model} on {run['n_tiles']} tiles, {len(names)} shifts x {len(sevs)} severities "
                f"in {run['runtime_s']:.0f} s -> {html_path}")
     sys.exit(1 if run["failed_inputs"] else 0)
+
+
+@cli.command()
+@click.option("--data", required=True, help="A folder of tiles or a CSV manifest (path; optional slide/site/scanner/label columns).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, logs, encoder).")
+@click.option("--model", default=None, help="Backbone as timm:NAME (default: the recipe's, ViT-S/16 on CUDA, ResNet-10t on CPU).")
+@click.option("--recipe", default="auto", show_default=True, type=click.Choice(["auto", "vit-s16", "cpu-small"]),
+              help="Defaults for sizes, head and optimisation (auto: vit-s16 on CUDA, cpu-small on CPU).")
+@click.option("--steps", default=1000, show_default=True, type=int, help="Optimizer steps in the whole run.")
+@click.option("--batch-size", default=None, type=int, help="Global batch per optimizer step (all processes and accumulation).")
+@click.option("--accumulate", default=1, show_default=True, type=int, help="Gradient accumulation micro-steps per step.")
+@click.option("--lr", default=None, type=float, help="Peak learning rate (default: the recipe's).")
+@click.option("--augment", default="shiftkit", show_default=True, type=click.Choice(["shiftkit", "stain", "scanner", "dino"]),
+              help="Domain shift in the views: stain + scanner (shiftkit), one of them, or none (dino).")
+@click.option("--max-per-slide", default=None, type=int, help="Keep at most N tiles per slide (slide column, else folder).")
+@click.option("--balance-by", default="", help="Comma-separated manifest columns to balance, e.g. site,scanner.")
+@click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every).")
+@click.option("--knn-every", default=0, show_default=True, type=int, help="Steps between kNN monitor evaluations.")
+@click.option("--checkpoint-every", default=100, show_default=True, type=int)
+@click.option("--export-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="dtype of the exported encoder.safetensors.")
+@click.option("--workers", default=2, show_default=True, type=int, help="Data-loading processes per rank.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON file of PretrainConfig fields (command-line options win).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.pass_context
+def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, lr, augment, max_per_slide, balance_by, val,
+             knn_every, checkpoint_every, export_dtype, workers, device, seed, config_file, resume):
+    """Self-supervised DINO pretraining under controlled stain/scanner shift; writes RUN_DIR/encoder.safetensors.
+
+    One process on CPU or GPU, or many under torchrun (NCCL on GPU, Gloo on CPU):
+    torchrun --nproc-per-node 8 -m shiftkit.cli.main pretrain --data ... --out ...
+    Stops cleanly on SIGTERM with a checkpoint; --resume continues to the same result. Test the encoder with
+    `shiftkit stress-test --model RUN_DIR`.
+    """
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.train import PretrainConfig, TrainingDivergedError
+    from shiftkit.train import pretrain as run_pretrain
+
+    given = {k: v for k, v in dict(data=data, out=str(out_dir), model=model, recipe=recipe, steps=steps,
+                                    batch_size=batch_size, accumulate=accumulate, lr=lr, augment=augment,
+                                    max_per_slide=max_per_slide, val=val, knn_every=knn_every,
+                                    checkpoint_every=checkpoint_every, export_dtype=export_dtype, workers=workers,
+                                    device=device, seed=seed).items()
+             if v is not None and (config_file is None or ctx.get_parameter_source(k if k != "out" else "out_dir")
+                                   != click.core.ParameterSource.DEFAULT)}
+    cols = tuple(c.strip() for c in balance_by.split(",") if c.strip())
+    if cols:
+        given["balance_by"] = cols
+    try:
+        base = json.loads(config_file.read_text()) if config_file else {}
+        cfg = PretrainConfig.from_dict({**base, **given})
+        if cfg.device.startswith("cuda"):
+            _device(cfg.device)
+
+        def show(e):
+            if e["step"] % 10 == 0 or "knn_balanced_accuracy" in e:
+                knn = f" knn {e['knn_balanced_accuracy']:.3f}" if "knn_balanced_accuracy" in e else ""
+                click.echo(f"step {e['step']:>6} loss {e['loss']:.4f} lr {e['lr']:.2e} {e['images_per_s']:.1f} img/s{knn}", err=True)
+
+        summary = run_pretrain(cfg, resume=resume, progress=show)
+    except TrainingDivergedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(3)
+    except ShiftkitError as exc:
+        raise click.UsageError(str(exc))
+    click.echo(f"{summary['status']} at step {summary.get('last_step', summary['start_step'] - 1) + 1} of "
+               f"{summary['steps']} -> {out_dir / 'encoder.safetensors'}; bad tiles: {summary['bad_tiles']}")
+    if summary["status"] == "interrupted":
+        click.echo(f"resume with: shiftkit pretrain --data {data} --out {out_dir} --resume", err=True)
+        sys.exit(143)
+    sys.exit(1 if summary["bad_tiles"] else 0)
 
 
 @cli.command()

@@ -1,0 +1,164 @@
+"""Multi-crop views for self-distillation, made on the device after collation.
+
+Order per step (all random numbers from CPU generators seeded by ``(seed, step, view)`` for the *global* batch,
+then sliced to this rank's rows, so a tile's views do not depend on the batch split, the world size or the
+device):
+
+1. **Domain shift on the whole tile** at its native resolution (so physical units such as blur in µm stay right):
+   shiftkit :class:`~shiftkit.StainAugment` and :class:`~shiftkit.RandomScanner` at training severities (held-out
+   shifts never), drawn independently for each global view; local views crop from these shifted copies in turn.
+2. **Geometry per view**: random resized crop (area ``scale``, aspect 3/4–4/3), horizontal and vertical flips
+   (p 0.5 each), 90° rotations.
+3. **Colour per view** (the DINO recipe with a pathology-safe hue, REFERENCES B6): brightness/contrast/saturation
+   jitter 0.4/0.4/0.2 and hue ≤ 0.05 turns at p 0.8, grayscale at p 0.2, Gaussian blur σ 0.1–2 px at p 1.0 /
+   0.1 (global views) and 0.5 (local views). No solarization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from kornia.enhance import adjust_hue, adjust_saturation
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import crop_and_resize
+
+from ..core.errors import UnknownNameError
+from ..core.rng import derive_seed
+
+#: What each ``augment`` preset adds to the geometric and colour views (step 1 above).
+AUGMENT_PRESETS: Dict[str, dict] = {
+    "dino": {"stain": None, "scanner": None},
+    "stain": {"stain": "medium", "scanner": None},
+    "scanner": {"stain": None, "scanner": (1, 2)},
+    "shiftkit": {"stain": "medium", "scanner": (1, 2)},
+}
+
+
+def _slice_params(params: Dict[str, torch.Tensor], lo: int, hi: int, shape: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in params.items():
+        if k == "forward_input_shape":
+            out[k] = torch.tensor(shape, dtype=torch.long)
+        elif torch.is_tensor(v) and v.ndim and v.shape[0] == params["forward_input_shape"][0]:
+            out[k] = v[lo:hi]
+        else:
+            out[k] = v
+    return out
+
+
+class MultiCropAugment(torch.nn.Module):
+    """DINO multi-crop views of a float batch ``(b, 3, H, W)`` in [0, 1], as a list of ``n_global + n_local``
+    tensors (global views first).
+
+    Args:
+        n_global, n_local: number of global and local views.
+        global_size, local_size: output side of each kind of view.
+        global_scale, local_scale: range of the crop's area as a fraction of the tile.
+        augment: a key of :data:`AUGMENT_PRESETS` (``"shiftkit"`` = stain + scanner shifts; ``"dino"`` = none).
+        mpp: µm per pixel of the tiles (scanner shifts are specified in µm).
+        seed: run seed.
+    """
+
+    def __init__(self, n_global: int = 2, n_local: int = 6, global_size: int = 224, local_size: int = 96,
+                 global_scale: Sequence[float] = (0.32, 1.0), local_scale: Sequence[float] = (0.05, 0.32),
+                 augment: str = "shiftkit", mpp: float = 0.5, seed: int = 0):
+        super().__init__()
+        if augment not in AUGMENT_PRESETS:
+            raise UnknownNameError("augment", augment, AUGMENT_PRESETS)
+        self.n_global, self.n_local = int(n_global), int(n_local)
+        self.global_size, self.local_size = int(global_size), int(local_size)
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.augment, self.mpp, self.seed = augment, float(mpp), int(seed)
+        preset = AUGMENT_PRESETS[augment]
+        self.domain: List[torch.nn.Module] = []
+        if preset["stain"]:
+            from ..transforms.stain_augment import StainAugment
+
+            self.domain.append(StainAugment("macenko", preset=preset["stain"], seed=0))
+        if preset["scanner"]:
+            from ..transforms.random_scanner import RandomScanner
+
+            self.domain.append(RandomScanner(severity_range=preset["scanner"], mpp=self.mpp, p=0.5, seed=0))
+
+    def config(self) -> dict:
+        return {"n_global": self.n_global, "n_local": self.n_local, "global_size": self.global_size,
+                "local_size": self.local_size, "global_scale": list(self.global_scale),
+                "local_scale": list(self.local_scale), "augment": self.augment, "mpp": self.mpp}
+
+    def _gen(self, step: int, *tag) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, "views", int(step), *tag))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, step: int, offset: int = 0, global_batch: Optional[int] = None) -> List[torch.Tensor]:
+        """Views of the rows ``offset .. offset + b`` of the global batch of ``step`` (size ``global_batch``)."""
+        b = x.shape[0]
+        gb = b if global_batch is None else int(global_batch)
+        lo, hi = int(offset), int(offset) + b
+        shifted = []
+        for v in range(self.n_global):
+            y = x
+            for t_i, t in enumerate(self.domain):
+                full = t.draw_parameters((gb, *x.shape[1:]), self._gen(step, "domain", v, t_i))
+                y = t(y, params=_slice_params(full, lo, hi, tuple(x.shape)))
+            shifted.append(y)
+        views = []
+        for v in range(self.n_global + self.n_local):
+            is_global = v < self.n_global
+            src = shifted[v % self.n_global]
+            size = self.global_size if is_global else self.local_size
+            scale = self.global_scale if is_global else self.local_scale
+            blur_p = (1.0 if v == 0 else 0.1) if is_global else 0.5
+            p = self._draw(self._gen(step, "view", v), gb, scale, blur_p)
+            p = {k: t[lo:hi].to(x.device) for k, t in p.items()}
+            views.append(self._apply(src, p, size))
+        return views
+
+    @staticmethod
+    def _draw(g: torch.Generator, n: int, scale: Sequence[float], blur_p: float) -> Dict[str, torch.Tensor]:
+        u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+        area = scale[0] + (scale[1] - scale[0]) * u(n)
+        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u(n)
+        return {
+            "area": area, "ratio": log_r.exp(), "x": u(n), "y": u(n),
+            "hflip": u(n) < 0.5, "vflip": u(n) < 0.5, "rot": torch.randint(0, 4, (n,), generator=g),
+            "jitter": u(n) < 0.8, "brightness": 0.6 + 0.8 * u(n), "contrast": 0.6 + 0.8 * u(n),
+            "saturation": 0.8 + 0.4 * u(n), "hue": -0.05 + 0.1 * u(n),
+            "gray": u(n) < 0.2, "blur": u(n) < blur_p, "sigma": 0.1 + 1.9 * u(n),
+        }
+
+    @staticmethod
+    def _apply(x: torch.Tensor, p: Dict[str, torch.Tensor], size: int) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if b == 0:
+            return x.new_zeros((0, 3, size, size))
+        cw = (p["area"] * p["ratio"]).sqrt().mul(w).clamp(max=w)
+        ch = (p["area"] / p["ratio"]).sqrt().mul(h).clamp(max=h)
+        x0, y0 = p["x"] * (w - cw), p["y"] * (h - ch)
+        x1, y1 = x0 + cw - 1, y0 + ch - 1
+        boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                             torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1).to(x.dtype)
+        y = crop_and_resize(x, boxes, (size, size), align_corners=True)
+        y = torch.where(p["hflip"].view(-1, 1, 1, 1), y.flip(-1), y)
+        y = torch.where(p["vflip"].view(-1, 1, 1, 1), y.flip(-2), y)
+        rot = p["rot"].view(-1, 1, 1, 1)
+        y = torch.where(rot == 1, y.rot90(1, (-2, -1)), torch.where(rot == 2, y.rot90(2, (-2, -1)),
+                        torch.where(rot == 3, y.rot90(3, (-2, -1)), y)))
+        # colour jitter (fixed order: brightness, contrast, saturation, hue)
+        j = p["jitter"].view(-1, 1, 1, 1)
+        c = y * p["brightness"].view(-1, 1, 1, 1).to(y.dtype)
+        c = c.clamp(0, 1)
+        grey = (0.299 * c[:, 0] + 0.587 * c[:, 1] + 0.114 * c[:, 2]).mean((-2, -1)).view(-1, 1, 1, 1)
+        c = ((c - grey) * p["contrast"].view(-1, 1, 1, 1).to(y.dtype) + grey).clamp(0, 1)
+        c = adjust_saturation(c, p["saturation"].to(y.dtype)).clamp(0, 1)
+        c = adjust_hue(c, (p["hue"] * 2 * math.pi).to(y.dtype)).clamp(0, 1)
+        y = torch.where(j, c, y)
+        g = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]).expand(-1, 3, -1, -1)
+        y = torch.where(p["gray"].view(-1, 1, 1, 1), g, y)
+        if bool(p["blur"].any()):
+            k = 2 * math.ceil(3 * float(p["sigma"].max())) + 1
+            k = min(k, 2 * ((size - 1) // 2) + 1)
+            sig = p["sigma"].to(y.dtype).view(-1, 1).expand(-1, 2)
+            y = torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur2d(y, (k, k), sig), y)
+        return y.clamp(0, 1).contiguous()
