@@ -1,13 +1,15 @@
 """Encoders by spec, and batched embedding extraction.
 
-Specs: ``"default"`` (the documented fixed encoder below), ``"timm:<name>"`` (random init unless ``weights=``;
-``timm:hf-hub:...`` names load where a hub is reachable), a TorchScript file (``*.pt``/``*.ts``/``*.torchscript``),
-or ``"module:callable"`` returning an ``nn.Module``. Weights load from safetensors or a state dict read with
-``weights_only=True`` — never by unpickling arbitrary objects.
+Specs: ``"default"`` (the bundled encoder below), ``"random"`` (timm ``resnet18`` with seed-0 weights, an
+untrained reference), ``"timm:<name>"`` (random init unless ``weights=``; ``timm:hf-hub:...`` names load where a
+hub is reachable), a ``shiftkit pretrain`` run folder or its ``encoder.json``, a TorchScript file
+(``*.pt``/``*.ts``/``*.torchscript``), or ``"module:callable"`` returning an ``nn.Module``. Weights load from
+safetensors or a state dict read with ``weights_only=True`` — never by unpickling arbitrary objects.
 
-The default encoder, until the pretraining issue ships a trained one: timm ``resnet18`` with weights drawn from a
-fixed seed (0) and global-average-pooled 512-d features. It is a reproducible, untrained reference: its
-robustness figures describe a random convolutional network, not a pathology model.
+The default encoder is ``shiftkit/models/weights/default_encoder.safetensors``: a timm ResNet-10t pretrained with
+DINO by ``shiftkit pretrain`` on the bundled sample tiles (the command that made it is in ``default_encoder.json``
+and docs/pretraining.md). It is tiny and trained on 18 tiles of one slide: it makes the main job meaningful and
+reproducible, it is not a pathology foundation model.
 """
 
 from __future__ import annotations
@@ -75,13 +77,59 @@ def _load_weights(module: nn.Module, weights: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+DEFAULT_ENCODER = Path(__file__).parent / "weights" / "default_encoder.json"
+
+
+def _run_config(spec: str) -> Optional[Path]:
+    """The ``encoder.json`` that ``spec`` names (``default``, a run folder or the file itself), else None."""
+    if spec == "default":
+        if not DEFAULT_ENCODER.is_file():
+            raise InvalidArgumentError(f"`model` 'default' is missing from this installation: expected {DEFAULT_ENCODER}, "
+                                       "got no file (reinstall shiftkit, or pass --model random)")
+        return DEFAULT_ENCODER
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "encoder.json").is_file():
+            return p / "encoder.json"
+        raise InvalidArgumentError(f"`model` folder is not a pretrain run: expected {p / 'encoder.json'}, got no such file")
+    if p.name.endswith(".json") and p.is_file():
+        return p
+    return None
+
+
+def _load_run_encoder(cfg_path: Path, weights: Optional[str]) -> Encoder:
+    import json
+
+    import timm
+
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != "shiftkit-encoder/1" or not str(meta.get("spec", "")).startswith("timm:"):
+        raise InvalidArgumentError(f"`model` {cfg_path} is not a shiftkit encoder: expected format 'shiftkit-encoder/1' "
+                                   f"with a timm spec, got {meta.get('format')!r}")
+    kwargs = dict(meta.get("timm_kwargs", {}))
+    kwargs["num_classes"] = 0
+    module = timm.create_model(meta["spec"][5:], pretrained=False, **kwargs)
+    wpath = Path(weights) if weights is not None else cfg_path.parent / meta.get("weights", "encoder.safetensors")
+    if not wpath.is_file():
+        raise InvalidArgumentError(f"`model` {cfg_path} has no weights: expected {wpath}, got no such file")
+    wsha = _load_weights(module, wpath)
+    info = {"architecture": f"{meta['spec'][5:]} (timm)", "weights": f"{wpath.name}: {meta.get('trained_by', '')}, "
+            f"step {meta.get('step')}, augment {meta.get('augment')}, data {Path(str(meta.get('data', ''))).name}"}
+    return Encoder(module.eval(), str(cfg_path.parent if cfg_path.name == "encoder.json" else cfg_path),
+                   int(meta.get("input_size", 224)), tuple(meta.get("mean", IMAGENET_MEAN)),
+                   tuple(meta.get("std", IMAGENET_STD)), wsha, info)
+
+
 def load_encoder(spec: str = "default", weights: Optional[str] = None, *, input_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Encoder:
     """Load an encoder from ``spec`` (see the module docstring)."""
     import timm
 
     wsha = ""
-    if spec == "default":
+    run = _run_config(spec)
+    if run is not None:
+        return _load_run_encoder(run, weights)
+    if spec == "random":
         with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG state
             torch.manual_seed(0)
             module = timm.create_model("resnet18", pretrained=False, num_classes=0)
@@ -104,8 +152,8 @@ def load_encoder(spec: str = "default", weights: Optional[str] = None, *, input_
             raise InvalidArgumentError(f"`model` cannot be loaded: expected module:callable, got {spec!r} ({exc})") from exc
         info = {"architecture": spec, "weights": "from the callable"}
     else:
-        raise InvalidArgumentError(f"`model` has an unknown spec: expected 'default', 'timm:NAME', a TorchScript file "
-                                   f"or 'module:callable', got {spec!r}")
+        raise InvalidArgumentError(f"`model` has an unknown spec: expected 'default', 'random', 'timm:NAME', a pretrain "
+                                   f"run folder, a TorchScript file or 'module:callable', got {spec!r}")
     if weights is not None:
         wsha = _load_weights(module, Path(weights))
     if not wsha:

@@ -75,7 +75,12 @@ def build_report(run_dir) -> Path:
             ("runtime", f"{run['runtime_s']:.0f} s"), ("failed inputs", len(run.get("failed_inputs", [])))]
     parts.append("<h2 id='protocol'>Protocol</h2><table>" + "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in rows) + "</table>")
     if "untrained" in str(mi.get("weights", "")):
-        parts.append("<p><b>Note:</b> this is the untrained default reference encoder; its figures describe a random network.</p>")
+        parts.append("<p><b>Note:</b> this is the untrained reference encoder (<code>--model random</code>); its figures "
+                     "describe a random network.</p>")
+    elif main_model == "default":
+        parts.append("<p><b>Note:</b> this is shiftkit's bundled default encoder, a small ResNet-10t pretrained with DINO on "
+                     "the 18 bundled tiles of one slide; it demonstrates the protocol, it is not a pathology foundation "
+                     "model.</p>")
 
     # scorecard
     clean = {r["metric"]: r["value"] for r in main if r["shift"] == "none"}
