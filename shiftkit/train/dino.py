@@ -441,7 +441,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     ddp = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     model = ddp if ddp is not None else student
     augment = MultiCropAugment(c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale,
-                               c.augment, c.mpp, c.seed)
+                               c.augment, c.mpp, c.seed).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     val_images, val_labels = _load_val(c) if rank == 0 else (None, None)

@@ -72,7 +72,7 @@ class MultiCropAugment(torch.nn.Module):
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.augment, self.mpp, self.seed = augment, float(mpp), int(seed)
         preset = AUGMENT_PRESETS[augment]
-        self.domain: List[torch.nn.Module] = []
+        self.domain = torch.nn.ModuleList()
         if preset["stain"]:
             from ..transforms.stain_augment import StainAugment
 
@@ -112,7 +112,7 @@ class MultiCropAugment(torch.nn.Module):
             blur_p = (1.0 if v == 0 else 0.1) if is_global else 0.5
             p = self._draw(self._gen(step, "view", v), gb, scale, blur_p)
             p = {k: t[lo:hi].to(x.device) for k, t in p.items()}
-            views.append(self._apply(src, p, size))
+            views.append(self._make_view(src, p, size))
         return views
 
     @staticmethod
@@ -129,7 +129,7 @@ class MultiCropAugment(torch.nn.Module):
         }
 
     @staticmethod
-    def _apply(x: torch.Tensor, p: Dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    def _make_view(x: torch.Tensor, p: Dict[str, torch.Tensor], size: int) -> torch.Tensor:
         b, _, h, w = x.shape
         if b == 0:
             return x.new_zeros((0, 3, size, size))
