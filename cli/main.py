@@ -1,6 +1,7 @@
 """``shiftkit`` command line: thin click commands over the library.
 
-Exit codes: 0 success, 1 some inputs failed (listed), 2 usage error.
+Exit codes: 0 success, 1 some inputs failed (listed), 2 usage error; ``pretrain`` also 3 (the loss diverged; the
+last checkpoint is kept) and 143 (stopped by SIGTERM after writing a checkpoint).
 """
 
 from __future__ import annotations
@@ -379,8 +380,12 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
     """Self-supervised DINO pretraining under controlled stain/scanner shift; writes RUN_DIR/encoder.safetensors.
 
     One process on CPU or GPU, or many under torchrun (NCCL on GPU, Gloo on CPU):
-    torchrun --nproc-per-node 8 -m shiftkit.cli.main pretrain --data ... --out ...
-    Stops cleanly on SIGTERM with a checkpoint; --resume continues to the same result. Test the encoder with
+
+    \b
+      torchrun --nproc-per-node 8 -m shiftkit.cli.main pretrain --data ... --out ...
+
+    Stops cleanly on SIGTERM with a checkpoint (exit 143); --resume continues to the same result. A non-finite
+    loss stops the run and keeps the last checkpoint (exit 3). Test the encoder with
     `shiftkit stress-test --model RUN_DIR`.
     """
     from shiftkit.core.errors import ShiftkitError

@@ -341,3 +341,30 @@ def test_gradient_accumulation_equals_one_big_batch_when_the_centre_is_held(data
         # two AdamW steps move weights by ~2e-3; measured: mean |diff| 6e-11 (x2) and 5e-9 (x4), and >= 99.99 %
         # of weights within 1e-5 (Adam magnifies rounding where a gradient is near zero)
         assert float(diff.mean()) < 1e-7 and float((diff < 1e-5).float().mean()) > 0.999
+
+
+def test_cli_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
+    import time
+
+    cfgf = tmp_path / "c.json"
+    cfgf.write_text(json.dumps({"global_size": 32, "local_size": 16, "n_local": 2, "out_dim": 128, "bottleneck_dim": 32,
+                                "hidden_dim": 64, "load_size": 64}))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "shiftkit.cli.main", "pretrain", "--data", str(data), "--out", str(run), "--steps",
+           "400", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--config", str(cfgf),
+           "--checkpoint-every", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "--resume" in err
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= step < 400 and len(_losses(run)) == step
+    r = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(step + 2)] + cmd[cmd.index("--steps") + 2:] + ["--resume"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step + 2
