@@ -363,7 +363,8 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
               help="Domain shift in the views: stain + scanner (shiftkit), one of them, or none (dino).")
 @click.option("--max-per-slide", default=None, type=int, help="Keep at most N tiles per slide (slide column, else folder).")
 @click.option("--balance-by", default="", help="Comma-separated manifest columns to balance, e.g. site,scanner.")
-@click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every).")
+@click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every); default: the "
+              "manifest rows with split=val, which are then not trained on.")
 @click.option("--knn-every", default=0, show_default=True, type=int, help="Steps between kNN monitor evaluations.")
 @click.option("--checkpoint-every", default=100, show_default=True, type=int)
 @click.option("--export-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),

@@ -368,3 +368,20 @@ def test_cli_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step + 2
+
+
+def test_split_column_holds_out_a_validation_set_for_the_knn_monitor(tmp_path):
+    root = tmp_path / "d"
+    m = _tiles(root, n=8)
+    rows = m.read_text().splitlines()
+    # every 4th tile of each class is validation
+    m.write_text("\n".join([rows[0] + ",split"] + [r + ("," + ("val" if i % 4 == 0 else "train")) for i, r in enumerate(rows[1:])]) + "\n")
+    val_paths = {r.split(",")[0] for i, r in enumerate(rows[1:]) if i % 4 == 0}
+    s = pretrain(_cfg(m, tmp_path / "run", steps=2, knn_every=1))
+    assert s["diversity"]["patches"] == 12 and s["diversity"]["dataset_patches"] == 12
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum("knn_balanced_accuracy" in e for e in log) == 3  # step 0 and after each of 2 steps
+    from shiftkit.train.dino import split_validation
+
+    train, val = split_validation(TileDataset(m).records)
+    assert {r.sample_id for r in val} == val_paths and not ({r.sample_id for r in train} & val_paths)

@@ -344,17 +344,24 @@ def knn_monitor(backbone: nn.Module, images: torch.Tensor, labels: np.ndarray, s
     return balanced_accuracy(labels, pred)
 
 
-def _load_val(c: PretrainConfig) -> Tuple[Optional[torch.Tensor], Optional[np.ndarray]]:
-    if not c.val or not c.knn_every:
+def split_validation(records) -> Tuple[list, list]:
+    """Training and validation records: a manifest ``split`` column of ``val`` marks validation tiles, which are
+    then never trained on."""
+    val = [r for r in records if str(r.meta.get("split", "")).lower() in ("val", "valid", "validation")]
+    return [r for r in records if r not in val] if val else list(records), val
+
+
+def _load_val(c: PretrainConfig, split_val: list) -> Tuple[Optional[torch.Tensor], Optional[np.ndarray]]:
+    if not c.knn_every or not (c.val or split_val):
         return None, None
     from ..data.io import read_image
     from ..data.shifted import TileDataset
 
-    ds = TileDataset(c.val)
-    recs = [r for r in ds.records if c.label_column in r.meta]
+    source = c.val or f"the split=val rows of {c.data}"
+    recs = [r for r in (TileDataset(c.val).records if c.val else split_val) if c.label_column in r.meta]
     if len(recs) < 3 or len({r.meta[c.label_column] for r in recs}) < 2:
         raise InvalidArgumentError(f"`val` cannot monitor kNN accuracy: expected >= 3 tiles with >= 2 values in column "
-                                   f"{c.label_column!r}, got {len(recs)} labelled tiles in {c.val}")
+                                   f"{c.label_column!r}, got {len(recs)} labelled tiles in {source}")
     import cv2
 
     imgs = []
@@ -372,8 +379,9 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     ``config.out``: ``config.json``, ``diversity.json``, ``log.jsonl`` (one line per step: loss, schedules,
     throughput, and the collapse diagnostics ``teacher_entropy`` — mean entropy of the teacher's centred, sharpened
     distribution per view — and ``teacher_batch_entropy`` — entropy of its batch mean, this rank's batch; both near
-    ln(out_dim) means uniform collapse, both near 0 collapse onto one prototype; kNN accuracy when a validation set
-    is given), ``checkpoint.pt`` (every ``checkpoint_every`` steps, at the end and on SIGTERM),
+    ln(out_dim) means uniform collapse, both near 0 collapse onto one prototype; kNN accuracy every ``knn_every`` steps
+    on the labelled ``val`` set, else on the manifest rows whose ``split`` column is ``val`` — which are then left
+    out of training), ``checkpoint.pt`` (every ``checkpoint_every`` steps, at the end and on SIGTERM),
     ``encoder.safetensors`` + ``encoder.json`` (the teacher backbone; ``shiftkit stress-test --model RUN_DIR``
     loads it) and ``bad_tiles.txt`` when tiles could not be read (they are replaced by the next readable tile).
 
@@ -421,6 +429,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
         torch.cuda.set_device(device)
 
     dataset = TileDataset(c.data)
+    dataset.records, split_val = split_validation(dataset.records)
     sampler = DiversitySampler(dataset.records, max_per_slide=c.max_per_slide, balance_by=c.balance_by, seed=c.seed)
     student, teacher, timm_kwargs = _build(c)
     loss_fn = DINOLoss(output_dim=c.out_dim, teacher_temp=c.teacher_temp[1], student_temp=c.student_temp)
@@ -444,7 +453,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
                                c.augment, c.mpp, c.seed).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    val_images, val_labels = _load_val(c) if rank == 0 else (None, None)
+    val_images, val_labels = _load_val(c, split_val) if rank == 0 else (None, None)
 
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
