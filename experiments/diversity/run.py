@@ -17,7 +17,8 @@ then evaluated on:
 * **real cross-centre shift**: site predictability, the cross-validated logistic-regression AUC of the centre
   from embeddings of 60 Camelyon17 crops of 224² (5 centres, all 15 tiles; lower = less centre information);
 * **real cross-scanner shift**: paired top-1 retrieval of the same tissue across the 10 pairs of
-  ../shared/data/scanners5_same_region (2 × 2 grid of 112² crops per scanner; higher = more scanner-invariant);
+  ../shared/data/scanners5_same_region (2 × 2 grid of 112² crops per scanner; higher = more scanner-invariant),
+  and the mean paired centred cosine between scanners (a continuous version of the same question);
 * **synthetic held-out shifts**: mean centred cosine between clean and shifted embeddings, over every held-out
   shift at severity 3, on the 24 Kather 2016 tiles (higher = more invariant);
 * **usefulness**: leave-one-out kNN balanced accuracy (k = 3) of the 8 Kather tissue classes (chance 0.125).
@@ -52,6 +53,7 @@ ARMS = {
     "D four-centres-few": {"augment": "dino"},
 }
 METRICS = {"site_auc": ("centre AUC (Camelyon17) ↓", -1), "scanner_top1": ("scanner paired top-1 ↑", 1),
+           "scanner_cosine": ("scanner paired cosine ↑", 1),
            "heldout_cosine": ("held-out shifts cosine ↑", 1), "kather_knn_ba": ("Kather 8-class kNN BA ↑", 1)}
 
 
@@ -120,6 +122,9 @@ def evaluate(enc, ev) -> dict:
     names = sorted(emb)
     top1 = [paired_topk_retrieval(emb[a], emb[b], ks=(1,))[1] for i, a in enumerate(names) for b in names[i + 1:]]
     out["scanner_top1"] = float(np.mean(top1))
+    mu_s = np.concatenate([emb[k] for k in names]).mean(0, keepdims=True)
+    u = {k: (e - mu_s) / np.maximum(np.linalg.norm(e - mu_s, axis=1, keepdims=True), 1e-12) for k, e in emb.items()}
+    out["scanner_cosine"] = float(np.mean([np.sum(u[a] * u[b], 1).mean() for i, a in enumerate(names) for b in names[i + 1:]]))
     clean = enc.embed(ev["kather"])
     mu = clean.mean(0, keepdims=True)
     unit = lambda e: (e - mu) / np.maximum(np.linalg.norm(e - mu, axis=1, keepdims=True), 1e-12)  # noqa: E731
