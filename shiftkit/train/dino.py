@@ -230,7 +230,7 @@ class _StepBatches(torch.utils.data.Dataset):
         self.gb, self.acc, self.rank, self.world, self.size = global_batch, accumulate, rank, world, load_size
         self.micro = global_batch // (accumulate * world)
         self._cache: Dict[int, np.ndarray] = {}
-        self.cache_limit = 4096
+        self.cache_limit = (256 << 20) // (3 * load_size * load_size)  # decoded tiles kept: 256 MiB per process
 
     def __len__(self) -> int:
         return 1 << 62
