@@ -2,7 +2,6 @@
 
 import base64
 import html.parser
-import json
 import shutil
 import subprocess
 
@@ -14,21 +13,29 @@ from torch import nn
 
 from shiftkit.cli.main import cli
 from shiftkit.report import SECTIONS, build_report
-from shiftkit.shifts import get_spec, list_shifts, register_shift
+from shiftkit.shifts import list_shifts, register_shift
 from shiftkit.shifts.registry import ShiftSpec
 from shiftkit.stress import read_records, run_stress_test
 
 
-def _test_shifts():
-    if "test-identity" not in list_shifts():
-        register_shift(ShiftSpec("test-identity", "optics", "identity (tests)", {"v": (0, 0, 0, 0, 0)}, {"v": ""}, "test", True,
-                                 lambda x, p: x.clone(), lambda v, g, b: dict(v)))
+@pytest.fixture
+def test_shifts():
+    """Two test-only shifts, registered for one test and removed afterwards (the registry is global)."""
+    from shiftkit.shifts import registry
 
-        def boom(x, p):
-            raise RuntimeError("kernel exploded")
+    def boom(x, p):
+        raise RuntimeError("kernel exploded")
 
-        register_shift(ShiftSpec("test-broken", "optics", "always fails (tests)", {"v": (1, 2, 3, 4, 5)}, {"v": ""}, "test", True,
-                                 boom, lambda v, g, b: dict(v)))
+    specs = [ShiftSpec("test-identity", "optics", "identity (tests)", {"v": (0, 0, 0, 0, 0)}, {"v": ""}, "test", True,
+                       lambda x, p: x.clone(), lambda v, g, b: dict(v)),
+             ShiftSpec("test-broken", "optics", "always fails (tests)", {"v": (1, 2, 3, 4, 5)}, {"v": ""}, "test", True,
+                       boom, lambda v, g, b: dict(v))]
+    for spec in specs:
+        register_shift(spec)
+    yield
+    for spec in specs:
+        registry._SHIFTS.pop(spec.name)
+    assert not [n for n in list_shifts() if n.startswith("test-")]
 
 
 class StructureEncoder(nn.Module):
@@ -57,8 +64,7 @@ def colour_encoder():
     return ColourEncoder()
 
 
-def test_identity_shift_gives_cosine_1_and_retention_1(tmp_path):
-    _test_shifts()
+def test_identity_shift_gives_cosine_1_and_retention_1(tmp_path, test_shifts):
     run_stress_test("default", None, tmp_path, shifts=["test-identity"], severities=[1, 2])
     recs = read_records(tmp_path)
     cos = [r["value"] for r in recs if r["metric"] == "cosine"]
@@ -82,8 +88,7 @@ def test_stain_invariant_encoder_scores_higher_on_stain_shifts(tmp_path):
     assert inv > col + 0.05, (inv, col)
 
 
-def test_failing_shift_is_a_record_and_report_has_every_section(tmp_path):
-    _test_shifts()
+def test_failing_shift_is_a_record_and_report_has_every_section(tmp_path, test_shifts):
     run = run_stress_test("default", None, tmp_path, shifts=["test-broken", "jpeg"], severities=[1, 5])
     recs = read_records(tmp_path)
     broken = [r for r in recs if r["shift"] == "test-broken"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,30 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shiftkit.data import read_image
+from shiftkit.metrics.functional import cosine_consistency
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", HERE.parents[2] / "shared" / "data"))
+sys.path.insert(0, str(HERE.parent))
+from realdata import DATA, camelyon_crops, scanner_crops  # noqa: E402
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
-def load_sets():
-    scan = {}
-    for p in sorted((DATA / "scanners5_same_region").glob("*.png")):
-        img = read_image(p)
-        scan[p.stem] = [img[gy * 112:gy * 112 + 112, gx * 112:gx * 112 + 112] for gy in range(2) for gx in range(2)]
-    cams = {}
-    for p in sorted((DATA / "camelyon17_5centers").glob("center*.png")):
-        img = read_image(p)
-        cams.setdefault(p.stem.split("_")[0], []).extend(img[y:y + 224, x:x + 224] for y in (0, 288) for x in (0, 288))
-    t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    return {k: t(v) for k, v in scan.items()}, {k: t(v) for k, v in cams.items()}
-
-
 def paired_movement(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> float:
-    ua = (a - mu) / np.maximum(np.linalg.norm(a - mu, axis=1, keepdims=True), 1e-12)
-    ub = (b - mu) / np.maximum(np.linalg.norm(b - mu, axis=1, keepdims=True), 1e-12)
-    return float(np.mean(1 - np.sum(ua * ub, 1)))
+    """Mean paired ``1 − cos`` of embeddings centred on ``mu``."""
+    return float(np.mean(1 - cosine_consistency(a - mu, b - mu)))
 
 
 def ncs(a: np.ndarray, b: np.ndarray) -> float:
@@ -149,7 +135,7 @@ def main(argv=None):
         sys.exit(f"needs ../shared/data (set SHIFTKIT_SHARED_DATA): {DATA} not found")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scan, cams = load_sets()
+    scan, cams = scanner_crops(), camelyon_crops()
     all_res, md = [], ["# Calibration: synthetic severity equivalent to a real scanner / centre change\n"]
     for model in args.models:
         t0 = time.time()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -45,7 +44,8 @@ import torch
 from shiftkit.data import read_image, write_image
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", HERE.parents[2] / "shared" / "data"))
+sys.path.insert(0, str(HERE.parent))
+from realdata import DATA, camelyon_crops, scanner_crops  # noqa: E402
 ARMS = {
     "A one-centre-many": {"augment": "dino"},
     "B one-centre-few": {"augment": "dino"},
@@ -89,32 +89,23 @@ def training_sets(work: Path) -> dict:
 
 
 def eval_sets():
-    cam, cam_sites = [], []
-    for p in sorted((DATA / "camelyon17_5centers").glob("center*.png")):
-        img = read_image(p)
-        for y in (0, 288):
-            for x in (0, 288):
-                cam.append(img[y:y + 224, x:x + 224])
-                cam_sites.append(p.stem.split("_")[0])
-    scan = {}
-    for p in sorted((DATA / "scanners5_same_region").glob("*.png")):
-        img = read_image(p)
-        scan[p.stem] = [img[gy * 112:gy * 112 + 112, gx * 112:gx * 112 + 112] for gy in range(2) for gx in range(2)]
+    cams = camelyon_crops()
     kather, klab = [], []
     for d in sorted((DATA / "kather2016_8classes").glob("0*")):
         for p in sorted(d.glob("*.tif")):
             kather.append(read_image(p))
             klab.append(d.name)
-    t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    return {"cam": t(cam), "cam_sites": np.array(cam_sites), "scan": {k: t(v) for k, v in scan.items()},
-            "kather": t(kather), "kather_labels": np.array(klab)}
+    return {"cam": torch.cat([cams[k] for k in sorted(cams)]),
+            "cam_sites": np.array([k for k in sorted(cams) for _ in range(len(cams[k]))]), "scan": scanner_crops(),
+            "kather": torch.from_numpy(np.stack(kather)).permute(0, 3, 1, 2).float() / 255,
+            "kather_labels": np.array(klab)}
 
 
 def evaluate(enc, ev) -> dict:
     from shiftkit.core.rng import derive_seed
     from shiftkit.data.shifted import shift_tiles
-    from shiftkit.metrics.functional import (balanced_accuracy, knn_predict, paired_topk_retrieval,
-                                             site_predictability)
+    from shiftkit.metrics.functional import (balanced_accuracy, cosine_consistency, knn_predict,
+                                             paired_topk_retrieval, site_predictability)
     from shiftkit.shifts import list_shifts
 
     out = {"site_auc": site_predictability(enc.embed(ev["cam"]), ev["cam_sites"])}
@@ -123,15 +114,14 @@ def evaluate(enc, ev) -> dict:
     top1 = [paired_topk_retrieval(emb[a], emb[b], ks=(1,))[1] for i, a in enumerate(names) for b in names[i + 1:]]
     out["scanner_top1"] = float(np.mean(top1))
     mu_s = np.concatenate([emb[k] for k in names]).mean(0, keepdims=True)
-    u = {k: (e - mu_s) / np.maximum(np.linalg.norm(e - mu_s, axis=1, keepdims=True), 1e-12) for k, e in emb.items()}
-    out["scanner_cosine"] = float(np.mean([np.sum(u[a] * u[b], 1).mean() for i, a in enumerate(names) for b in names[i + 1:]]))
+    out["scanner_cosine"] = float(np.mean([cosine_consistency(emb[a] - mu_s, emb[b] - mu_s).mean()
+                                           for i, a in enumerate(names) for b in names[i + 1:]]))
     clean = enc.embed(ev["kather"])
     mu = clean.mean(0, keepdims=True)
-    unit = lambda e: (e - mu) / np.maximum(np.linalg.norm(e - mu, axis=1, keepdims=True), 1e-12)  # noqa: E731
     cos = []
     for s in list_shifts(held_out=True):
         y, _ = shift_tiles(ev["kather"], s, 3, [derive_seed("diversity", s, i) for i in range(len(ev["kather"]))])
-        cos.append(float(np.mean(np.sum(unit(clean) * unit(enc.embed(y.clamp(0, 1))), 1))))
+        cos.append(float(cosine_consistency(clean - mu, enc.embed(y.clamp(0, 1)) - mu).mean()))
     out["heldout_cosine"] = float(np.mean(cos))
     ids = np.arange(len(clean))
     out["kather_knn_ba"] = balanced_accuracy(ev["kather_labels"], knn_predict(clean, ev["kather_labels"], clean, k=3,

@@ -24,9 +24,9 @@ import platform
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -316,26 +316,18 @@ def _rng_state(device: torch.device) -> dict:
     return st
 
 
-@torch.no_grad()
 def knn_monitor(backbone: nn.Module, images: torch.Tensor, labels: np.ndarray, size: int, device: torch.device,
                 k: int = 20) -> float:
     """Leave-one-out kNN balanced accuracy of ``backbone`` features (centred, L2-normalised cosine) on uint8
-    ``images (N, 3, H, W)`` resized to ``size``."""
+    ``images (N, 3, H, W)`` resized to ``size``. The backbone's train/eval mode is restored afterwards."""
     from ..metrics.functional import balanced_accuracy, knn_predict
+    from ..models.encoders import Encoder
 
     was = backbone.training
-    backbone.eval()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    feats = []
-    for s in range(0, images.shape[0], 64):
-        x = images[s:s + 64].to(device).float() / 255
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        f = backbone((x - mean) / std)
-        feats.append((f if f.ndim == 2 else f.mean(1)).float().cpu())
-    backbone.train(was)
-    emb = torch.cat(feats).numpy()
+    try:
+        emb = Encoder(backbone, "pretrain-monitor", size).embed(images.float() / 255, device=str(device))
+    finally:
+        backbone.train(was)
     ids = np.arange(len(emb))
     # k well below the class size: with leave-one-out on a small balanced set, k near N always votes for the
     # other class (the left-out tile's own class has one member fewer)
@@ -439,7 +431,8 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
         teacher.load_state_dict(saved["teacher"])
         loss_fn.load_state_dict(saved["loss"])
         start = int(saved["step"])
-    student.to(device), teacher.to(device), loss_fn.to(device)
+    for module in (student, teacher, loss_fn):
+        module.to(device)
     if world > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -476,7 +469,6 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     last_ckpt = start if saved is not None else None
     summary: Dict[str, Any] = {"run": str(run), "start_step": start, "steps": c.steps, "status": "finished",
                                "world_size": world, "device": str(device)}
-    micro = c.batch_size // (c.accumulate * world)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def save(step_next: int) -> None:

@@ -17,7 +17,7 @@ device):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from kornia.enhance import adjust_hue, adjust_saturation
@@ -26,6 +26,7 @@ from kornia.geometry.transform import crop_and_resize
 
 from ..core.errors import UnknownNameError
 from ..core.rng import derive_seed
+from ..transforms.base import slice_parameters
 
 #: What each ``augment`` preset adds to the geometric and colour views (step 1 above).
 AUGMENT_PRESETS: Dict[str, dict] = {
@@ -34,18 +35,6 @@ AUGMENT_PRESETS: Dict[str, dict] = {
     "scanner": {"stain": None, "scanner": (1, 2)},
     "shiftkit": {"stain": "medium", "scanner": (1, 2)},
 }
-
-
-def _slice_params(params: Dict[str, torch.Tensor], lo: int, hi: int, shape: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for k, v in params.items():
-        if k == "forward_input_shape":
-            out[k] = torch.tensor(shape, dtype=torch.long)
-        elif torch.is_tensor(v) and v.ndim and v.shape[0] == params["forward_input_shape"][0]:
-            out[k] = v[lo:hi]
-        else:
-            out[k] = v
-    return out
 
 
 class MultiCropAugment(torch.nn.Module):
@@ -101,7 +90,7 @@ class MultiCropAugment(torch.nn.Module):
             y = x
             for t_i, t in enumerate(self.domain):
                 full = t.draw_parameters((gb, *x.shape[1:]), self._gen(step, "domain", v, t_i))
-                y = t(y, params=_slice_params(full, lo, hi, tuple(x.shape)))
+                y = t(y, params=slice_parameters(full, lo, hi, gb))
             shifted.append(y)
         views = []
         for v in range(self.n_global + self.n_local):

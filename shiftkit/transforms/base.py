@@ -59,6 +59,20 @@ def check_range(name: str, value: Any, lo: float = -math.inf, hi: float = math.i
     return vals
 
 
+def slice_parameters(params: Dict[str, torch.Tensor], lo: int, hi: int, batch: int) -> Dict[str, torch.Tensor]:
+    """Rows ``lo:hi`` of parameters drawn for ``batch`` samples: every per-sample tensor is sliced, and
+    ``forward_input_shape`` (when present) gets ``hi - lo`` as its batch size."""
+    out = {}
+    for k, v in params.items():
+        if k == "forward_input_shape":
+            out[k] = torch.cat([torch.tensor([hi - lo], dtype=v.dtype), v[1:]])
+        elif torch.is_tensor(v) and v.ndim and v.shape[0] == batch:
+            out[k] = v[lo:hi]
+        else:
+            out[k] = v
+    return out
+
+
 class ShiftkitAugmentation(IntensityAugmentationBase2D):
     """Kornia intensity augmentation whose randomness comes from an explicit generator.
 
@@ -161,13 +175,7 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         step = max(1, _CPU_CHUNK_PIXELS // max(1, x.shape[-1] * x.shape[-2]))
         if x.device.type != "cpu" or b <= step:
             return self.apply_batch(x, params)
-        per_sample = {k: v for k, v in params.items()
-                      if k != "forward_input_shape" and torch.is_tensor(v) and v.ndim and v.shape[0] == b}
-        parts = []
-        for i in range(0, b, step):
-            sub = dict(params)
-            sub.update({k: v[i : i + step] for k, v in per_sample.items()})
-            parts.append(self.apply_batch(x[i : i + step], sub))
+        parts = [self.apply_batch(x[i : i + step], slice_parameters(params, i, i + step, b)) for i in range(0, b, step)]
         return torch.cat(parts)
 
     def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
