@@ -99,3 +99,73 @@ def test_half_precision_matches_float32(real_tile, dtype):
     # (float64 is computed in float64: it differs from the float32 reference at float32 accuracy)
     ulp = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float64: 1e-4}.get(dtype, 1e-6)
     assert (out.float() - ref).abs().max() <= ulp + 1e-6
+
+
+def _chunked_vs_whole(image, fn):
+    from shiftkit.core.image import map_batch
+
+    whole = map_batch(fn, image, chunk_pixels=10**12)  # one chunk
+    small = map_batch(fn, image, chunk_pixels=2 * 224 * 224)  # 2 tiles per chunk, a ragged last chunk
+    return whole, small
+
+
+@pytest.mark.parametrize("kind", ["numpy-u8", "numpy-f32", "torch-u8", "torch-f16", "torch-f64", "rgba-u8"])
+def test_map_batch_chunked_equals_whole_and_keeps_the_format(real_tile, kind):
+    """map_batch's CPU chunking (OpenCV de-/interleave, reused buffers) gives what to_batch/from_batch give."""
+    rng = np.random.default_rng(0)
+    tiles = np.stack([real_tile, real_tile[::-1], real_tile[:, ::-1], rng.integers(0, 256, real_tile.shape, dtype=np.uint8), np.roll(real_tile, 7, axis=0)])
+    if kind == "rgba-u8":
+        image = np.concatenate([tiles, np.full(tiles.shape[:-1] + (1,), 255, np.uint8)], -1)
+    elif kind.startswith("numpy"):
+        image = tiles if kind.endswith("u8") else (tiles / 255.0).astype(np.float32)
+    else:
+        image = _as(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous(), {"u8": torch.uint8, "f16": torch.float16, "f64": torch.float64}[kind.split("-")[1]])
+    before = image.copy() if isinstance(image, np.ndarray) else image.clone()
+    seen = []
+
+    def fn(x, lo, hi):
+        seen.append((lo, hi))
+        return (1.0 - x) ** 1.5 + 0.1 * torch.arange(lo, hi, dtype=x.dtype)[:, None, None, None] / 5  # tile-dependent
+
+    whole, small = _chunked_vs_whole(image, fn)
+    assert seen == [(0, 5), (0, 2), (2, 4), (4, 5)]
+    x, spec = to_batch(image)
+    expected = from_batch(fn(x, 0, 5), spec)
+    for got in (whole, small):
+        assert type(got) is type(image) and got.dtype == image.dtype and got.shape == image.shape
+        if isinstance(got, np.ndarray):
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert torch.equal(got, expected)
+    if isinstance(image, np.ndarray):
+        np.testing.assert_array_equal(image, before)  # the input is never modified
+    else:
+        assert torch.equal(image, before)
+
+
+def test_map_batch_validates_like_to_batch(real_tile):
+    from shiftkit.core.image import map_batch
+
+    ident = lambda x, lo, hi: x  # noqa: E731
+    with pytest.raises(InvalidImageError, match="`tiles` has the wrong number of channels"):
+        map_batch(ident, np.zeros((4, 8, 8, 2), np.uint8), "tiles", chunk_pixels=64)
+    bad = np.stack([real_tile, real_tile]).astype(np.float32) / 255
+    bad[1, 3, 3, 0] = 2.0
+    with pytest.raises(InvalidImageError, match="`tiles` has floats outside"):
+        map_batch(ident, bad, "tiles", chunk_pixels=224 * 224)
+    bad[1, 3, 3, 0] = np.nan
+    with pytest.raises(InvalidImageError, match="`tiles` has non-finite values"):
+        map_batch(ident, bad, "tiles", chunk_pixels=224 * 224)
+    empty = map_batch(ident, np.zeros((0, 8, 8, 3), np.uint8), "tiles")
+    assert empty.shape == (0, 8, 8, 3)
+    one = map_batch(ident, real_tile, "tiles", chunk_pixels=64)
+    np.testing.assert_array_equal(one, real_tile)
+
+
+def test_uint8_output_rounds_half_to_even_like_torch():
+    from shiftkit.core.image import _to_u8
+
+    v = torch.tensor([[k / 255.0 for k in range(256)] + [(k + 0.5) / 255.0 for k in range(255)] + [0.0, 1.0, 0.5]])
+    for dtype in (torch.float32, torch.float64):
+        y = v.to(dtype)
+        assert torch.equal(_to_u8(y.clone()), y.mul(255.0).round().to(torch.uint8))

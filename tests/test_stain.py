@@ -65,6 +65,34 @@ def test_concentrations_match_numpy_lstsq():
     assert od_to_concentrations(od, m, clamp=True).min() >= 0
 
 
+def test_nonnegative_concentrations_match_scipy_nnls_and_sklearn_positive_lasso():
+    """The closed-form 2-stain solve against independent iterative solvers, pixel by pixel."""
+    from scipy.optimize import nnls
+    from sklearn.linear_model import Lasso
+
+    from shiftkit.stain.solve import positive_lasso_2
+
+    g = torch.Generator().manual_seed(1)
+    m = random_stain_matrix(2, 10.0, g).double()
+    od = torch.rand(2, 3, 300, generator=g, dtype=torch.float64) * 1.5 - 0.2  # some pixels need a zero stain
+    c = od_to_concentrations(od, m, clamp=True)
+    zeros = 0
+    for b in range(2):
+        for i in range(od.shape[-1]):
+            ref, _ = nnls(m[b].numpy().T, od[b, :, i].numpy())
+            np.testing.assert_allclose(c[b, :, i].numpy(), ref, atol=1e-9)
+            zeros += int((ref == 0).any())
+    assert zeros > 30  # the active-set branches were exercised
+    lam = 0.05
+    dtx = m @ od
+    a = positive_lasso_2(dtx, m @ m.transpose(1, 2), lam)
+    for b in range(2):
+        for i in range(0, od.shape[-1], 10):
+            las = Lasso(alpha=lam / 3, fit_intercept=False, positive=True, tol=1e-12, max_iter=100000)
+            las.fit(m[b].numpy().T, od[b, :, i].numpy())
+            np.testing.assert_allclose(a[b, :, i].numpy(), las.coef_, atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_masked_quantile_equals_numpy(seed):
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ through an identity. Inputs are never modified in place and a batch of ``B = 0``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -55,13 +55,15 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
+def to_batch(image: Any, arg: str = "images", out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ImageSpec]:
     """Validate ``image`` and return it as a float ``(B, 3, H, W)`` tensor in ``[0, 1]``.
 
     Args:
         image: numpy ``(H, W, C)``/``(B, H, W, C)`` or torch ``(C, H, W)``/``(B, C, H, W)``
             with ``C`` = 3, or 4 with an opaque alpha channel.
         arg: the argument's name, used in error messages.
+        out: optional float tensor ``(B, 3, H, W)`` of the compute dtype and device that ``uint8`` data is
+            converted into (reused memory, e.g. across the chunks of :func:`map_batch`); ignored otherwise.
 
     Returns:
         ``(batch, spec)``: the float batch (a new tensor or a non-aliasing view that callers
@@ -83,9 +85,12 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
         batched = image.ndim == 4
         arr = image if batched else image[None]
         channels = arr.shape[-1]
-        if not arr.flags.writeable or not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr).copy()
-        t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # a channel-first copy
+        if arr.dtype == np.uint8 and arr.size and channels in (3, 4):
+            t = torch.from_numpy(_planar_u8(arr))  # a channel-first copy (OpenCV's SIMD de-interleave)
+        else:
+            if not arr.flags.writeable or not arr.flags.c_contiguous:
+                arr = np.ascontiguousarray(arr).copy()
+            t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # a channel-first copy
         is_numpy, dtype, device = True, image.dtype, torch.device("cpu")
     elif isinstance(image, torch.Tensor):
         if image.dtype not in _TORCH_DTYPES:
@@ -128,12 +133,17 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
     cdtype = spec.compute_dtype
     if t.dtype == torch.uint8:
         t = t.contiguous()  # bytes: cheap, and the float pass below then writes a contiguous tensor
-        x = t.to(cdtype).div_(255.0) if cdtype == torch.float64 else t * (1.0 / 255.0)  # one pass, a new tensor
+        if cdtype == torch.float64:
+            x = t.to(cdtype).div_(255.0)
+        elif out is not None and out.shape == t.shape and out.dtype == cdtype and out.device == t.device and out.is_contiguous():
+            x = out.copy_(t).mul_(1.0 / 255.0)  # into reused memory; the same values as the line below
+        else:
+            x = t * (1.0 / 255.0)  # one pass, a new tensor
     else:
         x = t.to(cdtype)
         if x.numel():
-            bad = ~torch.isfinite(x) | (x < 0) | (x > 1)
-            if bool(bad.any()):
+            lo, hi = torch.aminmax(x)  # one pass; NaN propagates and fails both tests
+            if not (bool(lo >= 0) and bool(hi <= 1)):
                 finite = torch.isfinite(x)
                 n_nonfinite = int((~finite).sum())
                 if n_nonfinite:
@@ -152,13 +162,49 @@ def to_batch(image: Any, arg: str = "images") -> tuple[torch.Tensor, ImageSpec]:
     return x.contiguous(), spec
 
 
-def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
+def _planar_u8(arr: np.ndarray) -> np.ndarray:
+    """``(B, H, W, C)`` uint8 to a new C-contiguous ``(B, C, H, W)`` (C = 3 or 4), by ``cv2.split``."""
+    import cv2
+
+    b, h, w, c = arr.shape
+    planes = cv2.split(np.ascontiguousarray(arr).reshape(b, h * w, c))
+    return np.stack(planes, axis=1).reshape(b, c, h, w)
+
+
+def _to_u8(y: torch.Tensor) -> torch.Tensor:
+    """``round(255·y)`` as uint8 for ``y`` in ``[0, 1]`` (rounding half to even, as ``torch.round``)."""
+    if y.device.type == "cpu" and y.dtype == torch.float32 and y.is_contiguous() and y.numel() and y.ndim >= 2:
+        import cv2
+
+        src = y.detach().numpy().reshape(-1, y.shape[-1])
+        dst = np.empty(src.shape, dtype=np.uint8)
+        cv2.convertScaleAbs(src, dst, 255.0)  # one SIMD pass: scale, round, saturate (y ≥ 0, so |·| is a no-op)
+        return torch.from_numpy(dst).reshape(y.shape)
+    return y.mul_(255.0).round_().to(torch.uint8)  # y is always our own tensor here
+
+
+def _interleave_u8(planar: np.ndarray, out: np.ndarray) -> None:
+    """Write ``(B, C, H, W)`` uint8 into the C-contiguous ``(B, H, W, C)`` array ``out``, by ``cv2.merge``."""
+    import cv2
+
+    b, c, h, w = planar.shape
+    dst = out.reshape(b, h * w, c)  # a view: ``out`` is contiguous
+    res = cv2.merge([planar[:, k].reshape(b, h * w) for k in range(c)], dst)
+    if not np.shares_memory(res, dst):  # OpenCV reallocated: copy (not expected for a matching dst)
+        dst[...] = res.reshape(dst.shape)
+
+
+def from_batch(x: torch.Tensor, spec: ImageSpec, out: Any = None, consume: bool = False) -> Any:
     """Return ``x`` (``(B, 3, H, W)`` float in ``[0, 1]``) in the caller's format described by ``spec``.
 
     Values are clamped to ``[0, 1]`` (and NaN mapped to 0 as a last guard); ``uint8`` outputs are
-    rounded.
+    rounded. With ``out`` (an array or tensor already in the caller's format, shape and dtype), the result
+    is written into it and ``out`` is returned. ``consume=True`` allows ``x`` to be overwritten (saves a copy).
     """
-    y = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)  # a new tensor
+    if consume and not x.requires_grad:
+        y = torch.nan_to_num_(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    else:
+        y = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)  # a new tensor
     target_dtype = spec.dtype
     if spec.is_numpy:
         torch_dtype = {
@@ -170,7 +216,7 @@ def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
     else:
         torch_dtype = target_dtype
     if torch_dtype == torch.uint8:
-        y = y.mul_(255.0).round_().to(torch.uint8)
+        y = _to_u8(y)
     else:
         y = y.to(torch_dtype)
     if spec.alpha is not None:
@@ -179,9 +225,69 @@ def from_batch(x: torch.Tensor, spec: ImageSpec) -> Any:
     if not spec.batched:
         y = y[0]
     if spec.is_numpy:
-        perm = (0, 2, 3, 1) if spec.batched else (1, 2, 0)
-        return np.ascontiguousarray(y.permute(*perm).cpu().numpy())
+        yb = y if spec.batched else y[None]
+        if out is None:
+            out = np.empty((yb.shape[0], *yb.shape[2:], yb.shape[1]), dtype=yb.numpy().dtype)
+            out = out if spec.batched else out[0]
+        if torch_dtype == torch.uint8 and yb.numel() and yb.shape[1] in (3, 4) and out.flags.c_contiguous:
+            _interleave_u8(yb.numpy(), out if spec.batched else out[None])  # OpenCV's SIMD interleave
+        else:
+            torch.from_numpy(out if spec.batched else out[None]).copy_(yb.permute(0, 2, 3, 1))
+        return out
+    if out is not None:
+        return out.copy_(y)
     return y
+
+
+#: On CPU, batches are processed in chunks of about this many pixels (8 tiles of 224²): every step is
+#: memory-bound there, so intermediates that stay in cache are faster, and tiles are independent.
+CPU_CHUNK_PIXELS = 8 * 224 * 224
+
+
+def cpu_chunk_size(height: int, width: int, chunk_pixels: int = CPU_CHUNK_PIXELS) -> int:
+    """Tiles per CPU chunk for tiles of ``height × width`` (at least 1)."""
+    return max(1, int(chunk_pixels) // max(1, int(height) * int(width)))
+
+
+def map_batch(fn: Callable[[torch.Tensor, int, int], torch.Tensor], image: Any, arg: str = "images",
+              chunk_pixels: int = CPU_CHUNK_PIXELS) -> Any:
+    """Apply a per-tile computation to ``image`` and return its result in the caller's format.
+
+    ``fn(x, lo, hi)`` receives tiles ``lo:hi`` as a float ``(hi - lo, 3, H, W)`` batch in ``[0, 1]`` (see
+    :func:`to_batch`; it must not modify ``x`` in place, and ``x``'s memory is reused for the next chunk) and
+    returns a float batch of the same shape, which is consumed (it may be overwritten). On CPU
+    the input is converted, processed and converted back chunk by chunk (about ``chunk_pixels`` pixels at a
+    time) straight into one output allocated in the caller's format: no full-size float copy of the batch
+    is ever made, and every intermediate stays cache-sized. Elsewhere ``fn`` sees the whole batch. ``fn``
+    must treat tiles independently (a tile's output may not depend on its chunk mates), so that the result
+    does not depend on the chunking.
+    """
+    on_cpu = isinstance(image, np.ndarray) or (isinstance(image, torch.Tensor) and image.device.type == "cpu")
+    chunked = on_cpu and image.ndim == 4
+    if chunked:
+        to_batch(image[:0], arg)  # dtype and channel checks once, on an empty slice
+        b = image.shape[0]
+        h, w = image.shape[1:3] if isinstance(image, np.ndarray) else image.shape[2:4]
+        step = cpu_chunk_size(h, w, chunk_pixels)
+        chunked = b > step
+    if not chunked:
+        x, spec = to_batch(image, arg)
+        return from_batch(fn(x, 0, x.shape[0]), spec)
+    out = buf = None
+    for lo in range(0, b, step):
+        hi = min(b, lo + step)
+        x, spec = to_batch(image[lo:hi], arg, out=None if buf is None else buf[: hi - lo])
+        if buf is None and x.shape[0] == step:
+            buf = x  # uint8 chunks are converted into this memory from now on (fresh memory costs page faults)
+        y = fn(x, lo, hi)
+        if out is None:
+            channels = 3 if spec.alpha is None else 4
+            if spec.is_numpy:
+                out = np.empty((b, h, w, channels), dtype=spec.dtype)
+            else:
+                out = torch.empty((b, channels, h, w), dtype=spec.dtype, device=spec.device)
+        from_batch(y, spec, out=out[lo:hi], consume=True)
+    return out
 
 
 def as_float_batch(image: Any, arg: str = "images") -> torch.Tensor:

@@ -59,17 +59,20 @@ def normalize_stains(
         od = rgb_to_od(images, i0=i0)
         conc = od_to_concentrations(od.flatten(2), src, clamp=clamp_concentrations)
         return od_to_rgb((rebuild @ conc).reshape(images.shape), i0=ti0)
-    # Fast path, algebraically the same: with OD = ln(I0) − ln(I), S·OD = ln(I0)·S·1 − S·ln(I), and
-    # I0_t·exp(−R·C) = exp(ln I0_t − R·C), so the negations and I0 ride along in two baddbmm biases.
+    # Fast path, algebraically the same: with OD = ln(I0) − ln(I), S·OD = (−S)·ln(I) + ln(I0)·S·1, and
+    # I0_t·exp(−R·C) = I0_t·exp((−R)·C): the negations ride on the tiny matrices, and the ln(I0) terms are
+    # added (in place) only when I0 ≠ 1. Every full-size step is one pass over a cache-sized chunk.
     flat = images.to(dtype).flatten(2).clamp(MIN_INTENSITY, i0).log_()
-    bias = math.log(i0) * src.sum(-1, keepdim=True)  # (B, 2, 1)
-    dtx = torch.baddbmm(bias, src, flat, alpha=-1.0)
+    dtx = torch.bmm(-src, flat)
+    if i0 != 1.0:
+        dtx.add_(math.log(i0) * src.sum(-1, keepdim=True))  # (B, 2, 1) broadcast
     if clamp_concentrations:
-        conc = positive_lasso_2(dtx, src @ src.transpose(1, 2), 0.0)
+        conc = positive_lasso_2(dtx, src @ src.transpose(1, 2), 0.0, overwrite=True)
     else:
         conc = od_to_concentrations(rgb_to_od(images, i0=i0).flatten(2), src, clamp=False)
-    out = torch.baddbmm(torch.full((1, 1, 1), math.log(ti0), dtype=dtype, device=images.device).expand(bsz, 3, 1), rebuild, conc, alpha=-1.0)
-    out = out.exp_()
+    out = torch.bmm(-rebuild, conc, out=flat).exp_()  # ln(I) is no longer needed: reuse its memory
+    if ti0 != 1.0:
+        out.mul_(ti0)
     if not (clamp_concentrations and ti0 <= 1.0 and bool((rebuild >= 0).all())):
         out = out.clamp_(0.0, 1.0)  # otherwise exp(−R·C) with R, C ≥ 0 is already in (0, I0_t]
     return out.reshape(images.shape)

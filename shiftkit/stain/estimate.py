@@ -129,7 +129,7 @@ def _macenko_flat(od: torch.Tensor, w: torch.Tensor, cfg: EstimatorConfig):
 
     Returns the raw ``(B, 2, 3)`` matrix (float64) and a ``(B,)`` bool "plane is well defined".
     """
-    _, cov, _ = weighted_mean_cov(od, w)
+    _, cov, _ = weighted_mean_cov(od, w, binary=True)  # tissue weights are a mask
     evals, evecs = torch.linalg.eigh(cov)  # ascending, float64
     v1, v2 = evecs[..., 2], evecs[..., 1]  # (B, 3): largest, second
     v1 = torch.where(v1.sum(-1, keepdim=True) < 0, -v1, v1)

@@ -17,9 +17,14 @@ def relative_luminance(images: torch.Tensor) -> torch.Tensor:
     thresholding Y, without the cube root and the chroma channels.
     """
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)
-    wts = torch.tensor([0.212671, 0.715160, 0.072169], dtype=lin.dtype, device=lin.device)
-    return (lin * wts.view(3, *([1] * (lin.ndim - 2)))).sum(1, keepdim=True)
+    # lin(x) = ((x + 0.055) / 1.055)^2.4 above 0.04045, x / 12.92 below. The 1 / 1.055^2.4 factor is folded
+    # into the channel weights.
+    k = 1.055**2.4
+    hi = (x + 0.055).pow_(2.4)
+    lin = torch.where(x > 0.04045, hi, x * (k / 12.92))
+    w_r, w_g, w_b = 0.212671 / k, 0.715160 / k, 0.072169 / k
+    # the channel sum as in-place multiply-adds: the same arithmetic for a tile whatever its batch
+    return (lin[:, :1] * w_r).add_(lin[:, 1:2], alpha=w_g).add_(lin[:, 2:3], alpha=w_b)
 
 
 def _lightness_to_luminance(lightness: float) -> float:

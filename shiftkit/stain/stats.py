@@ -50,17 +50,18 @@ def masked_quantile(values: torch.Tensor, weights: torch.Tensor, q: Union[float,
     return out[..., 0] if scalar else out
 
 
-def weighted_mean_cov(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def weighted_mean_cov(x: torch.Tensor, weights: torch.Tensor, binary: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted mean ``(B, C)``, covariance ``(B, C, C)`` and weight sum ``(B,)``, returned in float64.
 
     Rows with zero total weight get mean 0 and identity covariance (flagged by the weight sum).
+    ``binary=True`` promises weights in ``{0, 1}`` (a mask), which saves the square root.
     """
     w = weights.to(x.dtype)
     n = w.sum(-1).double()  # (B,)
     safe = n.clamp_min(1.0)
     mean = (x * w[:, None]).sum(-1).double() / safe[:, None]
     # centred (two-pass) products accumulated by a blocked matmul in the input precision, then float64
-    xc = (x - mean[..., None].to(x.dtype)) * w[:, None].sqrt()
+    xc = (x - mean[..., None].to(x.dtype)).mul_((w if binary else w.sqrt())[:, None])
     cov = (xc @ xc.transpose(-1, -2)).double() / safe[:, None, None]
     eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device).expand_as(cov)
     empty = (n <= 0)[:, None, None]

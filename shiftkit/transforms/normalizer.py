@@ -6,13 +6,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
-from ..core.image import from_batch, to_batch
+from ..core.image import map_batch, to_batch
 from ..functional.stain import normalize_stains, reinhard_normalize, rgb_to_lab
 from ..stain.estimate import (
     STATUS_DEGENERATE,
@@ -20,6 +20,7 @@ from ..stain.estimate import (
     STATUS_NAMES,
     STATUS_OK,
     EstimatorConfig,
+    StainEstimate,
     _config,
     _estimate_batch,
     estimate_stains_pooled,
@@ -31,7 +32,6 @@ NORMALIZER_METHODS = ("reinhard", "macenko", "vahadane")
 FAILURE_POLICIES = ("reference", "identity", "raise")
 _FORMAT = "shiftkit.StainNormalizer"
 _MIN_LAB_STD = 1e-2
-_CPU_CHUNK_PIXELS = 8 * 224 * 224
 
 
 def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig):
@@ -164,28 +164,27 @@ class StainNormalizer(nn.Module):
 
     # ------------------------------------------------------------------ applying
     def normalize(self, images: Any, return_status: bool = False):
-        """Normalize ``images``; with ``return_status=True`` also return the per-tile status names."""
-        x, spec = to_batch(images, "images")
-        y, code = self._normalize_batch(x)
+        """Normalize ``images``; with ``return_status=True`` also return the per-tile status names.
+
+        On CPU a batch is converted, normalized and written back in cache-sized chunks of tiles
+        (:func:`shiftkit.core.image.map_batch`); tiles are independent, so the result is the same as in one go.
+        """
+        codes = []
+
+        def run(x, lo, hi):
+            y, code = self._normalize_chunk(x) if x.shape[0] else (x, torch.zeros(0, dtype=torch.int8, device=x.device))
+            codes.append(code)
+            return y
+
+        out = map_batch(run, images, "images")
+        code = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int8)
         if self.on_failure == "raise" and not bool((code == STATUS_OK).all()):
             bad = [(i, STATUS_NAMES[int(c)]) for i, c in enumerate(code.tolist()) if c != STATUS_OK]
             raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
-        out = from_batch(y, spec)
         return (out, [STATUS_NAMES[int(c)] for c in code.tolist()]) if return_status else out
 
     def forward(self, images: Any) -> Any:
         return self.normalize(images)
-
-    def _normalize_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] == 0:
-            return x, torch.zeros(0, dtype=torch.int8, device=x.device)
-        # On CPU the batch is processed in cache-sized chunks of tiles (about 0.5 Mpx): every step is
-        # memory-bound there, and tiles are independent, so the result is the same as in one go.
-        step = max(1, _CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
-        if x.device.type == "cpu" and x.shape[0] > step:
-            parts = [self._normalize_chunk(x[i : i + step]) for i in range(0, x.shape[0], step)]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return self._normalize_chunk(x)
 
     def _normalize_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -201,21 +200,27 @@ class StainNormalizer(nn.Module):
             y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device))
             y = torch.where(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
-            est = _estimate_batch(x, cfg, None, "report")
-            code = est.status_code
-            y = normalize_stains(
-                x,
-                est.matrix,
-                est.max_concentrations,
-                self.target_matrix.to(x.device, x.dtype),
-                self.target_max_concentrations.to(x.device, x.dtype),
-                i0=cfg.i0,
-                clamp_concentrations=self.clamp_concentrations,
-                max_scale=self.max_scale,
-            ).to(x.dtype)
-            if self.on_failure == "identity":
-                y = torch.where((code == STATUS_OK)[:, None, None, None], y, x)
+            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"))
         return y, code  # from_batch maps any NaN to 0 as a last guard
+
+    def _apply_estimate(self, x: torch.Tensor, est: StainEstimate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalize the float batch ``x`` given its per-tile estimate (Macenko/Vahadane)."""
+        code = est.status_code
+        if x.shape[0] == 0:
+            return x, code
+        y = normalize_stains(
+            x,
+            est.matrix,
+            est.max_concentrations,
+            self.target_matrix.to(x.device, x.dtype),
+            self.target_max_concentrations.to(x.device, x.dtype),
+            i0=self.config.i0,
+            clamp_concentrations=self.clamp_concentrations,
+            max_scale=self.max_scale,
+        ).to(x.dtype)
+        if self.on_failure == "identity":
+            y = torch.where((code == STATUS_OK)[:, None, None, None], y, x)
+        return y, code
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
