@@ -169,3 +169,16 @@ def test_uint8_output_rounds_half_to_even_like_torch():
     for dtype in (torch.float32, torch.float64):
         y = v.to(dtype)
         assert torch.equal(_to_u8(y.clone()), y.mul(255.0).round().to(torch.uint8))
+
+
+def test_select_equals_torch_where_and_keeps_gradients():
+    from shiftkit.core.ops import select
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(4, 3, 5, 6, generator=g), torch.rand(4, 3, 5, 6, generator=g)
+    for mask in (torch.rand(4, 1, 5, 6, generator=g) > 0.5, torch.rand(4, 1, 1, 1, generator=g) > 0.5, torch.rand(4, 3, 5, 6, generator=g) > 0.5):
+        assert torch.equal(select(mask, a, b), torch.where(mask, a, b))  # bit-identical on the blend path
+    a64 = a.double().requires_grad_()
+    out = select(mask, a64, b.double())
+    out.sum().backward()
+    assert torch.equal(a64.grad, mask.double())  # autograd path: torch.where's gradient

@@ -8,6 +8,7 @@ from __future__ import annotations
 import kornia
 import torch
 
+from ..core.ops import select
 from ..stain.model import RUIFROK_DAB, normalize_rows, od_to_rgb, reference_stain_matrix, rgb_to_od
 from ..stain.solve import od_to_concentrations
 
@@ -89,7 +90,7 @@ def _keep_background(out: torch.Tensor, images: torch.Tensor, od: torch.Tensor, 
     if background_od is None:
         return out
     tissue = (od.reshape(images.shape).sum(1, keepdim=True) >= background_od)
-    return torch.where(tissue, out, images.to(out.dtype))
+    return select(tissue, out, images.to(out.dtype))
 
 
 def hed_matrix(dtype=torch.float32, device=None) -> torch.Tensor:

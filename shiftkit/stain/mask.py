@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.ops import select
 from ..core.errors import InvalidArgumentError, UnknownNameError
 from .model import MACENKO_BETA_LN, MIN_INTENSITY, rgb_to_od
 
@@ -21,7 +22,7 @@ def relative_luminance(images: torch.Tensor) -> torch.Tensor:
     # into the channel weights.
     k = 1.055**2.4
     hi = (x + 0.055).pow_(2.4)
-    lin = torch.where(x > 0.04045, hi, x * (k / 12.92))
+    lin = select(x > 0.04045, hi, x * (k / 12.92))
     w_r, w_g, w_b = 0.212671 / k, 0.715160 / k, 0.072169 / k
     # the channel sum as in-place multiply-adds: the same arithmetic for a tile whatever its batch
     return (lin[:, :1] * w_r).add_(lin[:, 1:2], alpha=w_g).add_(lin[:, 2:3], alpha=w_b)

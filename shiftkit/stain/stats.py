@@ -6,6 +6,7 @@ import math
 from typing import Sequence, Union
 
 import torch
+from ..core.ops import select
 
 
 def masked_quantile(values: torch.Tensor, weights: torch.Tensor, q: Union[float, Sequence[float]]) -> torch.Tensor:
@@ -34,12 +35,12 @@ def masked_quantile(values: torch.Tensor, weights: torch.Tensor, q: Union[float,
         # only the extreme ranks are needed for extreme quantiles: topk instead of a full sort
         k = min(size, int(math.floor(min(qi, 1.0 - qi) * max(size - 1, 0))) + 2)
         if qi >= 0.5:
-            top = torch.where(mask, values, torch.full_like(values, -fill)).topk(k, dim=-1, largest=True, sorted=True).values
+            top = select(mask, values, torch.full_like(values, -fill)).topk(k, dim=-1, largest=True, sorted=True).values
             rank = (n - 1).clamp_min(0).to(torch.float64) - pos  # rank from the top
             lo_i, hi_i = rank.ceil().long(), rank.floor().long()  # lower value sits further from the top
             frac = (rank.ceil() - rank).to(values.dtype)
         else:
-            top = torch.where(mask, values, torch.full_like(values, fill)).topk(k, dim=-1, largest=False, sorted=True).values
+            top = select(mask, values, torch.full_like(values, fill)).topk(k, dim=-1, largest=False, sorted=True).values
             lo_i, hi_i = pos.floor().long(), pos.ceil().long()
             frac = (pos - pos.floor()).to(values.dtype)
         lo_i, hi_i = lo_i.clamp(0, k - 1), hi_i.clamp(0, k - 1)

@@ -11,6 +11,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
+from ..core.ops import select
 from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
 from ..core.image import map_batch, to_batch
 from ..functional.stain import normalize_stains, reinhard_normalize, rgb_to_lab
@@ -198,7 +199,7 @@ class StainNormalizer(nn.Module):
             ok = code == STATUS_OK
             safe_std = torch.where(ok[:, None], std, torch.ones_like(std))
             y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device))
-            y = torch.where(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
+            y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
             y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"))
         return y, code  # from_batch maps any NaN to 0 as a last guard
@@ -219,7 +220,7 @@ class StainNormalizer(nn.Module):
             max_scale=self.max_scale,
         ).to(x.dtype)
         if self.on_failure == "identity":
-            y = torch.where((code == STATUS_OK)[:, None, None, None], y, x)
+            y = select((code == STATUS_OK)[:, None, None, None], y, x)
         return y, code
 
     # ------------------------------------------------------------------ persistence

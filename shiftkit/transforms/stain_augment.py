@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
+from ..core.ops import select
 from ..core.errors import InvalidArgumentError, UnknownNameError
 from ..core.image import to_batch
 from ..core.rng import SeedLike
@@ -248,7 +249,7 @@ class HEDJitter(ShiftkitAugmentation):
         if self.cutoff_range is not None:
             m = x.mean(dim=(1, 2, 3))
             keep = (m < self.cutoff_range[0]) | (m > self.cutoff_range[1])
-            out = torch.where(keep[:, None, None, None], x, out)
+            out = select(keep[:, None, None, None], x, out)
         return out
 
 
@@ -388,7 +389,7 @@ class StainTemplateSample(ShiftkitAugmentation):
         flat = (s < 1e-3)  # a flat tile cannot be rescaled: keep it
         out = transfer_statistics(x, m, torch.where(flat, torch.ones_like(s), s), params["target_mean"].to(x),
                                   params["target_std"].to(x), self.color_space)
-        return torch.where(flat.any(-1)[:, None, None, None], x, out)
+        return select(flat.any(-1)[:, None, None, None], x, out)
 
 
 @register_transform
