@@ -341,3 +341,69 @@ def test_kornia_augmentation_sequential_composes(tiles):
     seq = K.AugmentationSequential(StainAugment(preset="light", seed=0), HEDJitter(preset="light", seed=0), K.RandomHorizontalFlip())
     out = seq(tiles)
     assert out.shape == tiles.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("keep_residual", [True, False])
+@pytest.mark.parametrize("background_od", [None, 0.3])
+def test_in_place_kernels_equal_their_autograd_path(keep_residual, background_od):
+    """perturb_stains / hed_jitter without gradients reuse memory in place; with gradients they do not."""
+    from shiftkit.functional.augment import hed_jitter, perturb_stains
+    from shiftkit.stain import reference_stain_matrix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    m = reference_stain_matrix("macenko").double().expand(4, 2, 3)
+    al, be = torch.rand(4, 2, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, 2, generator=g, dtype=torch.float64) * 0.1
+    an, az = torch.rand(4, 2, generator=g, dtype=torch.float64) * 5, torch.rand(4, 2, generator=g, dtype=torch.float64) * 6
+    before = x.clone()
+    fast = perturb_stains(x, m, al, be, angle=an, azimuth=az, keep_residual=keep_residual, background_od=background_od)
+    slow = perturb_stains(x.clone().requires_grad_(), m, al, be, angle=an, azimuth=az, keep_residual=keep_residual,
+                          background_od=background_od).detach()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    a3, b3 = torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, 3, generator=g, dtype=torch.float64) * 0.1
+    torch.testing.assert_close(hed_jitter(x, a3, b3, background_od=background_od),
+                               hed_jitter(x.clone().requires_grad_(), a3, b3, background_od=background_od).detach(), rtol=0, atol=1e-12)
+    assert torch.equal(x, before)  # the input is never written
+
+
+def _augment_cases():
+    from shiftkit.stain import reference_stain_matrix
+
+    return [
+        HEDJitter(preset="strong", seed=1),
+        StainAugment(method="fixed", matrix=reference_stain_matrix("macenko"), preset="strong", seed=2),
+        StainAugment(method="macenko", preset="strong", seed=3, p=0.5),  # a per-tile gate
+        StainAugment(method="vahadane", preset="medium", seed=4, beta_units="relative"),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(4))
+def test_augment_on_uint8_batches_equals_the_float_tensor_path(idx):
+    """augment(numpy uint8 batch) = from_batch(forward(to_batch(batch)), ...) with the same parameters, although it
+    converts and transforms in chunks (10 tiles of 224² = 2 chunks, the last one ragged)."""
+    from shiftkit.core import from_batch, to_batch
+
+    t = _augment_cases()[idx]
+    tiles = load_sample_tiles()[:10]
+    params = t.forward_parameters((10, 3, 224, 224))
+    got = t.augment(tiles, params=params)
+    x, spec = to_batch(tiles)
+    expected = from_batch(t(x, params=params), spec)
+    assert got.dtype == np.uint8 and got.shape == tiles.shape
+    np.testing.assert_array_equal(got, expected)
+    if t.p < 1:
+        skipped = (params["batch_prob"] <= 0.5).numpy()
+        assert 0 < skipped.sum() < 10
+        np.testing.assert_array_equal(got[skipped], tiles[skipped])  # gated tiles come back unchanged
+    one = t.augment(tiles[0])  # a single (H, W, 3) image keeps its rank
+    assert one.shape == tiles[0].shape and one.dtype == np.uint8
+    ten = t.augment(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous(), params=params)  # uint8 tensors too
+    assert ten.dtype == torch.uint8
+    np.testing.assert_array_equal(ten.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_augment_rejects_bad_input_by_name():
+    with pytest.raises(InvalidImageError, match="`images` has the wrong shape"):
+        HEDJitter(seed=0).augment(np.zeros((4, 4), np.uint8))
+    with pytest.raises(TypeError, match="`images` has the wrong type"):
+        HEDJitter(seed=0).augment([[1, 2, 3]])

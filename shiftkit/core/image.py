@@ -287,6 +287,7 @@ def map_batch(fn: Callable[[torch.Tensor, int, int], torch.Tensor], image: Any, 
             else:
                 out = torch.empty((b, channels, h, w), dtype=spec.dtype, device=spec.device)
         from_batch(y, spec, out=out[lo:hi], consume=True)
+        del y  # release before the next chunk allocates
     return out
 
 

@@ -75,14 +75,46 @@ def perturb_stains(
     shape = images.shape
     od = rgb_to_od(images, i0=i0).flatten(2)
     m = matrix.to(od.dtype)
-    conc = od_to_concentrations(od, m, clamp=True)
-    new = (alpha.to(od.dtype)[..., None] * conc + beta.to(od.dtype)[..., None]).clamp_min(0.0)
     m2 = rotate_stain_vectors(m, angle, azimuth) if angle is not None else m
-    od2 = m2.transpose(1, 2) @ new
+    a_, b_ = alpha.to(od.dtype)[..., None], beta.to(od.dtype)[..., None]
+    if _needs_grad(images, matrix, alpha, beta, angle):
+        conc = od_to_concentrations(od, m, clamp=True)
+        new = (a_ * conc + b_).clamp_min(0.0)
+        od2 = m2.transpose(1, 2) @ new
+        if keep_residual:
+            od2 = od2 + (od - m.transpose(1, 2) @ conc)
+        out = od_to_rgb(od2.reshape(shape), i0=i0)
+        return _keep_background(out, images, od, background_od)
+    # Same arithmetic in place: the residual, the new OD and the output reuse the OD's memory.
+    tissue = _tissue(od, shape, background_od)
+    conc = od_to_concentrations(od, m, clamp=True)
     if keep_residual:
-        od2 = od2 + (od - m.transpose(1, 2) @ conc)
-    out = od_to_rgb(od2.reshape(shape), i0=i0)
-    return _keep_background(out, images, od, background_od)
+        od.baddbmm_(m.transpose(1, 2), conc, alpha=-1.0)  # the residual R = OD − Sᵀ C
+        od2 = od.baddbmm_(m2.transpose(1, 2), conc.mul_(a_).add_(b_).clamp_min_(0.0))  # R + S'ᵀ C'
+    else:
+        od2 = torch.bmm(m2.transpose(1, 2), conc.mul_(a_).add_(b_).clamp_min_(0.0), out=od)
+    return _restore_background(_od_to_rgb_(od2, i0).reshape(shape), images, tissue)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and torch.is_tensor(t) and t.requires_grad for t in tensors)
+
+
+def _tissue(od: torch.Tensor, shape, background_od: float | None):
+    """``(B, 1, H, W)`` bool: summed OD at or above ``background_od`` (None: no background rule)."""
+    return None if background_od is None else od.reshape(shape).sum(1, keepdim=True) >= background_od
+
+
+def _od_to_rgb_(od: torch.Tensor, i0: float) -> torch.Tensor:
+    """:func:`od_to_rgb` in place on ``od`` (no autograd)."""
+    out = od.neg_().exp_()
+    if i0 != 1.0:
+        out.mul_(i0)
+    return out.clamp_(0.0, 1.0)
+
+
+def _restore_background(out: torch.Tensor, images: torch.Tensor, tissue) -> torch.Tensor:
+    return out if tissue is None else select(tissue, out, images.to(out.dtype), overwrite=True)
 
 
 def _keep_background(out: torch.Tensor, images: torch.Tensor, od: torch.Tensor, background_od: float | None) -> torch.Tensor:
@@ -133,8 +165,12 @@ def hed_jitter(
     m = hed_matrix(torch.float64, od.device)
     a = m.T[None] * alpha.double()[:, None, :] @ torch.linalg.inv(m.T)[None]  # (B, 3, 3)
     b = (m.T[None] @ beta.double()[..., None])  # (B, 3, 1)
-    out = torch.baddbmm(b.to(od.dtype), a.to(od.dtype), od.flatten(2)).reshape(images.shape)
-    return _keep_background(od_to_rgb(out, i0=i0), images, od, background_od)
+    if _needs_grad(images, alpha, beta):
+        out = torch.baddbmm(b.to(od.dtype), a.to(od.dtype), od.flatten(2)).reshape(images.shape)
+        return _keep_background(od_to_rgb(out, i0=i0), images, od, background_od)
+    tissue = _tissue(od, images.shape, background_od)
+    out = torch.bmm(a.to(od.dtype), od.flatten(2)).add_(b.to(od.dtype))  # the bias in place, not a broadcast copy
+    return _restore_background(_od_to_rgb_(out, i0).reshape(images.shape), images, tissue)
 
 
 COLOR_SPACES = ("lab", "hsv", "hed")

@@ -14,14 +14,16 @@ import json
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from kornia.augmentation import IntensityAugmentationBase2D
 
 from ..core.errors import InvalidArgumentError, InvalidImageError, UnknownNameError
+from ..core.image import cpu_chunk_size, map_batch, to_batch
+from ..core.ops import select
 from ..core.rng import GeneratorHolder, SeedLike, uniform
 
 _REGISTRY: Dict[str, type] = {}
-_CPU_CHUNK_PIXELS = 8 * 224 * 224
 
 
 def register_transform(cls):
@@ -71,6 +73,16 @@ def slice_parameters(params: Dict[str, torch.Tensor], lo: int, hi: int, batch: i
         else:
             out[k] = v
     return out
+
+
+def _guarded(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` with NaN mapped to 0 and values clamped to ``[0, 1]`` (in place unless ``y`` is the input ``x`` —
+    already valid — or needs gradients)."""
+    if y.data_ptr() == x.data_ptr() and y.shape == x.shape:
+        return y
+    if (y.requires_grad and torch.is_grad_enabled()) or y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return y.nan_to_num(nan=0.0).clamp(0.0, 1.0)
+    return y.nan_to_num_(nan=0.0).clamp_(0.0, 1.0)
 
 
 class ShiftkitAugmentation(IntensityAugmentationBase2D):
@@ -162,21 +174,61 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
                 )
         if input.ndim == 4 and input.shape[0] == 0:
             return input.clone()
-        out = super().forward(input, params=params, **kwargs)
+        out = super().forward(input, params=params, **kwargs)  # apply_transform guards every output
         if out is input:
             return out.clone()
-        return out.nan_to_num_(nan=0.0).clamp_(0.0, 1.0).to(input.dtype)  # our own tensor: guarded in place
+        return out.to(input.dtype)
 
     def apply_transform(self, input, params, flags, transform=None):
-        """Run :meth:`apply_batch` — on CPU in cache-sized chunks of tiles (every step is memory-bound there and
-        tiles are independent, so the result is identical)."""
+        """Run :meth:`apply_batch` — on CPU in cache-sized chunks of tiles written into one output (every step is
+        memory-bound there and tiles are independent, so the result is identical)."""
         x = input if input.dtype in (torch.float32, torch.float64) else input.float()
         b = x.shape[0]
-        step = max(1, _CPU_CHUNK_PIXELS // max(1, x.shape[-1] * x.shape[-2]))
+        step = cpu_chunk_size(x.shape[-2], x.shape[-1])
         if x.device.type != "cpu" or b <= step:
-            return self.apply_batch(x, params)
-        parts = [self.apply_batch(x[i : i + step], slice_parameters(params, i, i + step, b)) for i in range(0, b, step)]
-        return torch.cat(parts)
+            return _guarded(self.apply_batch(x, params), x)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for i in range(0, b, step):
+            xi = x[i : i + step]
+            out[i : i + step] = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b)), xi)
+        return out
+
+    def augment(self, images: Any, params: Optional[Dict[str, torch.Tensor]] = None) -> Any:
+        """Apply the transform to images in any format of the image contract and return them in that format.
+
+        ``images``: numpy ``(H, W, 3)``/``(B, H, W, 3)`` or tensors ``(3, H, W)``/``(B, 3, H, W)``, uint8 or float
+        (see :mod:`shiftkit.core.image`). One parameter draw covers the batch (or pass ``params`` from
+        :meth:`forward_parameters`/:meth:`draw_parameters`), with the same per-sample ``p`` gate as
+        :meth:`forward`. On CPU the batch is converted, transformed and written back in cache-sized chunks
+        (:func:`shiftkit.core.image.map_batch`), so a uint8 batch never exists as a full-size float copy; the
+        result equals ``from_batch(self(to_batch(images)[0], params=params), spec)``.
+
+        Examples:
+            >>> import numpy as np
+            >>> from shiftkit import HEDJitter
+            >>> tiles = np.full((4, 32, 32, 3), 200, np.uint8)
+            >>> HEDJitter(seed=0).augment(tiles).shape
+            (4, 32, 32, 3)
+        """
+        if not isinstance(images, (np.ndarray, torch.Tensor)) or images.ndim not in (3, 4):
+            to_batch(images, "images")  # raises the image contract's error
+        batched = images.ndim == 4
+        b = images.shape[0] if batched else 1
+        h, w = (images.shape[-3:-1] if isinstance(images, np.ndarray) else images.shape[-2:])
+        if params is None:
+            params = self.forward_parameters((b, 3, int(h), int(w)))
+        gate = params.get("batch_prob", torch.ones(b)) > 0.5
+
+        def run(x, lo, hi):
+            if x.shape[0] == 0:
+                return x
+            y = self.apply_batch(x, slice_parameters(params, lo, hi, b))
+            g = gate[lo:hi].to(x.device)
+            if not bool(g.all()):
+                y = select(g.view(-1, 1, 1, 1), y.to(x.dtype), x)
+            return y
+
+        return map_batch(run, images, "images")
 
     def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the drawn ``params`` to a float batch ``x``: call a ``shiftkit.functional`` kernel."""
