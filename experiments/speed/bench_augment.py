@@ -8,23 +8,24 @@ it has a batch API): shiftkit StainAugment(macenko|vahadane) vs staintools Stain
 StainAugmentor (a new object per tile; reusing one silently reuses the first tile's matrix), albumentations
 HEStain(method="macenko"), torchstain MacenkoAugmentor and torch-staintools' augmentor. Workloads **without
 estimation**: shiftkit HEDJitter and StainAugment(method="fixed") vs albumentations HEStain("random_preset").
-The uint8 → float conversion is inside shiftkit's timed region.
+shiftkit runs twice: ``augment`` on the numpy uint8 batch with uint8 out (the peers' formats; converted in CPU
+chunks), and the Kornia-style call on a float tensor with the uint8 → float conversion inside the timed region.
+All libraries run in interleaved rounds; ratios are medians of per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_normalize import machine, tiles_224, timed  # noqa: E402
+from bench_normalize import machine, paired_rates, tiles_224  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -34,7 +35,21 @@ def shiftkit_runs(device):
     import shiftkit
     from shiftkit.stain import reference_stain_matrix
 
-    def wrap(t):
+    def uint8(t):
+        """``augment`` on the numpy uint8 batch, uint8 out: the same formats as the per-tile peers."""
+        t = t.to(device)
+
+        def run(batch):
+            x = batch if device == "cpu" else torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+            y = t.augment(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return y
+
+        return run
+
+    def float_tensor(t):
+        """The Kornia-style call on a float tensor, the uint8 → float conversion inside the timed region."""
         t = t.to(device)
 
         def run(batch):
@@ -46,13 +61,14 @@ def shiftkit_runs(device):
 
         return run
 
+    def both(name, make):
+        return [(f"shiftkit {name}", uint8(make())), (f"shiftkit {name} [float tensor]", float_tensor(make()))]
+
     return {
-        "estimate/macenko": ("shiftkit StainAugment(macenko)", wrap(shiftkit.StainAugment(method="macenko", preset="medium", seed=0))),
-        "estimate/vahadane": ("shiftkit StainAugment(vahadane)", wrap(shiftkit.StainAugment(method="vahadane", preset="medium", seed=0))),
-        "no-estimate": [
-            ("shiftkit HEDJitter", wrap(shiftkit.HEDJitter(preset="medium", seed=0))),
-            ("shiftkit StainAugment(fixed)", wrap(shiftkit.StainAugment(method="fixed", matrix=reference_stain_matrix("macenko"), preset="medium", seed=0))),
-        ],
+        "estimate/macenko": both("StainAugment(macenko)", lambda: shiftkit.StainAugment(method="macenko", preset="medium", seed=0)),
+        "estimate/vahadane": both("StainAugment(vahadane)", lambda: shiftkit.StainAugment(method="vahadane", preset="medium", seed=0)),
+        "no-estimate": both("HEDJitter", lambda: shiftkit.HEDJitter(preset="medium", seed=0))
+        + both("StainAugment(fixed)", lambda: shiftkit.StainAugment(method="fixed", matrix=reference_stain_matrix("macenko"), preset="medium", seed=0)),
     }
 
 
@@ -129,7 +145,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--passes", type=int, default=7, help="interleaved rounds (every library once per round)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     batch = tiles_224(args.batch)
@@ -138,28 +154,30 @@ def main(argv=None):
     print(f"machine: {json.dumps(machine(args.device))}")
     records = []
     for key in ("estimate/macenko", "estimate/vahadane", "no-estimate"):
-        mine = ours[key] if isinstance(ours[key], list) else [ours[key]]
-        entries = [(n, r, args.batch) for n, r in mine] + peers[key]
-        for name, run, n in entries:
-            sub = batch[:n]
-            try:
-                t = timed(lambda: run(sub), args.passes if n > 8 else 2)
-                rec = {"workload": key, "library": name, "tiles": n, "tiles_per_s": n / t}
-                print(f"{key:18s} {name:40s} {n / t:9.1f} tiles/s ({n} tiles)", flush=True)
-            except Exception as exc:
-                rec = {"workload": key, "library": name, "error": f"{type(exc).__name__}: {str(exc)[:100]}"}
-                print(f"{key:18s} {name:40s} {rec['error']}", flush=True)
+        entries = [(n, r, args.batch) for n, r in ours[key]] + peers[key]
+        runs = {name: ((lambda run=run, sub=batch[:n]: run(sub)), n) for name, run, n in entries}
+        rates = paired_rates(runs, args.passes)
+        mine = [name for name, _, _ in entries if name.startswith("shiftkit")]
+        peers_ok = [name for name, _, _ in entries if not name.startswith("shiftkit") and isinstance(rates[name], list)]
+        fastest = max(peers_ok, key=lambda n: statistics.median(rates[n])) if peers_ok else None
+        for name, _, n in entries:
+            r = rates[name]
+            if isinstance(r, str):
+                rec = {"workload": key, "library": name, "error": r}
+                print(f"{key:18s} {name:44s} {r}", flush=True)
+            else:
+                rec = {"workload": key, "library": name, "tiles": n, "tiles_per_s": statistics.median(r), "rounds": len(r)}
+                print(f"{key:18s} {name:44s} {rec['tiles_per_s']:9.1f} tiles/s ({n} tiles)", flush=True)
             records.append(rec)
-    print("\nratios (shiftkit ÷ peer, same run):")
-    for key in ("estimate/macenko", "estimate/vahadane", "no-estimate"):
-        mine = [r for r in records if r["workload"] == key and r["library"].startswith("shiftkit") and "tiles_per_s" in r]
-        others = [r for r in records if r["workload"] == key and not r["library"].startswith("shiftkit") and "tiles_per_s" in r]
         for m in mine:
-            for o in others:
-                print(f"  {m['library']:34s} vs {o['library']:40s} {m['tiles_per_s'] / o['tiles_per_s']:7.1f}x")
-        if others and mine:
-            fastest = max(others, key=lambda r: r["tiles_per_s"])
-            print(f"  -> fastest peer for {key}: {fastest['library']} ({fastest['tiles_per_s']:.1f} tiles/s)")
+            if not isinstance(rates[m], list):
+                continue
+            for o in peers_ok:
+                ratio = [a / b for a, b in zip(rates[m], rates[o])]
+                q = statistics.quantiles(ratio, n=4) if len(ratio) > 1 else [ratio[0]] * 3
+                records.append({"workload": key, "ratio": f"{m} / {o}", "median": statistics.median(ratio), "q1": q[0], "q3": q[2]})
+                mark = "  <- fastest peer" if o == fastest else ""
+                print(f"    {m:42s} ÷ {o:40s} {statistics.median(ratio):6.2f}x (quartiles {q[0]:.2f}-{q[2]:.2f}){mark}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(args.device), "records": records}, indent=2))
 

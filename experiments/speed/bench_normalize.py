@@ -1,7 +1,9 @@
 """Stain-normalization speed: shiftkit next to staintools, torchstain, torch-staintools and tiatoolbox.
 
-Same real tiles, same target, one process, median of several passes after a warm-up. Prints tiles/s per
-library and workload, the ratio shiftkit / peer, and the machine. A peer that is not importable is listed as
+Same real tiles, same target, one process. The libraries run in interleaved rounds (each once per round, after
+a warm-up), so that each ratio shiftkit / peer is taken within a round under the same machine conditions.
+Prints the median tiles/s per library and workload, the median (and quartiles) of the per-round ratios, and
+the machine. A peer that is not importable is listed as
 missing (install it with ``pip install -e ".[reference]"``; torch-staintools pins kornia 0.8, so run this
 script from a venv that has it, see docs/benchmarks.md).
 
@@ -22,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -184,6 +185,46 @@ def timed(fn, passes: int) -> float:
     return statistics.median(times)
 
 
+def paired_rates(runs: dict, rounds: int) -> dict:
+    """Tiles/s of every entry of ``runs`` (``name -> (fn, tiles)``), measured in interleaved rounds.
+
+    After one warm-up call each, every round calls every entry once, back to back, so that the ratio of two
+    entries in the same round is taken under the same machine conditions (this shared machine drifts by up to
+    2× within minutes, REFERENCES A18). Returns ``name -> list of tiles/s``, one per round; an entry that
+    raises is reported as its error string instead.
+    """
+    rates, alive = {}, {}
+    for name, (fn, n) in runs.items():
+        try:
+            fn()
+            alive[name] = (fn, n)
+            rates[name] = []
+        except Exception as exc:  # a peer that fails on these tiles
+            rates[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    for _ in range(rounds):
+        for name, (fn, n) in alive.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def summarize(rates: dict, ours: str) -> dict:
+    """Median tiles/s per entry and, per peer, the median and quartiles of the per-round ratio ours ÷ peer."""
+    out = {}
+    for name, r in rates.items():
+        if isinstance(r, str):
+            out[name] = {"error": r}
+            continue
+        rec = {"tiles_per_s": statistics.median(r), "rounds": len(r)}
+        if name != ours and isinstance(rates.get(ours), list):
+            ratio = [a / b for a, b in zip(rates[ours], r)]
+            q = statistics.quantiles(ratio, n=4) if len(ratio) > 1 else [ratio[0]] * 3
+            rec.update(ratio_median=statistics.median(ratio), ratio_q1=q[0], ratio_q3=q[2])
+        out[name] = rec
+    return out
+
+
 def machine(device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -204,7 +245,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--passes", type=int, default=7, help="interleaved rounds (every library once per round)")
     ap.add_argument("--sizes", default="224,1024")
     ap.add_argument("--methods", default="macenko,vahadane,reinhard")
     ap.add_argument("--peers", default=",".join(PEERS))
@@ -223,39 +264,35 @@ def main(argv=None):
             if method == "reinhard":
                 libs = libs[:1]
             libs += [(p, PEERS[p]) for p in args.peers.split(",") if p in PEERS]
+            runs, fits = {}, {}
             for name, make in libs:
                 try:
                     fit, run = make(method, args.device)
+                    fit(target)
                 except ImportError as exc:
                     records.append({"library": name, "method": method, "size": size, "error": f"missing: {exc}"})
                     continue
-                except Exception as exc:  # a peer that cannot even be built
+                except Exception as exc:  # a peer that cannot even be built or fitted
                     records.append({"library": name, "method": method, "size": size, "error": f"{type(exc).__name__}: {exc}"})
                     continue
                 n = batch.shape[0]
                 if not name.startswith("shiftkit"):
                     n = min(n, SLOW.get((name, method, size), 16 if size == 224 else 4))
-                sub = batch[:n]
-                try:
-                    t_fit = timed(lambda: fit(target), max(1, args.passes // 2))
-                    t = timed(lambda: run(sub), args.passes if n > 8 else max(2, args.passes // 2))
-                    rec = {"library": name, "method": method, "size": size, "tiles": n, "tiles_per_s": n / t,
-                           "fit_s": t_fit}
-                except Exception as exc:
-                    rec = {"library": name, "method": method, "size": size, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+                fits[name] = timed(lambda fit=fit: fit(target), max(1, args.passes // 2))
+                runs[name] = (lambda run=run, sub=batch[:n]: run(sub), n)
+            for name, rec in summarize(paired_rates(runs, args.passes), "shiftkit").items():
+                rec = {"library": name, "method": method, "size": size, "tiles": runs[name][1], **rec}
+                if "tiles_per_s" in rec:
+                    rec["fit_s"] = fits[name]
                 records.append(rec)
-                msg = f"{rec['tiles_per_s']:9.1f} tiles/s  (fit {rec['fit_s']*1000:7.1f} ms, {n} tiles)" if "tiles_per_s" in rec else rec["error"]
+                if "tiles_per_s" in rec:
+                    ratio = (f"   shiftkit ÷ this: {rec['ratio_median']:5.2f}x (quartiles {rec['ratio_q1']:.2f}-{rec['ratio_q3']:.2f})"
+                             if "ratio_median" in rec else "")
+                    msg = f"{rec['tiles_per_s']:9.1f} tiles/s  (fit {rec['fit_s']*1000:7.1f} ms, {rec['tiles']} tiles){ratio}"
+                else:
+                    msg = rec["error"]
                 print(f"{size:5d}² {method:9s} {name:22s} {msg}", flush=True)
 
-    print("\nratios (shiftkit tiles/s ÷ peer tiles/s, same run):")
-    for size in {r["size"] for r in records}:
-        for method in args.methods.split(","):
-            ours = [r for r in records if r["library"] == "shiftkit" and r["method"] == method and r["size"] == size and "tiles_per_s" in r]
-            if not ours:
-                continue
-            for r in records:
-                if r["method"] == method and r["size"] == size and r["library"] != "shiftkit" and "tiles_per_s" in r:
-                    print(f"  {size:5d}² {method:9s} vs {r['library']:22s} {ours[0]['tiles_per_s'] / r['tiles_per_s']:7.1f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(args.device), "records": records}, indent=2))
 
