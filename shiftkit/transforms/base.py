@@ -19,7 +19,7 @@ import torch
 from kornia.augmentation import IntensityAugmentationBase2D
 
 from ..core.errors import InvalidArgumentError, InvalidImageError, UnknownNameError
-from ..core.image import cpu_chunk_size, map_batch, to_batch
+from ..core.image import _raise_heap_thresholds, cpu_chunk_size, map_batch, to_batch
 from ..core.ops import select
 from ..core.rng import GeneratorHolder, SeedLike, uniform
 
@@ -166,7 +166,8 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         if input.ndim not in (3, 4) or input.shape[-3] != 3:
             raise InvalidImageError(f"`input` has the wrong shape: expected (B, 3, H, W) or (3, H, W), got {tuple(input.shape)}")
         if input.numel():
-            lo, hi = torch.aminmax(input)  # one pass; NaN propagates and fails both tests
+            flat = input if input.is_contiguous() or input.ndim != 4 else input.permute(0, 2, 3, 1)  # channels-last: no copy
+            lo, hi = torch.aminmax(flat)  # one pass; NaN propagates and fails both tests
             if not (bool(lo >= 0) and bool(hi <= 1)):
                 raise InvalidImageError(
                     f"`input` has values outside [0, 1] or non-finite values: expected floats in [0, 1], got range "
@@ -187,9 +188,10 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         step = cpu_chunk_size(x.shape[-2], x.shape[-1])
         if x.device.type != "cpu" or b <= step:
             return _guarded(self.apply_batch(x, params), x)
+        _raise_heap_thresholds(step * x[0].numel() * x.element_size())
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         for i in range(0, b, step):
-            xi = x[i : i + step]
+            xi = x[i : i + step].contiguous()  # e.g. a channels-last input: kernels flatten the pixels
             out[i : i + step] = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b)), xi)
         return out
 
