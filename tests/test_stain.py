@@ -289,3 +289,15 @@ def test_device_kept_and_cpu_equals_device(real_tile, device):
     assert out.device == x.device
     cpu = StainNormalizer("macenko")(x.cpu())
     assert (out.cpu() - cpu).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("i0", [1.0, 0.94])
+def test_uint8_lookup_equals_the_float_path(i0):
+    """The lookup tables give what the float code gives on the image contract's uint8 values, for every byte."""
+    from shiftkit.stain.model import MIN_INTENSITY, uint8_lookup
+
+    u8 = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 7, 1)  # (2, 3, 7, 256): every value, many positions
+    x = u8 * (1.0 / 255.0)
+    assert torch.equal(uint8_lookup(u8, "od", i0), rgb_to_od(x, i0=i0))
+    assert torch.equal(uint8_lookup(u8, "log", i0), x.clamp(MIN_INTENSITY, i0).log())
+    assert torch.equal(uint8_lookup(u8[..., ::2].contiguous(), "od", i0), rgb_to_od(x[..., ::2], i0=i0))

@@ -74,6 +74,12 @@ def to_batch(image: Any, arg: str = "images", out: Optional[torch.Tensor] = None
         InvalidImageError: wrong rank or channel count, translucent alpha, non-finite values
             or floats outside ``[0, 1]``.
     """
+    x, spec, _ = _to_batch(image, arg, out)
+    return x, spec
+
+
+def _to_batch(image: Any, arg: str, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, ImageSpec, Optional[torch.Tensor]]:
+    """:func:`to_batch`, also returning the contiguous channel-first uint8 batch for uint8 inputs (else None)."""
     if isinstance(image, np.ndarray):
         if image.dtype not in _NUMPY_DTYPES:
             raise TypeError(f"`{arg}` has an unsupported dtype: expected uint8 or float16/32/64, got {_describe(image)}")
@@ -131,8 +137,9 @@ def to_batch(image: Any, arg: str = "images", out: Optional[torch.Tensor] = None
         t = t[:, :3]
 
     cdtype = spec.compute_dtype
+    u8 = None
     if t.dtype == torch.uint8:
-        t = t.contiguous()  # bytes: cheap, and the float pass below then writes a contiguous tensor
+        t = u8 = t.contiguous()  # bytes: cheap, and the float pass below then writes a contiguous tensor
         if cdtype == torch.float64:
             x = t.to(cdtype).div_(255.0)
         elif out is not None and out.shape == t.shape and out.dtype == cdtype and out.device == t.device and out.is_contiguous():
@@ -159,7 +166,7 @@ def to_batch(image: Any, arg: str = "images", out: Optional[torch.Tensor] = None
         # Same storage as the caller's data (float input of the compute dtype): hand out a copy-on-write
         # guarantee by cloning, so no later operation can touch the caller's memory.
         x = x.clone()
-    return x.contiguous(), spec
+    return x.contiguous(), spec, u8
 
 
 def _planar_u8(arr: np.ndarray) -> np.ndarray:
@@ -267,8 +274,8 @@ def _raise_heap_thresholds(chunk_bytes: int) -> None:
         torch.empty(size, dtype=torch.uint8)  # allocated and immediately freed
 
 
-def map_batch(fn: Callable[[torch.Tensor, int, int], torch.Tensor], image: Any, arg: str = "images",
-              chunk_pixels: int = CPU_CHUNK_PIXELS) -> Any:
+def map_batch(fn: Callable[..., torch.Tensor], image: Any, arg: str = "images",
+              chunk_pixels: int = CPU_CHUNK_PIXELS, with_uint8: bool = False) -> Any:
     """Apply a per-tile computation to ``image`` and return its result in the caller's format.
 
     ``fn(x, lo, hi)`` receives tiles ``lo:hi`` as a float ``(hi - lo, 3, H, W)`` batch in ``[0, 1]`` (see
@@ -278,7 +285,9 @@ def map_batch(fn: Callable[[torch.Tensor, int, int], torch.Tensor], image: Any, 
     time) straight into one output allocated in the caller's format: no full-size float copy of the batch
     is ever made, and every intermediate stays cache-sized. Elsewhere ``fn`` sees the whole batch. ``fn``
     must treat tiles independently (a tile's output may not depend on its chunk mates), so that the result
-    does not depend on the chunking.
+    does not depend on the chunking. With ``with_uint8=True`` it is called as ``fn(x, lo, hi, u8)``, where
+    ``u8`` is the same tiles as a contiguous ``(hi - lo, 3, H, W)`` uint8 tensor when the input is uint8 (for
+    lookup tables: 256 values instead of a transcendental per pixel), else None.
     """
     on_cpu = isinstance(image, np.ndarray) or (isinstance(image, torch.Tensor) and image.device.type == "cpu")
     chunked = on_cpu and image.ndim == 4
@@ -288,17 +297,18 @@ def map_batch(fn: Callable[[torch.Tensor, int, int], torch.Tensor], image: Any, 
         h, w = image.shape[1:3] if isinstance(image, np.ndarray) else image.shape[2:4]
         step = cpu_chunk_size(h, w, chunk_pixels)
         chunked = b > step
+    call = (lambda x, lo, hi, u8: fn(x, lo, hi, u8)) if with_uint8 else (lambda x, lo, hi, u8: fn(x, lo, hi))
     if not chunked:
-        x, spec = to_batch(image, arg)
-        return from_batch(fn(x, 0, x.shape[0]), spec)
+        x, spec, u8 = _to_batch(image, arg, None)
+        return from_batch(call(x, 0, x.shape[0], u8), spec)
     out = buf = None
     _raise_heap_thresholds(step * 3 * h * w * 4)
     for lo in range(0, b, step):
         hi = min(b, lo + step)
-        x, spec = to_batch(image[lo:hi], arg, out=None if buf is None else buf[: hi - lo])
+        x, spec, u8 = _to_batch(image[lo:hi], arg, None if buf is None else buf[: hi - lo])
         if buf is None and x.shape[0] == step:
             buf = x  # uint8 chunks are converted into this memory from now on (fresh memory costs page faults)
-        y = fn(x, lo, hi)
+        y = call(x, lo, hi, u8)
         if out is None:
             channels = 3 if spec.alpha is None else 4
             if spec.is_numpy:

@@ -52,6 +52,7 @@ def perturb_stains(
     background_od: float | None = None,
     i0: float = 1.0,
     keep_residual: bool = True,
+    od: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scale, shift and rotate the stains of each tile; rebuild the image.
 
@@ -68,16 +69,19 @@ def perturb_stains(
             keep their input value; e.g. 0.3 ≈ every channel brighter than 90 % of ``I0``.
         i0: background intensity.
         keep_residual: add back the OD the two stains do not explain.
+        od: optional precomputed :func:`rgb_to_od` of ``images`` (e.g. by lookup table for 8-bit data); it is
+            overwritten.
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
     """
     shape = images.shape
-    od = rgb_to_od(images, i0=i0).flatten(2)
+    od = (rgb_to_od(images, i0=i0) if od is None or od.shape != shape or od.dtype != images.dtype else od).flatten(2)
     m = matrix.to(od.dtype)
     m2 = rotate_stain_vectors(m, angle, azimuth) if angle is not None else m
     a_, b_ = alpha.to(od.dtype)[..., None], beta.to(od.dtype)[..., None]
     if _needs_grad(images, matrix, alpha, beta, angle):
+        od = rgb_to_od(images, i0=i0).flatten(2)  # differentiable, whatever was passed
         conc = od_to_concentrations(od, m, clamp=True)
         new = (a_ * conc + b_).clamp_min(0.0)
         od2 = m2.transpose(1, 2) @ new
@@ -150,7 +154,8 @@ def hed_to_rgb(hed: torch.Tensor, i0: float = 1.0) -> torch.Tensor:
 
 
 def hed_jitter(
-    images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, i0: float = 1.0, background_od: float | None = None
+    images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, i0: float = 1.0, background_od: float | None = None,
+    od: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HED colour augmentation (Tellez et al. 2018): ``c' = α·c + β`` per HED channel, rebuilt and **clipped**
     (never min-max rescaled, so absolute intensity is kept and blank tiles stay blank).
@@ -159,13 +164,15 @@ def hed_jitter(
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
         alpha, beta: ``(B, 3)`` for H, E, DAB (β in natural-log OD units).
         background_od: keep pixels whose summed OD is below it (see :func:`perturb_stains`).
+        od: optional precomputed :func:`rgb_to_od` of ``images`` (see :func:`perturb_stains`).
     """
     # linear in OD: OD' = Mᵀ(α ⊙ M⁻ᵀ OD + β) = A·OD + b with one (3, 3) matrix and bias per tile
-    od = rgb_to_od(images, i0=i0)
+    od = rgb_to_od(images, i0=i0) if od is None or od.shape != images.shape or od.dtype != images.dtype else od
     m = hed_matrix(torch.float64, od.device)
     a = m.T[None] * alpha.double()[:, None, :] @ torch.linalg.inv(m.T)[None]  # (B, 3, 3)
     b = (m.T[None] @ beta.double()[..., None])  # (B, 3, 1)
     if _needs_grad(images, alpha, beta):
+        od = rgb_to_od(images, i0=i0)  # differentiable, whatever was passed
         out = torch.baddbmm(b.to(od.dtype), a.to(od.dtype), od.flatten(2)).reshape(images.shape)
         return _keep_background(od_to_rgb(out, i0=i0), images, od, background_od)
     tissue = _tissue(od, images.shape, background_od)

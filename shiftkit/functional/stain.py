@@ -27,6 +27,7 @@ def normalize_stains(
     target_i0: float | None = None,
     clamp_concentrations: bool = True,
     max_scale: float = 5.0,
+    log_images: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Macenko/Vahadane-style normalization with given source and target stains.
 
@@ -43,6 +44,8 @@ def normalize_stains(
         target_i0: background intensity of the output (default ``i0``).
         clamp_concentrations: clamp concentrations at 0 before rescaling (default; torchstain does not).
         max_scale: bound on the concentration rescaling factor (guards tiles whose maximum is near 0).
+        log_images: optional ``ln clamp(images, 1/255, i0)`` of the same shape, float32, e.g. from
+            :func:`shiftkit.stain.model.uint8_lookup` for 8-bit data (it is overwritten; ignored with autograd).
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -62,7 +65,10 @@ def normalize_stains(
     # Fast path, algebraically the same: with OD = ln(I0) − ln(I), S·OD = (−S)·ln(I) + ln(I0)·S·1, and
     # I0_t·exp(−R·C) = I0_t·exp((−R)·C): the negations ride on the tiny matrices, and the ln(I0) terms are
     # added (in place) only when I0 ≠ 1. Every full-size step is one pass over a cache-sized chunk.
-    flat = images.to(dtype).flatten(2).clamp(MIN_INTENSITY, i0).log_()
+    if log_images is not None and log_images.dtype == dtype and log_images.shape == images.shape:
+        flat = log_images.reshape(bsz, 3, -1)
+    else:
+        flat = images.to(dtype).flatten(2).clamp(MIN_INTENSITY, i0).log_()
     dtx = torch.bmm(-src, flat)
     if i0 != 1.0:
         dtx.add_(math.log(i0) * src.sum(-1, keepdim=True))  # (B, 2, 1) broadcast

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.ops import select
 from ..core.errors import InvalidArgumentError, UnknownNameError
+from ..core.ops import select
 from .model import MACENKO_BETA_LN, MIN_INTENSITY, rgb_to_od
 
 TISSUE_METHODS = ("luminosity", "od")

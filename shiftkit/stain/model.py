@@ -104,6 +104,36 @@ def rgb_to_od(images: torch.Tensor, i0: float = 1.0, min_intensity: float = MIN_
     return -torch.log(od) if od.requires_grad else od.log_().neg_()
 
 
+_LUTS: dict = {}
+
+
+def uint8_lookup(u8: torch.Tensor, kind: str, i0: float = 1.0) -> torch.Tensor:
+    """A per-pixel function of 8-bit images by a 256-entry lookup table, as float32 of ``u8``'s shape.
+
+    ``kind``: ``"od"`` (:func:`rgb_to_od` of ``k / 255``) or ``"log"`` (``ln clamp(k / 255, 1/255, I0)``, the
+    log-intensity the normalization kernels start from). The table holds those functions evaluated by the same
+    float32 code on the 256 values the image contract gives uint8 pixels (``k · (1/255)``), so a pixel's value
+    is the float path's to within the last bit of the vectorized log; one table read replaces a clamp and a
+    logarithm per channel. CPU tensors use OpenCV's ``LUT``, others an index.
+    """
+    _check_i0(i0)
+    key = (kind, float(i0))
+    lut = _LUTS.get(key)
+    if lut is None:
+        v = torch.arange(256, dtype=torch.uint8) * (1.0 / 255.0)  # exactly to_batch's float32 values
+        lut = rgb_to_od(v, i0=i0) if kind == "od" else v.clamp(MIN_INTENSITY, i0).log_()
+        _LUTS[key] = lut = lut.contiguous()
+    if u8.device.type == "cpu" and u8.is_contiguous() and u8.numel():
+        import cv2
+        import numpy as np
+
+        src = u8.numpy().reshape(-1, u8.shape[-1])
+        dst = np.empty(src.shape, dtype=np.float32)
+        cv2.LUT(src, lut.numpy(), dst)
+        return torch.from_numpy(dst).reshape(u8.shape)
+    return lut.to(u8.device)[u8.long()]
+
+
 def od_to_rgb(od: torch.Tensor, i0: float = 1.0) -> torch.Tensor:
     """Natural-log optical density back to RGB: ``I = clamp(I0 · exp(-OD), 0, 1)``."""
     _check_i0(i0)

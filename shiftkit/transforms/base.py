@@ -221,16 +221,17 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
             params = self.forward_parameters((b, 3, int(h), int(w)))
         gate = params.get("batch_prob", torch.ones(b)) > 0.5
 
-        def run(x, lo, hi):
+        def run(x, lo, hi, u8):
             if x.shape[0] == 0:
                 return x
-            y = self.apply_batch(x, slice_parameters(params, lo, hi, b))
+            kw = {"uint8": u8} if u8 is not None and getattr(self, "_accepts_uint8", False) else {}
+            y = self.apply_batch(x, slice_parameters(params, lo, hi, b), **kw)
             g = gate[lo:hi].to(x.device)
             if not bool(g.all()):
                 y = select(g.view(-1, 1, 1, 1), y.to(x.dtype), x)
             return y
 
-        return map_batch(run, images, "images")
+        return map_batch(run, images, "images", with_uint8=True)
 
     def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the drawn ``params`` to a float batch ``x``: call a ``shiftkit.functional`` kernel."""

@@ -6,14 +6,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..core.ops import select
 from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
 from ..core.image import map_batch, to_batch
+from ..core.ops import select
 from ..functional.stain import normalize_stains, reinhard_normalize, rgb_to_lab
 from ..stain.estimate import (
     STATUS_DEGENERATE,
@@ -26,7 +26,7 @@ from ..stain.estimate import (
     _estimate_batch,
     estimate_stains_pooled,
 )
-from ..stain.model import MACENKO_REFERENCE_MAX_CONCENTRATIONS, reference_stain_matrix, validate_stain_matrix
+from ..stain.model import MACENKO_REFERENCE_MAX_CONCENTRATIONS, reference_stain_matrix, uint8_lookup, validate_stain_matrix
 from ..stain.stats import weighted_mean_std
 
 NORMALIZER_METHODS = ("reinhard", "macenko", "vahadane")
@@ -172,12 +172,12 @@ class StainNormalizer(nn.Module):
         """
         codes = []
 
-        def run(x, lo, hi):
-            y, code = self._normalize_chunk(x) if x.shape[0] else (x, torch.zeros(0, dtype=torch.int8, device=x.device))
+        def run(x, lo, hi, u8):
+            y, code = self._normalize_chunk(x, u8) if x.shape[0] else (x, torch.zeros(0, dtype=torch.int8, device=x.device))
             codes.append(code)
             return y
 
-        out = map_batch(run, images, "images")
+        out = map_batch(run, images, "images", with_uint8=True)
         code = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int8)
         if self.on_failure == "raise" and not bool((code == STATUS_OK).all()):
             bad = [(i, STATUS_NAMES[int(c)]) for i, c in enumerate(code.tolist()) if c != STATUS_OK]
@@ -187,7 +187,7 @@ class StainNormalizer(nn.Module):
     def forward(self, images: Any) -> Any:
         return self.normalize(images)
 
-    def _normalize_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalize_chunk(self, x: torch.Tensor, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         if self.method == "reinhard":
             if not bool(self.fitted):
@@ -201,14 +201,16 @@ class StainNormalizer(nn.Module):
             y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device))
             y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
-            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"))
+            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"), u8)
         return y, code  # from_batch maps any NaN to 0 as a last guard
 
-    def _apply_estimate(self, x: torch.Tensor, est: StainEstimate) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalize the float batch ``x`` given its per-tile estimate (Macenko/Vahadane)."""
+    def _apply_estimate(self, x: torch.Tensor, est: StainEstimate, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalize the float batch ``x`` given its per-tile estimate (Macenko/Vahadane); ``u8``, the same tiles
+        as uint8 when the input was 8-bit, lets the log-intensity come from a lookup table."""
         code = est.status_code
         if x.shape[0] == 0:
             return x, code
+        log_images = uint8_lookup(u8, "log", self.config.i0) if u8 is not None and x.dtype == torch.float32 else None
         y = normalize_stains(
             x,
             est.matrix,
@@ -218,6 +220,7 @@ class StainNormalizer(nn.Module):
             i0=self.config.i0,
             clamp_concentrations=self.clamp_concentrations,
             max_scale=self.max_scale,
+            log_images=log_images,
         ).to(x.dtype)
         if self.on_failure == "identity":
             y = select((code == STATUS_OK)[:, None, None, None], y, x)

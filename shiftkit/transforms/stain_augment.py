@@ -13,14 +13,14 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-from ..core.ops import select
 from ..core.errors import InvalidArgumentError, UnknownNameError
 from ..core.image import to_batch
+from ..core.ops import select
 from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
 from ..stain.estimate import _config, _estimate_batch
 from ..stain.mask import tissue_mask
-from ..stain.model import rgb_to_od, validate_stain_matrix
+from ..stain.model import rgb_to_od, uint8_lookup, validate_stain_matrix
 from ..stain.solve import od_to_concentrations
 from ..stain.stats import masked_quantile, weighted_mean_std
 from .base import ShiftkitAugmentation, check_range, register_transform
@@ -169,8 +169,11 @@ class StainAugment(ShiftkitAugmentation):
             "azimuth": self._u((0.0, 2 * math.pi), (2,), batch),
         }
 
-    def apply_batch(self, x, params):
+    _accepts_uint8 = True
+
+    def apply_batch(self, x, params, uint8=None):
         cfg = self.est_config
+        od = uint8_lookup(uint8, "od", cfg.i0) if uint8 is not None and x.dtype == torch.float32 else None
         if self.method == "fixed":
             mat = self.matrix.to(x).expand(x.shape[0], 2, 3)
             maxc = None
@@ -180,14 +183,14 @@ class StainAugment(ShiftkitAugmentation):
         beta = params["beta"].to(x)
         if self.beta_units == "relative":
             if maxc is None:  # fixed matrix: the tile's robust maximum under the same tissue rule as the estimators
-                conc = od_to_concentrations(rgb_to_od(x, i0=cfg.i0).flatten(2), mat)
+                conc = od_to_concentrations((rgb_to_od(x, i0=cfg.i0) if od is None else od).flatten(2), mat)
                 w = cfg.tissue_weights(x).flatten(1)
                 maxc = masked_quantile(conc, w[:, None].expand_as(conc), cfg.percentile / 100)
             beta = beta * maxc.to(x)
         return perturb_stains(
             x, mat, params["alpha"].to(x), beta, angle=params["angle"].to(x), azimuth=params["azimuth"].to(x),
             background_od=None if self.augment_background else self.background_od, i0=cfg.i0,
-            keep_residual=self.keep_residual,
+            keep_residual=self.keep_residual, od=od,
         )
 
 
@@ -243,9 +246,12 @@ class HEDJitter(ShiftkitAugmentation):
             beta[:, 2] = 0.0
         return {"alpha": alpha, "beta": beta}
 
-    def apply_batch(self, x, params):
+    _accepts_uint8 = True
+
+    def apply_batch(self, x, params, uint8=None):
+        od = uint8_lookup(uint8, "od") if uint8 is not None and x.dtype == torch.float32 else None
         out = hed_jitter(x, params["alpha"].to(x), params["beta"].to(x),
-                         background_od=None if self.augment_background else self.background_od)
+                         background_od=None if self.augment_background else self.background_od, od=od)
         if self.cutoff_range is not None:
             m = x.mean(dim=(1, 2, 3))
             keep = (m < self.cutoff_range[0]) | (m > self.cutoff_range[1])
