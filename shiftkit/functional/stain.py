@@ -100,6 +100,7 @@ def reinhard_normalize(
     source_std: torch.Tensor,
     target_mean: torch.Tensor,
     target_std: torch.Tensor,
+    lab: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reinhard et al. 2001 colour transfer in CIELAB: ``(x − μ_src) / σ_src · σ_tgt + μ_tgt`` per channel.
 
@@ -108,11 +109,12 @@ def reinhard_normalize(
         source_mean, source_std: ``(B, 3)`` LAB statistics of each tile (tissue-masked, see
             :func:`shiftkit.stain.stats.weighted_mean_std`).
         target_mean, target_std: ``(3,)`` or ``(B, 3)``.
+        lab: ``images`` already in LAB (:func:`rgb_to_lab`), if the caller has it.
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
     """
-    lab = rgb_to_lab(images)
+    lab = rgb_to_lab(images) if lab is None else lab
     tm = target_mean.to(lab)
     ts = target_std.to(lab)
     if tm.ndim == 1:

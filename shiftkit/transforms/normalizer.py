@@ -35,10 +35,11 @@ _FORMAT = "shiftkit.StainNormalizer"
 _MIN_LAB_STD = 1e-2
 
 
-def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig):
-    """Tissue-masked LAB mean/std ``(B, 3)``, tissue pixel counts and totals ``(B,)``."""
+def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig, lab: Optional[torch.Tensor] = None):
+    """Tissue-masked LAB mean/std ``(B, 3)``, tissue pixel counts and totals ``(B,)`` (``lab``: ``x`` in LAB, if
+    already computed)."""
     w = cfg.tissue_weights(x).flatten(1)
-    lab = rgb_to_lab(x).flatten(2)
+    lab = (rgb_to_lab(x) if lab is None else lab).flatten(2)
     mean, std = weighted_mean_std(lab, w, eps=1e-6)
     return mean, std, w.sum(-1), torch.full_like(w[:, 0], w.shape[-1])
 
@@ -192,13 +193,14 @@ class StainNormalizer(nn.Module):
         if self.method == "reinhard":
             if not bool(self.fitted):
                 raise InvalidArgumentError("`StainNormalizer('reinhard')` is not fitted: expected a call to .fit(target) first, got none")
-            mean, std, n_tissue, n = _lab_statistics(x, cfg)
+            lab = rgb_to_lab(x)  # once: for the statistics and for the transfer
+            mean, std, n_tissue, n = _lab_statistics(x, cfg, lab)
             enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
             flat = (std < _MIN_LAB_STD).any(-1)
             code = torch.where(~enough, STATUS_LOW_TISSUE, torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
             ok = code == STATUS_OK
             safe_std = torch.where(ok[:, None], std, torch.ones_like(std))
-            y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device))
+            y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device), lab=lab)
             y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
             y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"), u8)
