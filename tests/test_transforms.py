@@ -1,7 +1,6 @@
 """Shared suite every shiftkit transform must pass, plus the physics of the stain augmentations."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from shiftkit.data import read_image, write_image
 from shiftkit.report import build_report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

@@ -7,7 +7,6 @@ little hematoxylin) and empty background — plus optional sensor noise.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

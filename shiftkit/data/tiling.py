@@ -21,7 +21,7 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 from ..stain.mask import tissue_mask
-from .io import IMAGE_SUFFIXES, ImageReadError, read_image, write_image
+from .io import ImageReadError, read_image, write_image
 
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 

@@ -13,7 +13,6 @@ import math
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..stain.model import od_to_rgb, rgb_to_od
 

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import time
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -148,7 +147,6 @@ def run_stress_test(
             except Exception as exc:
                 records.append(_rec(mname, "none", "clean", 0, "site_auc", error=f"{type(exc).__name__}: {exc}", n=n, seed=seed))
 
-    steps = len(names) * len(severities)
     gallery_items = []
     for name in names:
         spec = get_spec(name)
