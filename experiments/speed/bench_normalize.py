@@ -185,13 +185,16 @@ def timed(fn, passes: int) -> float:
     return statistics.median(times)
 
 
-def paired_rates(runs: dict, rounds: int) -> dict:
+def paired_rates(runs: dict, rounds: int, pause: float = 0.5) -> dict:
     """Tiles/s of every entry of ``runs`` (``name -> (fn, tiles)``), measured in interleaved rounds.
 
     After one warm-up call each, every round calls every entry once, back to back, so that the ratio of two
     entries in the same round is taken under the same machine conditions (this shared machine drifts by up to
-    2× within minutes, REFERENCES A18). Returns ``name -> list of tiles/s``, one per round; an entry that
-    raises is reported as its error string instead.
+    2× within minutes, REFERENCES A18). Before every timed call the process sleeps ``pause`` seconds: OpenMP and
+    OpenBLAS worker threads of the previous library keep spinning for up to ~0.2 s after its call and, on 2
+    cores, halve the speed of a multi-threaded call that follows at once (measured: shiftkit Macenko 430-580
+    tiles/s right after tiatoolbox's numpy code, 1150-1280 after a 0.2-0.5 s pause). Returns
+    ``name -> list of tiles/s``, one per round; an entry that raises is reported as its error string instead.
     """
     rates, alive = {}, {}
     for name, (fn, n) in runs.items():
@@ -203,6 +206,7 @@ def paired_rates(runs: dict, rounds: int) -> dict:
             rates[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
     for _ in range(rounds):
         for name, (fn, n) in alive.items():
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             rates[name].append(n / (time.perf_counter() - t0))
