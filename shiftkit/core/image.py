@@ -259,7 +259,7 @@ def cpu_chunk_size(height: int, width: int, chunk_pixels: int = CPU_CHUNK_PIXELS
 _HEAP_WARMED = [0]
 
 
-def _raise_heap_thresholds(chunk_bytes: int) -> None:
+def raise_heap_thresholds(chunk_bytes: int) -> None:
     """Let the allocator keep a chunk's temporaries between chunks instead of returning them to the OS.
 
     glibc serves large blocks with mmap and trims the heap top once more than twice its mmap threshold is free;
@@ -302,7 +302,7 @@ def map_batch(fn: Callable[..., torch.Tensor], image: Any, arg: str = "images",
         x, spec, u8 = _to_batch(image, arg, None)
         return from_batch(call(x, 0, x.shape[0], u8), spec)
     out = buf = None
-    _raise_heap_thresholds(step * 3 * h * w * 4)
+    raise_heap_thresholds(step * 3 * h * w * 4)
     for lo in range(0, b, step):
         hi = min(b, lo + step)
         x, spec, u8 = _to_batch(image[lo:hi], arg, None if buf is None else buf[: hi - lo])

@@ -118,15 +118,13 @@ def _od_to_rgb_(od: torch.Tensor, i0: float) -> torch.Tensor:
 
 
 def _restore_background(out: torch.Tensor, images: torch.Tensor, tissue) -> torch.Tensor:
+    """The input pixel where ``tissue`` is False; ``out``'s memory is reused (autograd: ``torch.where``)."""
     return out if tissue is None else select(tissue, out, images.to(out.dtype), overwrite=True)
 
 
 def _keep_background(out: torch.Tensor, images: torch.Tensor, od: torch.Tensor, background_od: float | None) -> torch.Tensor:
     """Where the summed OD of the input is below ``background_od`` (glass), return the input pixel."""
-    if background_od is None:
-        return out
-    tissue = (od.reshape(images.shape).sum(1, keepdim=True) >= background_od)
-    return select(tissue, out, images.to(out.dtype))
+    return _restore_background(out, images, _tissue(od, images.shape, background_od))
 
 
 def hed_matrix(dtype=torch.float32, device=None) -> torch.Tensor:

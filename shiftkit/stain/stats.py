@@ -6,6 +6,7 @@ import math
 from typing import Sequence, Union
 
 import torch
+
 from ..core.ops import select
 
 

@@ -19,7 +19,7 @@ import torch
 from kornia.augmentation import IntensityAugmentationBase2D
 
 from ..core.errors import InvalidArgumentError, InvalidImageError, UnknownNameError
-from ..core.image import _raise_heap_thresholds, cpu_chunk_size, map_batch, to_batch
+from ..core.image import cpu_chunk_size, map_batch, raise_heap_thresholds, to_batch
 from ..core.ops import select
 from ..core.rng import GeneratorHolder, SeedLike, uniform
 
@@ -188,7 +188,7 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         step = cpu_chunk_size(x.shape[-2], x.shape[-1])
         if x.device.type != "cpu" or b <= step:
             return _guarded(self.apply_batch(x, params), x)
-        _raise_heap_thresholds(step * x[0].numel() * x.element_size())
+        raise_heap_thresholds(step * x[0].numel() * x.element_size())
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         for i in range(0, b, step):
             xi = x[i : i + step].contiguous()  # e.g. a channels-last input: kernels flatten the pixels
@@ -224,7 +224,7 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         def run(x, lo, hi, u8):
             if x.shape[0] == 0:
                 return x
-            kw = {"uint8": u8} if u8 is not None and getattr(self, "_accepts_uint8", False) else {}
+            kw = {"uint8": u8} if u8 is not None and self._accepts_uint8 else {}
             y = self.apply_batch(x, slice_parameters(params, lo, hi, b), **kw)
             g = gate[lo:hi].to(x.device)
             if not bool(g.all()):
@@ -232,6 +232,10 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
             return y
 
         return map_batch(run, images, "images", with_uint8=True)
+
+    #: Subclasses whose ``apply_batch`` takes ``uint8=`` (the same tiles as 8-bit data, for lookup tables)
+    #: set this; :meth:`augment` then passes it for uint8 inputs.
+    _accepts_uint8 = False
 
     def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the drawn ``params`` to a float batch ``x``: call a ``shiftkit.functional`` kernel."""
