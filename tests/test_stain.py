@@ -93,6 +93,32 @@ def test_nonnegative_concentrations_match_scipy_nnls_and_sklearn_positive_lasso(
             np.testing.assert_allclose(a[b, :, i].numpy(), las.coef_, atol=1e-6)
 
 
+def test_nonnegative_concentrations_with_obtuse_stain_pairs_match_scipy_nnls():
+    """Stain vectors with a negative dot product (a user-given matrix may have negative entries) flip the
+    two-atom choice from a minimum to a maximum; a batch mixing both signs takes the per-tile route."""
+    from scipy.optimize import nnls
+
+    from shiftkit.stain.solve import positive_lasso_2
+
+    g = torch.Generator().manual_seed(3)
+    acute = reference_stain_matrix("macenko", dtype=torch.float64)
+    obtuse = torch.tensor([[0.9, 0.4, -0.2], [-0.5, 0.8, 0.3]], dtype=torch.float64)
+    obtuse = obtuse / obtuse.norm(dim=-1, keepdim=True)
+    assert (obtuse[0] @ obtuse[1]) < 0 < (acute[0] @ acute[1])
+    for m in (obtuse[None].expand(2, 2, 3), torch.stack([acute, obtuse])):
+        od = torch.randn(2, 3, 400, generator=g, dtype=torch.float64)
+        c = od_to_concentrations(od, m, clamp=True)
+        c2 = positive_lasso_2(m @ od, m @ m.transpose(1, 2), 0.0)
+        zeros = 0
+        for b in range(2):
+            for i in range(od.shape[-1]):
+                ref, _ = nnls(m[b].numpy().T, od[b, :, i].numpy())
+                np.testing.assert_allclose(c[b, :, i].numpy(), ref, atol=1e-9)
+                np.testing.assert_allclose(c2[b, :, i].numpy(), ref, atol=1e-9)
+                zeros += int(((ref == 0).sum() == 1))
+        assert zeros > 100  # one stain at zero, the other refitted: the branch that differs
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_masked_quantile_equals_numpy(seed):
     g = torch.Generator().manual_seed(seed)

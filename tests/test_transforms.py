@@ -344,25 +344,35 @@ def test_kornia_augmentation_sequential_composes(tiles):
 
 @pytest.mark.parametrize("keep_residual", [True, False])
 @pytest.mark.parametrize("background_od", [None, 0.3])
-def test_in_place_kernels_equal_their_autograd_path(keep_residual, background_od):
-    """perturb_stains / hed_jitter without gradients reuse memory in place; with gradients they do not."""
+@pytest.mark.parametrize("i0", [1.0, 0.9])
+def test_in_place_kernels_equal_their_autograd_path(keep_residual, background_od, i0):
+    """perturb_stains / hed_jitter without gradients take a shorter route (in place, I·exp(−Δ), exp2); with
+    gradients the textbook one. Black pixels, glass and glass brighter than I0 included."""
     from shiftkit.functional.augment import hed_jitter, perturb_stains
-    from shiftkit.stain import reference_stain_matrix
+    from shiftkit.stain import reference_stain_matrix, rgb_to_od
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    x[:, :, :3] = 0.97  # glass, brighter than I0 = 0.9
+    x[:, :, 3:5] = 0.0  # black: clamped at 1/255 before the log
+    x[:, 1, 5:7] = 0.0
     m = reference_stain_matrix("macenko").double().expand(4, 2, 3)
     al, be = torch.rand(4, 2, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, 2, generator=g, dtype=torch.float64) * 0.1
     an, az = torch.rand(4, 2, generator=g, dtype=torch.float64) * 5, torch.rand(4, 2, generator=g, dtype=torch.float64) * 6
     before = x.clone()
-    fast = perturb_stains(x, m, al, be, angle=an, azimuth=az, keep_residual=keep_residual, background_od=background_od)
-    slow = perturb_stains(x.clone().requires_grad_(), m, al, be, angle=an, azimuth=az, keep_residual=keep_residual,
-                          background_od=background_od).detach()
+    kw = dict(angle=an, azimuth=az, keep_residual=keep_residual, background_od=background_od, i0=i0)
+    fast = perturb_stains(x, m, al, be, **kw)
+    slow = perturb_stains(x.clone().requires_grad_(), m, al, be, **kw).detach()
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     a3, b3 = torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, 3, generator=g, dtype=torch.float64) * 0.1
-    torch.testing.assert_close(hed_jitter(x, a3, b3, background_od=background_od),
-                               hed_jitter(x.clone().requires_grad_(), a3, b3, background_od=background_od).detach(), rtol=0, atol=1e-12)
+    hed = hed_jitter(x, a3, b3, background_od=background_od, i0=i0)
+    torch.testing.assert_close(hed, hed_jitter(x.clone().requires_grad_(), a3, b3, background_od=background_od, i0=i0).detach(),
+                               rtol=0, atol=1e-12)
     assert torch.equal(x, before)  # the input is never written
+    if background_od is not None:  # glass keeps its input value to the bit
+        glass = (rgb_to_od(x, i0=i0).sum(1, keepdim=True) < background_od).expand_as(x)
+        assert glass.sum() >= 4 * 3 * 3 * 32
+        assert torch.equal(fast[glass], x[glass]) and torch.equal(hed[glass], x[glass])
 
 
 def _augment_cases():

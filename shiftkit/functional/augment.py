@@ -9,8 +9,8 @@ import kornia
 import torch
 
 from ..core.ops import select
-from ..stain.model import RUIFROK_DAB, normalize_rows, od_to_rgb, reference_stain_matrix, rgb_to_od
-from ..stain.solve import od_to_concentrations
+from ..stain.model import LOG2E, MIN_INTENSITY, RUIFROK_DAB, normalize_rows, od_to_rgb, reference_stain_matrix, rgb_to_od
+from ..stain.solve import nnls_2_projection, od_to_concentrations, select_nnls_2
 
 
 def _tangent_basis(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +89,29 @@ def perturb_stains(
             od2 = od2 + (od - m.transpose(1, 2) @ conc)
         out = od_to_rgb(od2.reshape(shape), i0=i0)
         return _keep_background(out, images, od, background_od)
-    # Same arithmetic in place: the residual, the new OD and the output reuse the OD's memory.
-    tissue = _tissue(od, shape, background_od)
-    conc = od_to_concentrations(od, m, clamp=True)
-    if keep_residual:
-        od.baddbmm_(m.transpose(1, 2), conc, alpha=-1.0)  # the residual R = OD − Sᵀ C
-        od2 = od.baddbmm_(m2.transpose(1, 2), conc.mul_(a_).add_(b_).clamp_min_(0.0))  # R + S'ᵀ C'
-    else:
+    if not keep_residual:
+        tissue = _tissue(od, shape, background_od)
+        conc = od_to_concentrations(od, m, clamp=True)
         od2 = torch.bmm(m2.transpose(1, 2), conc.mul_(a_).add_(b_).clamp_min_(0.0), out=od)
-    return _restore_background(_od_to_rgb_(od2, i0).reshape(shape), images, tissue)
+        return _restore_background(_od_to_rgb_(od2, i0).reshape(shape), images, tissue)
+    # The same arithmetic in fewer passes. With OD = −ln(I_c / I0), I_c = clamp(I, 1/255, I0), the output is
+    # I0·exp(−OD') = I_c·exp(−Δ) with Δ = S'ᵀC' − SᵀC: one (B, 5, 3) product gives the NNLS candidates
+    # and the summed OD; C and C' share its rows; Δ is 0 on background, where I·exp(0) = I exactly.
+    extra = None if background_od is None else torch.ones(1, 3, dtype=torch.float64)
+    y = torch.bmm(nnls_2_projection(m, extra).to(od.dtype), od)
+    conc = select_nnls_2(y[:, :2], y[:, 2:4], (m.double()[:, 0] * m.double()[:, 1]).sum(-1))
+    torch.mul(conc, a_, out=y[:, 2:4]).add_(b_).clamp_min_(0.0)  # C' = max(α·C + β, 0) (addcmul broadcasts slowly)
+    keep = None
+    if background_od is not None:
+        keep = torch.ge(y[:, 4:5], background_od, out=y[:, 4:5])  # 1.0 on tissue, 0.0 on background
+        y[:, :4].mul_(keep)
+    neg_delta = torch.bmm(torch.cat([m.transpose(1, 2), -m2.transpose(1, 2)], 2) * LOG2E, y[:, :4], out=od)  # −Δ·log2(e)
+    flat = images.reshape(od.shape)
+    clamped = torch.clamp(flat, MIN_INTENSITY, i0, out=y[:, :3])  # y is free again: no fresh memory
+    out = neg_delta.exp2_().mul_(clamped).clamp_(0.0, 1.0)
+    if keep is not None and i0 != 1.0:  # background brighter than I0 was clamped above: put the input back
+        out.mul_(keep).addcmul_(flat.to(out.dtype), 1.0 - keep)
+    return out.reshape(shape)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -111,7 +125,7 @@ def _tissue(od: torch.Tensor, shape, background_od: float | None):
 
 def _od_to_rgb_(od: torch.Tensor, i0: float) -> torch.Tensor:
     """:func:`od_to_rgb` in place on ``od`` (no autograd)."""
-    out = od.neg_().exp_()
+    out = od.mul_(-LOG2E).exp2_()  # exp(−OD) by exp2 (see LOG2E)
     if i0 != 1.0:
         out.mul_(i0)
     return out.clamp_(0.0, 1.0)
@@ -174,8 +188,11 @@ def hed_jitter(
         out = torch.baddbmm(b.to(od.dtype), a.to(od.dtype), od.flatten(2)).reshape(images.shape)
         return _keep_background(od_to_rgb(out, i0=i0), images, od, background_od)
     tissue = _tissue(od, images.shape, background_od)
-    out = torch.bmm(a.to(od.dtype), od.flatten(2)).add_(b.to(od.dtype))  # the bias in place, not a broadcast copy
-    return _restore_background(_od_to_rgb_(out, i0).reshape(images.shape), images, tissue)
+    # −OD'·log2(e) from the product (the bias in place, not a broadcast copy), then exp2 (see LOG2E)
+    out = torch.bmm((a * -LOG2E).to(od.dtype), od.flatten(2)).add_((b * -LOG2E).to(od.dtype)).exp2_()
+    if i0 != 1.0:
+        out.mul_(i0)
+    return _restore_background(out.clamp_(0.0, 1.0).reshape(images.shape), images, tissue)
 
 
 COLOR_SPACES = ("lab", "hsv", "hed")

@@ -12,8 +12,8 @@ import math
 import kornia
 import torch
 
-from ..stain.model import MIN_INTENSITY, od_to_rgb, rgb_to_od
-from ..stain.solve import od_to_concentrations, positive_lasso_2
+from ..stain.model import LOG2E, MIN_INTENSITY, od_to_rgb, rgb_to_od
+from ..stain.solve import nnls_2_projection, od_to_concentrations, select_nnls_2
 
 
 def normalize_stains(
@@ -69,14 +69,16 @@ def normalize_stains(
         flat = log_images.reshape(bsz, 3, -1)
     else:
         flat = images.to(dtype).flatten(2).clamp(MIN_INTENSITY, i0).log_()
-    dtx = torch.bmm(-src, flat)
-    if i0 != 1.0:
-        dtx.add_(math.log(i0) * src.sum(-1, keepdim=True))  # (B, 2, 1) broadcast
     if clamp_concentrations:
-        conc = positive_lasso_2(dtx, src @ src.transpose(1, 2), 0.0, overwrite=True)
+        # the unconstrained solution and the single-stain refits in one (B, 4, 3) product, then their minimum
+        proj = nnls_2_projection(source_matrix)
+        y = torch.bmm(-proj.to(dtype), flat)
+        if i0 != 1.0:
+            y.add_((math.log(i0) * proj.sum(-1, keepdim=True)).to(dtype))  # (B, 4, 1) broadcast
+        conc = select_nnls_2(y[:, :2], y[:, 2:], (proj[:, 2] * proj[:, 3]).sum(-1))
     else:
         conc = od_to_concentrations(rgb_to_od(images, i0=i0).flatten(2), src, clamp=False)
-    out = torch.bmm(-rebuild, conc, out=flat).exp_()  # ln(I) is no longer needed: reuse its memory
+    out = torch.bmm(rebuild * -LOG2E, conc, out=flat).exp2_()  # exp via exp2 (see LOG2E); reuses ln(I)'s memory
     if ti0 != 1.0:
         out.mul_(ti0)
     if not (clamp_concentrations and ti0 <= 1.0 and bool((rebuild >= 0).all())):

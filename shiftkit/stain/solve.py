@@ -25,30 +25,63 @@ def positive_lasso_2(dtx: torch.Tensor, gram: torch.Tensor, lam: float, overwrit
     """Exact solution of ``min_a ½‖x − D a‖² + λ·Σa, a ≥ 0`` for two atoms, per pixel (λ = 0: NNLS).
 
     ``dtx`` is ``D^T x`` ``(B, 2, M)``, ``gram`` is ``D^T D`` ``(B, 2, 2)`` (positive definite). With
-    ``r = D^T x − λ`` and ``a = G^{-1} r`` the unconstrained minimiser, the KKT conditions give: if
-    ``a_2 ≤ 0`` the optimum has ``a_2 = 0`` and ``a_1 = max(r_1, 0) / G_11`` (and symmetrically), otherwise
-    ``a_1 = max(a_1, 0)``. Two small matrix products and two selections, no iterations. ``overwrite=True``
-    lets the solve reuse ``dtx``'s memory (the caller no longer needs it; ignored when gradients are needed).
+    ``r = D^T x − λ``, ``a = G^{-1} r`` the unconstrained minimiser and ``q = r / diag(G)`` each atom refitted
+    alone, the KKT conditions give, per coordinate, ``a_i⁺`` if the other coordinate of ``a`` is positive and
+    ``q_i⁺`` otherwise (see :func:`select_nnls_2`). Two small matrix products and a minimum, no iterations.
+    ``overwrite=True`` lets the solve reuse ``dtx``'s memory (the caller no longer needs it; ignored when
+    gradients are needed).
     """
-    g = gram
-    det = (g[:, 0, 0] * g[:, 1, 1] - g[:, 0, 1] * g[:, 1, 0]).clamp_min(1e-12)
-    inv = torch.stack([torch.stack([g[:, 1, 1], -g[:, 0, 1]], -1), torch.stack([-g[:, 1, 0], g[:, 0, 0]], -1)], -2) / det[:, None, None]
-    diag = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(1e-12)[..., None]
+    inv, diag = _inverse_and_diagonal_2(gram)
     grad = torch.is_grad_enabled() and (dtx.requires_grad or gram.requires_grad)
     r = dtx - lam if lam else dtx
     a = inv.to(r.dtype) @ r
     if grad:
-        other_out = torch.stack((a[:, 1] <= 0, a[:, 0] <= 0), 1)  # (B, 2, M): the *other* atom is inactive
-        return torch.where(other_out, (r / diag.to(r.dtype)).clamp_min(0), a.clamp_min(0))
-    q = r.div_(diag.to(r.dtype)) if (overwrite or r is not dtx) else r / diag.to(r.dtype)
-    # The same selection without torch.where on a boolean mask (several times slower on CPU): a {0, 1}
-    # mask m, 1 where the other atom is active, and c = m·a⁺ + (1 − m)·q⁺, exact since m is 0 or 1.
-    m = torch.empty_like(a)
-    torch.sign(a[:, 1], out=m[:, 0])
-    torch.sign(a[:, 0], out=m[:, 1])
-    m.clamp_min_(0)
-    a.clamp_min_(0).mul_(m)
-    return a.add_(q.clamp_min_(0).mul_(m.sub_(1).neg_()))  # intermediates are ours: in place
+        return select_nnls_2(a, r / diag.to(r.dtype)[..., None], gram[:, 0, 1])
+    q = r.div_(diag.to(r.dtype)[..., None]) if (overwrite or r is not dtx) else r / diag.to(r.dtype)[..., None]
+    return select_nnls_2(a, q, gram[:, 0, 1])
+
+
+def _inverse_and_diagonal_2(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = gram
+    det = (g[:, 0, 0] * g[:, 1, 1] - g[:, 0, 1] * g[:, 1, 0]).clamp_min(1e-12)
+    inv = torch.stack([torch.stack([g[:, 1, 1], -g[:, 0, 1]], -1), torch.stack([-g[:, 1, 0], g[:, 0, 0]], -1)], -2) / det[:, None, None]
+    return inv, torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(1e-12)
+
+
+def select_nnls_2(a: torch.Tensor, q: torch.Tensor, g12: torch.Tensor) -> torch.Tensor:
+    """The two-atom active-set choice: ``c_i = a_i⁺`` where the other coordinate ``a_j > 0``, else ``q_i⁺``.
+
+    ``a`` ``(B, 2, M)`` is the unconstrained solution, ``q`` each atom refitted alone (``r_i / G_ii``) and
+    ``g12`` ``(B,)`` the off-diagonal of the Gram matrix. Since ``q_i = a_i + (G_12 / G_ii)·a_j``, the choice
+    is a minimum when ``G_12 ≥ 0`` (``q_i ≤ a_i`` exactly when ``a_j ≤ 0``; always the case for non-negative
+    stain vectors) and a maximum when ``G_12 < 0``: ``c = max(min(a, q), 0)``, two passes instead of masks
+    and selections. Without gradients the result is written into ``a`` (which must be the caller's own).
+    """
+    grad = torch.is_grad_enabled() and (a.requires_grad or q.requires_grad)
+    neg = g12 < 0
+    if not bool(neg.any()):
+        c = torch.minimum(a, q) if grad else torch.minimum(a, q, out=a)
+    elif bool(neg.all()):
+        c = torch.maximum(a, q) if grad else torch.maximum(a, q, out=a)
+    else:  # mixed signs: s·min(s·a, s·q) with s = ±1 per tile
+        s = torch.where(neg, -1.0, 1.0).to(a.dtype)[:, None, None]
+        c = torch.minimum(a * s, q * s) * s
+    return c.clamp_min(0.0) if grad else c.clamp_min_(0.0)
+
+
+def nnls_2_projection(matrix: torch.Tensor, extra_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 4, 3)`` rows ``[G^{-1} S; S / diag(G)]`` (float64) for a ``(B, 2, 3)`` stain matrix ``S``.
+
+    One ``bmm`` of it with the OD ``(B, 3, M)`` gives both halves that :func:`select_nnls_2` chooses from:
+    the unconstrained solution ``a`` and the single-stain refits ``q``. ``extra_rows`` ``(R, 3)`` or
+    ``(B, R, 3)`` are appended (e.g. ``[1, 1, 1]`` for the summed OD in the same pass).
+    """
+    s = matrix.double()
+    inv, diag = _inverse_and_diagonal_2(s @ s.transpose(-1, -2))
+    rows = [inv @ s, s / diag[..., None]]
+    if extra_rows is not None:
+        rows.append(extra_rows.to(s).expand(s.shape[0], *extra_rows.shape[-2:]))
+    return torch.cat(rows, 1)
 
 
 def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
@@ -74,8 +107,8 @@ def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool 
     if matrix.ndim == 2:
         matrix = matrix.expand(shape[0], *matrix.shape)
     if clamp and matrix.shape[-2] == 2:
-        m = matrix.to(od.dtype)
-        c = positive_lasso_2(m @ flat, (matrix.double() @ matrix.double().transpose(-1, -2)).to(od.dtype), 0.0, overwrite=True)
+        y = nnls_2_projection(matrix).to(od.dtype) @ flat  # (B, 4, M): a and q in one pass
+        c = select_nnls_2(y[:, :2], y[:, 2:], _gram_12(matrix))
         return c.reshape(shape[0], 2, *shape[2:])
     inv, _ = _gram_inverse(matrix)
     proj = (inv @ matrix.double()).to(od.dtype)  # (B, S, 3): pseudo-inverse rows
@@ -83,6 +116,11 @@ def od_to_concentrations(od: torch.Tensor, matrix: torch.Tensor, *, clamp: bool 
     if clamp:
         c = c.clamp_min(0.0) if (c.requires_grad and torch.is_grad_enabled()) else c.clamp_min_(0.0)
     return c.reshape(shape[0], matrix.shape[-2], *shape[2:])
+
+
+def _gram_12(matrix: torch.Tensor) -> torch.Tensor:
+    m = matrix.double()
+    return (m[:, 0] * m[:, 1]).sum(-1)
 
 
 def concentrations_to_od(conc: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
