@@ -261,6 +261,85 @@ def test_reinhard_output_has_target_lab_statistics(real_tile):
     assert torch.allclose(std[0].float(), norm.target_std, rtol=0.1, atol=0.5)
 
 
+def _lab_cases(real_tile):
+    """Real tissue, uniform random colours and the corners of the cube (black, white, saturated primaries)."""
+    g = torch.Generator().manual_seed(5)
+    u8 = torch.cat([
+        torch.from_numpy(real_tile).permute(2, 0, 1)[None],
+        torch.randint(0, 256, (1, 3, 224, 224), generator=g, dtype=torch.uint8),
+        torch.tensor([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3]], dtype=torch.uint8)
+        .T[None, :, :, None].repeat(1, 1, 224 * 224 // 6 + 1, 1)[:, :, : 224 * 224].reshape(1, 3, 224, 224),
+    ]).contiguous()
+    return u8, u8 * (1.0 / 255.0)
+
+
+def test_companded_lab_equals_kornia_and_skimage_lab(real_tile):
+    """L*a*b* = A·f + c with f from lab_companded (exp2/log2 cube root, masks replaced by min/max): equal to
+    Kornia's rgb_to_lab, which it restates, and to scikit-image's rgb2lab, an independent implementation."""
+    from shiftkit.functional.stain import _F_TO_LAB, _LAB_OFFSET, lab_companded, rgb_to_lab
+    from shiftkit.stain.mask import srgb_to_linear
+
+    u8, x = _lab_cases(real_tile)
+    f = lab_companded(x)
+    lab = torch.einsum("ij,bjm->bim", torch.tensor(_F_TO_LAB, dtype=torch.float64), f.double()) + torch.tensor(_LAB_OFFSET, dtype=torch.float64)[:, None]
+    assert (lab.float() - rgb_to_lab(x).flatten(2)).abs().max() < 5e-4  # LAB units (L in 0..100), float32
+    sk = np.stack([rgb2lab(im.permute(1, 2, 0).numpy().astype(np.float64)) for im in x])  # (B, H, W, 3)
+    assert np.abs(lab.reshape(3, 3, 224, 224).permute(0, 2, 3, 1).numpy() - sk).max() < 0.02
+    # the uint8 table equals the float code for all 256 values, and so does f
+    v = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[None].contiguous()
+    assert torch.equal(srgb_to_linear(v * (1.0 / 255.0), v), srgb_to_linear(v * (1.0 / 255.0)))
+    assert torch.equal(lab_companded(x, u8), f)
+    import kornia
+
+    assert (srgb_to_linear(x) - kornia.color.rgb_to_linear_rgb(x)).abs().max() < 1e-6
+
+
+def test_reinhard_without_lab_tensor_equals_kornia_lab_transfer(real_tile):
+    """The transfer as one affine map of f per tile, then Kornia's lab_to_rgb steps restated, against the
+    textbook route: Kornia LAB, per-channel affine, Kornia lab_to_rgb (gamut clipping included)."""
+    import kornia
+
+    from shiftkit.functional.stain import lab_companded, lab_moments, reinhard_from_companded
+    from shiftkit.stain.stats import weighted_mean_std
+
+    u8, x = _lab_cases(real_tile)
+    w = tissue_mask(x).flatten(1)
+    w[2] = 1.0  # the colour-cube tile has no tissue under the luminosity rule: use every pixel
+    f = lab_companded(x, u8)
+    mean, std = lab_moments(f, w, binary=True)
+    m64, s64 = weighted_mean_std(kornia.color.rgb_to_lab(x.double()).flatten(2), w.double())  # float64 reference
+    torch.testing.assert_close(mean, m64, rtol=0, atol=1e-3)
+    torch.testing.assert_close(std, s64, rtol=5e-5, atol=1e-4)
+    lab = kornia.color.rgb_to_lab(x).flatten(2)
+    m2, s2 = weighted_mean_std(lab, w)
+    for tm, ts in [([62.0, 25.0, -12.0], [14.0, 9.0, 6.0]), ([30.0, 0.0, 110.0], [30.0, 60.0, 60.0])]:  # 2nd: out of gamut
+        tm, ts = torch.tensor(tm), torch.tensor(ts)
+        out = reinhard_from_companded(f.clone(), m2, s2, tm, ts, x.shape)
+        lab_t = (lab - m2[..., None]) / s2[..., None] * ts[:, None] + tm[:, None]
+        ref = kornia.color.lab_to_rgb(lab_t.reshape(x.shape))
+        assert (out - ref).abs().max() < 2e-4
+        assert ((out * 255).round() != (ref * 255).round()).float().mean() < 1e-3
+    assert ((lab_t[:, 0] + 16) / 116 - lab_t[:, 2] / 200 < 0).float().mean() > 0.05  # f_z < 0 was clamped
+    same = reinhard_from_companded(f.clone(), mean, std, mean[0], std[0], x.shape)  # tile 0 onto its own moments
+    assert (same[0] - x[0]).abs().max() < 1e-5
+    # the public kernel takes this route without gradients, Kornia's with them
+    from shiftkit.functional import reinhard_normalize
+
+    fast = reinhard_normalize(x, m2, s2, tm, ts)
+    slow = reinhard_normalize(x.clone().requires_grad_(), m2, s2, tm, ts).detach()
+    assert (fast - slow).abs().max() < 2e-4
+
+
+def test_tissue_mask_from_shared_linear_rgb_equals_its_own(real_tile):
+    from shiftkit.stain.mask import srgb_to_linear
+
+    u8, x = _lab_cases(real_tile)
+    own = tissue_mask(x)
+    shared_lin = tissue_mask(x, linear=srgb_to_linear(x, u8))
+    assert (own != shared_lin).float().mean() < 1e-4  # pixels on the threshold may round either way
+    assert own.sum() > 1000
+
+
 def test_own_target_equals_numpy_projection_onto_own_stain_plane(real_tile):
     # With its own stains as target, normalization keeps each pixel's stain part: the least-squares
     # projection of its OD onto the H/E plane (the 2-stain model drops the residual), computed here by numpy.

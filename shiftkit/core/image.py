@@ -320,6 +320,30 @@ def map_batch(fn: Callable[..., torch.Tensor], image: Any, arg: str = "images",
     return out
 
 
+_TABLES: dict = {}
+
+
+def lookup_uint8(u8: torch.Tensor, key: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` of the float values of 8-bit pixels, by a 256-entry table, as float32 of ``u8``'s shape.
+
+    ``fn`` is evaluated once per ``key`` (cached) on the 256 float32 values the image contract gives uint8 pixels
+    (``k · (1/255)``, exactly :func:`to_batch`'s), so a pixel gets what ``fn`` gives its float value; one table read
+    replaces the per-pixel arithmetic. CPU tensors use OpenCV's ``LUT``, others an index.
+    """
+    lut = _TABLES.get(key)
+    if lut is None:
+        lut = fn(torch.arange(256, dtype=torch.uint8) * (1.0 / 255.0)).to(torch.float32).contiguous()
+        _TABLES[key] = lut
+    if u8.device.type == "cpu" and u8.is_contiguous() and u8.numel():
+        import cv2
+
+        src = u8.numpy().reshape(-1, u8.shape[-1])
+        dst = np.empty(src.shape, dtype=np.float32)
+        cv2.LUT(src, lut.numpy(), dst)
+        return torch.from_numpy(dst).reshape(u8.shape)
+    return lut.to(u8.device)[u8.long()]
+
+
 def as_float_batch(image: Any, arg: str = "images") -> torch.Tensor:
     """Shortcut: validate ``image`` and return only the float ``(B, 3, H, W)`` batch."""
     return to_batch(image, arg)[0]

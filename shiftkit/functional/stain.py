@@ -12,6 +12,7 @@ import math
 import kornia
 import torch
 
+from ..stain.mask import srgb_to_linear
 from ..stain.model import LOG2E, MIN_INTENSITY, od_to_rgb, rgb_to_od
 from ..stain.solve import nnls_2_projection, od_to_concentrations, select_nnls_2
 
@@ -96,6 +97,88 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return kornia.color.lab_to_rgb(lab, clip=True)
 
 
+# CIELAB exactly as Kornia computes it (D65 white, sRGB companding, kornia.color's constants), split into its
+# non-linear part, the companded tristimulus values f = f(XYZ / white), and its linear part L*a*b* = A·f + c.
+# Reinhard's per-channel affine transfer in LAB is then one 3×3 affine map of f per tile, and LAB itself is
+# never stored.
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_XYZ_TO_RGB = ((3.2404813432005266, -1.5371515162713185, -0.4985363261688878),
+               (-0.9692549499965682, 1.8759900014898907, 0.0415559265582928),
+               (0.0556466391351772, -0.2040413383665112, 1.0573110696453443))
+_WHITE = (0.95047, 1.0, 1.08883)
+_F_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))
+_LAB_OFFSET = (-16.0, 0.0, 0.0)
+
+
+def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64, device=like.device)
+
+
+def lab_companded(images: torch.Tensor, u8: torch.Tensor | None = None, linear: torch.Tensor | None = None) -> torch.Tensor:
+    """The companded tristimulus values ``f = (f(X/Xn), f(Y/Yn), f(Z/Zn))`` ``(B, 3, H·W)`` of ``(B, 3, H, W)``
+    sRGB images, with ``L*a*b* = A·f + c`` (:func:`rgb_to_lab` to within 1e-5 in LAB units, tested).
+
+    ``f(t) = t^(1/3)`` above 0.008856 and ``7.787·t + 4/29`` below, computed as the minimum of the two (the
+    line is the cube root's tangent there, and the cube root is concave), the cube root as ``exp2(log2(t)/3)``.
+    ``u8``: the same images as uint8, whose sRGB decoding then comes from a lookup table; ``linear``: their
+    :func:`shiftkit.stain.mask.srgb_to_linear`, if the caller has it.
+    """
+    lin = (srgb_to_linear(images, u8) if linear is None else linear).flatten(2)
+    dtype = lin.dtype
+    m = (_matrix(_RGB_TO_XYZ, lin) / _matrix(_WHITE, lin)[:, None]).to(dtype)
+    t = m @ lin  # XYZ / white
+    f = torch.clamp_min(t, 0.008856).log2_().mul_(1 / 3).exp2_()
+    return torch.minimum(f, t.mul_(7.787).add_(4 / 29), out=f)
+
+
+def lab_moments(f: torch.Tensor, weights: torch.Tensor, binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted per-channel LAB mean and population std ``(B, 3)`` (float64; std floored at 1e-6) from the
+    companded values ``f`` ``(B, 3, M)`` of :func:`lab_companded` and weights ``(B, M)``. LAB is formed by one
+    3×3 product for this (a temporary): the variances of ``a* = 500·(f_x − f_y)`` and ``b*`` taken from the
+    covariance of ``f`` would lose digits to cancellation. ``binary=True`` promises weights in ``{0, 1}``."""
+    from ..stain.stats import weighted_mean_cov
+
+    a = _matrix(_F_TO_LAB, f).to(f.dtype)
+    mean, cov, _ = weighted_mean_cov(a @ f, weights, binary=binary)  # (LAB − c) moments
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return mean + _matrix(_LAB_OFFSET, f), var.clamp_min(0).sqrt().clamp_min(1e-6)
+
+
+def reinhard_from_companded(
+    f: torch.Tensor, source_mean: torch.Tensor, source_std: torch.Tensor, target_mean: torch.Tensor,
+    target_std: torch.Tensor, shape: torch.Size,
+) -> torch.Tensor:
+    """Reinhard's transfer applied to the companded values of :func:`lab_companded` (consumed: overwritten) and
+    back to sRGB ``shape`` ``(B, 3, H, W)``, clamped to ``[0, 1]``; :func:`lab_to_rgb` of the transferred LAB to
+    within 1e-5 (tested).
+
+    In f: ``f' = A⁻¹·D·A·f + A⁻¹·(D·(c − μ_src) + μ_tgt − c)`` with ``D = diag(σ_tgt / σ_src)``. Then as Kornia:
+    ``f_z ≥ 0``; the inverse companding ``f³`` above 6/29 and ``(f − 4/29) / 7.787`` below, as
+    ``max(f, t)³ + (min(f, t) − t) / 7.787`` with ``t = 6/29`` (exact above ``t``, 3e-6 off below); white point and linear RGB
+    in one 3×3 product; sRGB encoding as the minimum of its two branches.
+    """
+    dtype = f.dtype
+    a = _matrix(_F_TO_LAB, f)
+    c = _matrix(_LAB_OFFSET, f)
+    tm, ts = target_mean.double().to(f.device), target_std.double().to(f.device)
+    if tm.ndim == 1:
+        tm, ts = tm[None], ts[None]
+    d = ts / source_std.double().clamp_min(1e-6)  # (B, 3)
+    a_inv = torch.linalg.inv(a)
+    k = a_inv @ (d[:, :, None] * a)  # (B, 3, 3)
+    bias = (d * (c - source_mean.double()) + tm - c) @ a_inv.T  # (B, 3)
+    f2 = torch.baddbmm(bias.to(dtype)[..., None], k.to(dtype), f) if f.shape[0] else f
+    f2[:, 2].clamp_min_(0.0)
+    thr = 0.2068966
+    low = torch.clamp_max(f2, thr).sub_(thr)  # 0 above the threshold
+    cube = f2.clamp_min_(thr)
+    xyz = torch.mul(cube, cube).mul_(cube).add_(low, alpha=1 / 7.787)
+    m = (_matrix(_XYZ_TO_RGB, f) * _matrix(_WHITE, f)[None]).to(dtype)
+    lin = torch.matmul(m, xyz, out=low)  # linear RGB
+    g = torch.clamp_min(lin, 0.0031308).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
+    return torch.minimum(g, lin.mul_(12.92), out=g).clamp_(0.0, 1.0).reshape(shape)
+
+
 def reinhard_normalize(
     images: torch.Tensor,
     source_mean: torch.Tensor,
@@ -116,6 +199,10 @@ def reinhard_normalize(
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
     """
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (images, source_mean, source_std, target_mean, target_std))
+    if lab is None and not grad:  # the same transfer without a LAB tensor (see reinhard_from_companded)
+        out = reinhard_from_companded(lab_companded(images), source_mean, source_std, target_mean, target_std, images.shape)
+        return out.to(images.dtype) if images.is_floating_point() else out
     lab = rgb_to_lab(images) if lab is None else lab
     tm = target_mean.to(lab)
     ts = target_std.to(lab)

@@ -87,10 +87,12 @@ class EstimatorConfig:
     vahadane_tol: float = 1e-5
     seed: int = 0
 
-    def tissue_weights(self, images: torch.Tensor) -> torch.Tensor:
-        """Tissue weights ``(B, 1, ...)`` of ``images`` under this configuration's rule (:func:`tissue_mask`)."""
+    def tissue_weights(self, images: torch.Tensor, linear: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tissue weights ``(B, 1, ...)`` of ``images`` under this configuration's rule (:func:`tissue_mask`;
+        ``linear``: the images' linear RGB, if the caller has it)."""
         return tissue_mask(images, self.tissue_method, luminosity_threshold=self.luminosity_threshold,
-                           od_threshold=self.od_threshold, i0=self.i0, exclude_saturated=self.exclude_saturated)
+                           od_threshold=self.od_threshold, i0=self.i0, exclude_saturated=self.exclude_saturated,
+                           linear=linear)
 
     def __post_init__(self):
         if self.method not in METHODS:

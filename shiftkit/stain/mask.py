@@ -5,18 +5,38 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
+from ..core.image import lookup_uint8
 from ..core.ops import select
 from .model import MACENKO_BETA_LN, MIN_INTENSITY, rgb_to_od
 
 TISSUE_METHODS = ("luminosity", "od")
 
 
-def relative_luminance(images: torch.Tensor) -> torch.Tensor:
+def srgb_to_linear(images: torch.Tensor, u8: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear RGB of sRGB ``images`` in ``[0, 1]`` (a new tensor), with Kornia's constants:
+    ``((x + 0.055) / 1.055)^2.4`` above 0.04045 and ``x / 12.92`` below.
+
+    Computed without a mask as ``g(max(x, t)) + (min(x, t) − t) / 12.92`` (the branches meet at ``t`` to 1e-9),
+    the power as ``exp2(2.4·log2(·))``. ``u8``: the same images as uint8, read from a 256-entry table of this
+    function instead (float32 images only).
+    """
+    if u8 is not None and images.dtype == torch.float32:
+        return lookup_uint8(u8, "srgb-linear", srgb_to_linear).reshape(images.shape)
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    t = 0.04045
+    g = torch.clamp_min(x, t).mul_(1 / 1.055).add_(0.055 / 1.055).log2_().mul_(2.4).exp2_()
+    return g.add_(torch.clamp_max(x, t), alpha=1 / 12.92).sub_(t / 12.92)
+
+
+def relative_luminance(images: torch.Tensor, linear: torch.Tensor | None = None) -> torch.Tensor:
     """CIE Y (D65) of sRGB images ``(B, 3, H, W)`` in ``[0, 1]``, as ``(B, 1, H, W)``.
 
     The same Y that CIELAB's L* is computed from (Kornia, OpenCV, scikit-image), so thresholding L* equals
-    thresholding Y, without the cube root and the chroma channels.
+    thresholding Y, without the cube root and the chroma channels. ``linear``: :func:`srgb_to_linear` of
+    ``images``, if the caller has it.
     """
+    if linear is not None:
+        return (linear[:, :1] * 0.212671).add_(linear[:, 1:2], alpha=0.715160).add_(linear[:, 2:3], alpha=0.072169)
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
     # lin(x) = ((x + 0.055) / 1.055)^2.4 above 0.04045, x / 12.92 below. The 1 / 1.055^2.4 factor is folded
     # into the channel weights.
@@ -43,6 +63,7 @@ def tissue_mask(
     od_threshold: float = MACENKO_BETA_LN,
     i0: float = 1.0,
     exclude_saturated: bool = True,
+    linear: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tissue weights for a batch of RGB images.
 
@@ -60,6 +81,7 @@ def tissue_mask(
     Args:
         images: ``(B, 3, H, W)`` (or flattened ``(B, 3, N)``) float in ``[0, 1]``.
         method: ``"luminosity"`` or ``"od"``.
+        linear: :func:`srgb_to_linear` of ``images``, if the caller has it (saves the luminosity rule's decoding).
 
     Returns:
         ``(B, 1, H, W)`` (or ``(B, 1, N)``) weights (same dtype as ``images``), 1 for tissue.
@@ -76,7 +98,7 @@ def tissue_mask(
     if not exclude_saturated:
         not_saturated = torch.ones_like(not_saturated)
     if method == "luminosity":
-        keep = relative_luminance(images) < _lightness_to_luminance(100.0 * luminosity_threshold)
+        keep = relative_luminance(images, linear) < _lightness_to_luminance(100.0 * luminosity_threshold)
     else:
         keep = (rgb_to_od(images, i0=i0) >= od_threshold).all(dim=1, keepdim=True)
     return (keep & not_saturated).to(images.dtype)

@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
+from ..core.image import lookup_uint8
 
 LN10 = math.log(10.0)
 #: Macenko et al.'s OD threshold 0.15 (log10) expressed in natural-log OD units.
@@ -108,9 +109,6 @@ def rgb_to_od(images: torch.Tensor, i0: float = 1.0, min_intensity: float = MIN_
     return -torch.log(od) if od.requires_grad else od.log_().neg_()
 
 
-_LUTS: dict = {}
-
-
 def uint8_lookup(u8: torch.Tensor, kind: str, i0: float = 1.0) -> torch.Tensor:
     """A per-pixel function of 8-bit images by a 256-entry lookup table, as float32 of ``u8``'s shape.
 
@@ -118,24 +116,12 @@ def uint8_lookup(u8: torch.Tensor, kind: str, i0: float = 1.0) -> torch.Tensor:
     log-intensity the normalization kernels start from). The table holds those functions evaluated by the same
     float32 code on the 256 values the image contract gives uint8 pixels (``k · (1/255)``), so a pixel's value
     is the float path's to within the last bit of the vectorized log; one table read replaces a clamp and a
-    logarithm per channel. CPU tensors use OpenCV's ``LUT``, others an index.
+    logarithm per channel (:func:`shiftkit.core.image.lookup_uint8`).
     """
     _check_i0(i0)
-    key = (kind, float(i0))
-    lut = _LUTS.get(key)
-    if lut is None:
-        v = torch.arange(256, dtype=torch.uint8) * (1.0 / 255.0)  # exactly to_batch's float32 values
-        lut = rgb_to_od(v, i0=i0) if kind == "od" else v.clamp(MIN_INTENSITY, i0).log_()
-        _LUTS[key] = lut = lut.contiguous()
-    if u8.device.type == "cpu" and u8.is_contiguous() and u8.numel():
-        import cv2
-        import numpy as np
-
-        src = u8.numpy().reshape(-1, u8.shape[-1])
-        dst = np.empty(src.shape, dtype=np.float32)
-        cv2.LUT(src, lut.numpy(), dst)
-        return torch.from_numpy(dst).reshape(u8.shape)
-    return lut.to(u8.device)[u8.long()]
+    if kind == "od":
+        return lookup_uint8(u8, ("od", float(i0)), lambda v: rgb_to_od(v, i0=i0))
+    return lookup_uint8(u8, ("log", float(i0)), lambda v: v.clamp(MIN_INTENSITY, i0).log_())
 
 
 def od_to_rgb(od: torch.Tensor, i0: float = 1.0) -> torch.Tensor:

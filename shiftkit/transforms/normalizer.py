@@ -14,7 +14,7 @@ from torch import nn
 from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
 from ..core.image import map_batch, to_batch
 from ..core.ops import select
-from ..functional.stain import normalize_stains, reinhard_normalize, rgb_to_lab
+from ..functional.stain import lab_companded, lab_moments, normalize_stains, reinhard_from_companded, reinhard_normalize, rgb_to_lab
 from ..stain.estimate import (
     STATUS_DEGENERATE,
     STATUS_LOW_TISSUE,
@@ -26,6 +26,7 @@ from ..stain.estimate import (
     _estimate_batch,
     estimate_stains_pooled,
 )
+from ..stain.mask import srgb_to_linear
 from ..stain.model import MACENKO_REFERENCE_MAX_CONCENTRATIONS, reference_stain_matrix, uint8_lookup, validate_stain_matrix
 from ..stain.stats import weighted_mean_std
 
@@ -193,14 +194,26 @@ class StainNormalizer(nn.Module):
         if self.method == "reinhard":
             if not bool(self.fitted):
                 raise InvalidArgumentError("`StainNormalizer('reinhard')` is not fitted: expected a call to .fit(target) first, got none")
-            lab = rgb_to_lab(x)  # once: for the statistics and for the transfer
-            mean, std, n_tissue, n = _lab_statistics(x, cfg, lab)
+            fast = not (torch.is_grad_enabled() and x.requires_grad)
+            if fast:  # LAB's companded values once, for the statistics and for the transfer (no LAB tensor)
+                lin = srgb_to_linear(x, u8)  # shared by the tissue rule and LAB
+                w = cfg.tissue_weights(x, lin).flatten(1)
+                f = lab_companded(x, linear=lin)
+                mean, std = lab_moments(f, w, binary=True)  # tissue weights are 0 or 1
+                n_tissue, n = w.sum(-1), torch.full_like(w[:, 0], w.shape[-1])
+            else:
+                lab = rgb_to_lab(x)  # once: for the statistics and for the transfer
+                mean, std, n_tissue, n = _lab_statistics(x, cfg, lab)
             enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
             flat = (std < _MIN_LAB_STD).any(-1)
             code = torch.where(~enough, STATUS_LOW_TISSUE, torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
             ok = code == STATUS_OK
             safe_std = torch.where(ok[:, None], std, torch.ones_like(std))
-            y = reinhard_normalize(x, mean, safe_std, self.target_mean.to(x.device), self.target_std.to(x.device), lab=lab)
+            tm, ts = self.target_mean.to(x.device), self.target_std.to(x.device)
+            if fast:
+                y = reinhard_from_companded(f, mean, safe_std, tm, ts, x.shape)
+            else:
+                y = reinhard_normalize(x, mean, safe_std, tm, ts, lab=lab)
             y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
             y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"), u8)
