@@ -14,8 +14,8 @@ import torch
 
 from ..core.errors import InvalidArgumentError, StainEstimationError, UnknownNameError
 from ..core.image import to_batch
-from .mask import TISSUE_METHODS, tissue_mask
-from .model import RUIFROK_DAB, normalize_rows, reference_stain_matrix, rgb_to_od
+from .mask import TISSUE_METHODS, srgb_to_linear, tissue_mask
+from .model import RUIFROK_DAB, normalize_rows, reference_stain_matrix, rgb_to_od, uint8_lookup
 from .solve import od_to_concentrations, positive_lasso_2
 from .stats import masked_quantile, weighted_mean_cov
 
@@ -233,17 +233,24 @@ def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cf
     return StainEstimate(matrix=matrix, max_concentrations=maxc, tissue_fraction=frac.to(od.dtype), status_code=status)
 
 
-def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor] = None, subsample: bool = True):
+def _flatten(images: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor] = None, subsample: bool = True,
+             u8: Optional[torch.Tensor] = None):
     """OD ``(B, 3, M)`` and tissue weights ``(B, M)`` of a fixed, strided pixel subsample (every ``s``-th
-    pixel in raster order, ``s = ceil(N / max_pixels)``; all pixels when ``max_pixels`` is None)."""
+    pixel in raster order, ``s = ceil(N / max_pixels)``; all pixels when ``max_pixels`` is None). ``u8``: the
+    same images as uint8, whose OD and linear RGB then come from lookup tables (equal to the float code)."""
     x = images.flatten(2)
     n = x.shape[-1]
     step = 1
     if subsample and cfg.max_pixels is not None and n > cfg.max_pixels:
         step = -(-n // int(cfg.max_pixels))
         x = x[..., ::step]
-    od = rgb_to_od(x, i0=cfg.i0)
-    w = cfg.tissue_weights(x)
+    if u8 is not None and x.dtype == torch.float32:
+        sub = u8.flatten(2)[..., ::step].contiguous()
+        od = uint8_lookup(sub, "od", cfg.i0)
+        w = cfg.tissue_weights(x, srgb_to_linear(x, sub) if cfg.tissue_method == "luminosity" else None)
+    else:
+        od = rgb_to_od(x, i0=cfg.i0)
+        w = cfg.tissue_weights(x)
     if mask is not None:
         w = w * mask.flatten(2)[..., ::step].to(w)
     return od, w.flatten(1).to(od.dtype)
@@ -321,10 +328,11 @@ def _config(method: str, options: dict) -> EstimatorConfig:
     return EstimatorConfig(method=method, **options)
 
 
-def _estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor], on_failure: str) -> StainEstimate:
+def _estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor], on_failure: str,
+                    u8: Optional[torch.Tensor] = None) -> StainEstimate:
     if on_failure not in ("report", "raise"):
         raise UnknownNameError("on_failure", on_failure, ("report", "raise"))
-    od, w = _flatten(x, cfg, mask)
+    od, w = _flatten(x, cfg, mask, u8=u8)
     n = torch.full((x.shape[0],), od.shape[-1], device=x.device)
     est = _estimate_flat(od, w, n, cfg)
     if on_failure == "raise" and len(est) and not bool(est.ok.all()):

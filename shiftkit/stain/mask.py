@@ -6,7 +6,6 @@ import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
 from ..core.image import lookup_uint8
-from ..core.ops import select
 from .model import MACENKO_BETA_LN, MIN_INTENSITY, rgb_to_od
 
 TISSUE_METHODS = ("luminosity", "od")
@@ -35,17 +34,9 @@ def relative_luminance(images: torch.Tensor, linear: torch.Tensor | None = None)
     thresholding Y, without the cube root and the chroma channels. ``linear``: :func:`srgb_to_linear` of
     ``images``, if the caller has it.
     """
-    if linear is not None:
-        return (linear[:, :1] * 0.212671).add_(linear[:, 1:2], alpha=0.715160).add_(linear[:, 2:3], alpha=0.072169)
-    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    # lin(x) = ((x + 0.055) / 1.055)^2.4 above 0.04045, x / 12.92 below. The 1 / 1.055^2.4 factor is folded
-    # into the channel weights.
-    k = 1.055**2.4
-    hi = (x + 0.055).pow_(2.4)
-    lin = select(x > 0.04045, hi, x * (k / 12.92))
-    w_r, w_g, w_b = 0.212671 / k, 0.715160 / k, 0.072169 / k
+    lin = srgb_to_linear(images) if linear is None else linear
     # the channel sum as in-place multiply-adds: the same arithmetic for a tile whatever its batch
-    return (lin[:, :1] * w_r).add_(lin[:, 1:2], alpha=w_g).add_(lin[:, 2:3], alpha=w_b)
+    return (lin[:, :1] * 0.212671).add_(lin[:, 1:2], alpha=0.715160).add_(lin[:, 2:3], alpha=0.072169)
 
 
 def _lightness_to_luminance(lightness: float) -> float:

@@ -216,7 +216,7 @@ class StainNormalizer(nn.Module):
                 y = reinhard_normalize(x, mean, safe_std, tm, ts, lab=lab)
             y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
-            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report"), u8)
+            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report", u8), u8)
         return y, code  # from_batch maps any NaN to 0 as a last guard
 
     def _apply_estimate(self, x: torch.Tensor, est: StainEstimate, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

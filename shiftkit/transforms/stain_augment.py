@@ -178,7 +178,7 @@ class StainAugment(ShiftkitAugmentation):
             mat = self.matrix.to(x).expand(x.shape[0], 2, 3)
             maxc = None
         else:
-            est = _estimate_batch(x, cfg, None, "report")
+            est = _estimate_batch(x, cfg, None, "report", uint8 if x.dtype == torch.float32 else None)
             mat, maxc = est.matrix, est.max_concentrations
         beta = params["beta"].to(x)
         if self.beta_units == "relative":
