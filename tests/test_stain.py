@@ -421,3 +421,24 @@ def test_estimation_from_uint8_lookup_tables_equals_the_float_path(real_tile, me
     b = _estimate_batch(x, cfg, None, "report", u8)
     assert a.status == b.status and a.status[:2] == ["ok", "ok"] and a.status[2] == "low-tissue"
     assert torch.equal(a.matrix, b.matrix) and torch.equal(a.max_concentrations, b.max_concentrations)
+
+
+def test_srgb_codec_equals_kornia_with_and_without_gradients():
+    import kornia
+
+    from shiftkit.stain.mask import linear_to_srgb, srgb_to_linear
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.rand(3999, generator=g), torch.linspace(0, 0.06, 3999), torch.tensor([0.0, 1.0, 0.04045])])
+    x = x.view(1, 3, 2667, 1).double()
+    lin = srgb_to_linear(x)
+    assert (lin - kornia.color.rgb_to_linear_rgb(x)).abs().max() < 3e-9  # the branches meet to 2.3e-9
+    enc = linear_to_srgb(lin * 1.3 - 0.01)  # out of range both ways: clamped
+    ref = kornia.color.linear_rgb_to_rgb((lin * 1.3 - 0.01).clamp(0, 1))
+    assert (enc - ref).abs().max() < 1e-5 and enc.min() >= 0 and enc.max() <= 1
+    assert (linear_to_srgb(lin) - x).abs().max() < 1e-5  # round trip
+    xg = x.clone().requires_grad_()
+    out = linear_to_srgb(srgb_to_linear(xg) * 0.8)
+    torch.testing.assert_close(out.detach(), linear_to_srgb(srgb_to_linear(x) * 0.8), rtol=0, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(xg.grad).all() and (xg.grad >= 0).all() and xg.grad.abs().sum() > 0

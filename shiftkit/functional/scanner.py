@@ -15,20 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..stain.mask import linear_to_srgb, srgb_to_linear
 from ..stain.model import od_to_rgb, rgb_to_od
 
 
 # ----------------------------------------------------------------------------- colour helpers
-
-
-def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    """sRGB companding inverse (IEC 61966-2-1)."""
-    return torch.where(x > 0.04045, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, x / 12.92)
-
-
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0.0, 1.0)
-    return torch.where(x > 0.0031308, 1.055 * x.clamp_min(0.0031308) ** (1 / 2.4) - 0.055, 12.92 * x)
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 import kornia
 import torch
 
-from ..stain.mask import srgb_to_linear
+from ..stain.mask import linear_to_srgb, srgb_to_linear
 from ..stain.model import LOG2E, MIN_INTENSITY, od_to_rgb, rgb_to_od
 from ..stain.solve import nnls_2_projection, od_to_concentrations, select_nnls_2
 
@@ -175,8 +175,7 @@ def reinhard_from_companded(
     xyz = torch.mul(cube, cube).mul_(cube).add_(low, alpha=1 / 7.787)
     m = (_matrix(_XYZ_TO_RGB, f) * _matrix(_WHITE, f)[None]).to(dtype)
     lin = torch.matmul(m, xyz, out=low)  # linear RGB
-    g = torch.clamp_min(lin, 0.0031308).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
-    return torch.minimum(g, lin.mul_(12.92), out=g).clamp_(0.0, 1.0).reshape(shape)
+    return linear_to_srgb(lin, overwrite=True).reshape(shape)
 
 
 def reinhard_normalize(

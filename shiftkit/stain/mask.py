@@ -15,16 +15,35 @@ def srgb_to_linear(images: torch.Tensor, u8: torch.Tensor | None = None) -> torc
     """Linear RGB of sRGB ``images`` in ``[0, 1]`` (a new tensor), with Kornia's constants:
     ``((x + 0.055) / 1.055)^2.4`` above 0.04045 and ``x / 12.92`` below.
 
-    Computed without a mask as ``g(max(x, t)) + (min(x, t) − t) / 12.92`` (the branches meet at ``t`` to 1e-9),
+    Computed without a mask as ``g(max(x, t)) + (min(x, t) − t) / 12.92`` (the branches meet at ``t`` to 2.3e-9),
     the power as ``exp2(2.4·log2(·))``. ``u8``: the same images as uint8, read from a 256-entry table of this
     function instead (float32 images only).
     """
     if u8 is not None and images.dtype == torch.float32:
         return lookup_uint8(u8, "srgb-linear", srgb_to_linear).reshape(images.shape)
-    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    x = images if images.is_floating_point() else images.float()
     t = 0.04045
+    if torch.is_grad_enabled() and x.requires_grad:  # the same arithmetic, out of place
+        return torch.exp2(torch.log2(torch.clamp_min(x, t) * (1 / 1.055) + 0.055 / 1.055) * 2.4) + (torch.clamp_max(x, t) - t) / 12.92
     g = torch.clamp_min(x, t).mul_(1 / 1.055).add_(0.055 / 1.055).log2_().mul_(2.4).exp2_()
     return g.add_(torch.clamp_max(x, t), alpha=1 / 12.92).sub_(t / 12.92)
+
+
+def linear_to_srgb(linear: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """sRGB encoding of linear RGB with Kornia's constants, clamped to ``[0, 1]``: ``1.055·x^(1/2.4) − 0.055``
+    above 0.0031308 and ``12.92·x`` below.
+
+    Computed without a mask as ``min(g(max(x, t)), 12.92·x)``: ``g`` is concave and starts 6e-6 above the line
+    at ``t``, so the minimum is the line below ``t`` and ``g`` from 3e-5 above it (within 6e-6 in between).
+    ``overwrite=True`` lets it reuse ``linear``'s memory (no autograd).
+    """
+    t = 0.0031308
+    x = linear
+    if torch.is_grad_enabled() and x.requires_grad:
+        g = torch.exp2(torch.log2(torch.clamp_min(x, t)) * (1 / 2.4)) * 1.055 - 0.055
+        return torch.minimum(g, x * 12.92).clamp(0.0, 1.0)
+    g = torch.clamp_min(x, t).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
+    return torch.minimum(g, x.mul_(12.92) if overwrite else x * 12.92, out=g).clamp_(0.0, 1.0)
 
 
 def relative_luminance(images: torch.Tensor, linear: torch.Tensor | None = None) -> torch.Tensor:
