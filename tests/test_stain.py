@@ -98,7 +98,7 @@ def test_nonnegative_concentrations_with_obtuse_stain_pairs_match_scipy_nnls():
     two-atom choice from a minimum to a maximum; a batch mixing both signs takes the per-tile route."""
     from scipy.optimize import nnls
 
-    from shiftkit.stain.solve import positive_lasso_2
+    from shiftkit.stain.solve import nnls_2_projection, positive_lasso_2, select_nnls_2
 
     g = torch.Generator().manual_seed(3)
     acute = reference_stain_matrix("macenko", dtype=torch.float64)
@@ -109,12 +109,15 @@ def test_nonnegative_concentrations_with_obtuse_stain_pairs_match_scipy_nnls():
         od = torch.randn(2, 3, 400, generator=g, dtype=torch.float64)
         c = od_to_concentrations(od, m, clamp=True)
         c2 = positive_lasso_2(m @ od, m @ m.transpose(1, 2), 0.0)
+        y = nnls_2_projection(m) @ od  # the GPU route (no host look at the signs), run here on CPU
+        c3 = select_nnls_2(y[:, :2], y[:, 2:], (m[:, 0] * m[:, 1]).sum(-1), host_checks=False)
         zeros = 0
         for b in range(2):
             for i in range(od.shape[-1]):
                 ref, _ = nnls(m[b].numpy().T, od[b, :, i].numpy())
                 np.testing.assert_allclose(c[b, :, i].numpy(), ref, atol=1e-9)
                 np.testing.assert_allclose(c2[b, :, i].numpy(), ref, atol=1e-9)
+                np.testing.assert_allclose(c3[b, :, i].numpy(), ref, atol=1e-9)
                 zeros += int(((ref == 0).sum() == 1))
         assert zeros > 100  # one stain at zero, the other refitted: the branch that differs
 

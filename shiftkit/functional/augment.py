@@ -103,7 +103,8 @@ def perturb_stains(
     torch.mul(conc, a_, out=y[:, 2:4]).add_(b_).clamp_min_(0.0)  # C' = max(α·C + β, 0) (addcmul broadcasts slowly)
     keep = None
     if background_od is not None:
-        keep = torch.ge(y[:, 4:5], background_od, out=y[:, 4:5])  # 1.0 on tissue, 0.0 on background
+        s_od = y[:, 4:5]  # 1.0 on tissue, 0.0 on background (on CPU written over the summed OD: no new memory)
+        keep = torch.ge(s_od, background_od, out=s_od) if s_od.device.type == "cpu" else (s_od >= background_od).to(s_od.dtype)
         y[:, :4].mul_(keep)
     neg_delta = torch.bmm(torch.cat([m.transpose(1, 2), -m2.transpose(1, 2)], 2) * LOG2E, y[:, :4], out=od)  # −Δ·log2(e)
     flat = images.reshape(od.shape)

@@ -48,7 +48,7 @@ def _inverse_and_diagonal_2(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return inv, torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(1e-12)
 
 
-def select_nnls_2(a: torch.Tensor, q: torch.Tensor, g12: torch.Tensor) -> torch.Tensor:
+def select_nnls_2(a: torch.Tensor, q: torch.Tensor, g12: torch.Tensor, host_checks: bool | None = None) -> torch.Tensor:
     """The two-atom active-set choice: ``c_i = a_i⁺`` where the other coordinate ``a_j > 0``, else ``q_i⁺``.
 
     ``a`` ``(B, 2, M)`` is the unconstrained solution, ``q`` each atom refitted alone (``r_i / G_ii``) and
@@ -56,9 +56,15 @@ def select_nnls_2(a: torch.Tensor, q: torch.Tensor, g12: torch.Tensor) -> torch.
     is a minimum when ``G_12 ≥ 0`` (``q_i ≤ a_i`` exactly when ``a_j ≤ 0``; always the case for non-negative
     stain vectors) and a maximum when ``G_12 < 0``: ``c = max(min(a, q), 0)``, two passes instead of masks
     and selections. Without gradients the result is written into ``a`` (which must be the caller's own).
+    ``host_checks`` (default: on CPU) looks at the signs on the host to skip work; off (GPU), every tile takes
+    ``s·min(s·a, s·q)`` with ``s = ±1``, without a device-to-host round trip.
     """
     grad = torch.is_grad_enabled() and (a.requires_grad or q.requires_grad)
     neg = g12 < 0
+    if not (a.device.type == "cpu" if host_checks is None else host_checks):
+        s = torch.where(neg, -1.0, 1.0).to(a.dtype)[:, None, None]
+        c = torch.minimum(a * s, q * s).mul_(s)
+        return c.clamp_min(0.0) if grad else c.clamp_min_(0.0)
     if not bool(neg.any()):
         c = torch.minimum(a, q) if grad else torch.minimum(a, q, out=a)
     elif bool(neg.all()):
