@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core.errors import InvalidArgumentError
-from ..core.image import from_batch, to_batch
+from ..core.image import to_batch
 from .base import ShiftkitAugmentation, transform_from_dict
 
 
@@ -26,9 +27,13 @@ def _as_transform(t: Union[ShiftkitAugmentation, dict]) -> ShiftkitAugmentation:
 
 
 def _apply(transform: ShiftkitAugmentation, image: Any, generator: torch.Generator) -> Any:
-    x, spec = to_batch(image, "image")
-    params = transform.draw_parameters(tuple(x.shape), generator)
-    return from_batch(transform(x, params=params), spec)
+    """One draw from ``generator``, applied by :meth:`ShiftkitAugmentation.augment` (the caller's format back;
+    8-bit input takes the lookup-table route)."""
+    if not isinstance(image, (np.ndarray, torch.Tensor)) or image.ndim not in (3, 4):
+        to_batch(image, "image")  # raises the image contract's error naming the argument
+    b = image.shape[0] if image.ndim == 4 else 1
+    h, w = image.shape[-3:-1] if isinstance(image, np.ndarray) else image.shape[-2:]
+    return transform.augment(image, params=transform.draw_parameters((b, 3, int(h), int(w)), generator))
 
 
 def to_albumentations(transform: Union[ShiftkitAugmentation, dict], p: float = 1.0):
