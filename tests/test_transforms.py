@@ -383,10 +383,19 @@ def _augment_cases():
         StainAugment(method="fixed", matrix=reference_stain_matrix("macenko"), preset="strong", seed=2),
         StainAugment(method="macenko", preset="strong", seed=3, p=0.5),  # a per-tile gate
         StainAugment(method="vahadane", preset="medium", seed=4, beta_units="relative"),
+        StainTemplateSample(_sample_statistics(), preset="strong", seed=5),
+        StainNormalize(StainNormalizer("reinhard").fit(load_sample_tiles()[:2])),
+        StainNormalize(StainNormalizer("macenko")),
     ]
 
 
-@pytest.mark.parametrize("idx", range(4))
+def _sample_statistics():
+    from shiftkit import fit_stain_statistics
+
+    return fit_stain_statistics(load_sample_tiles()[:6], "lab")
+
+
+@pytest.mark.parametrize("idx", range(7))
 def test_augment_on_uint8_batches_equals_the_float_tensor_path(idx):
     """augment(numpy uint8 batch) = from_batch(forward(to_batch(batch)), ...) with the same parameters, although it
     converts and transforms in chunks (10 tiles of 224² = 2 chunks, the last one ragged)."""

@@ -229,6 +229,10 @@ def transfer_statistics(
 
     ``x' = (x − μ_src) / σ_src · σ_tgt + μ_tgt`` with ``(B, 3)`` statistics, then back to RGB in ``[0, 1]``.
     """
+    if space == "lab":  # Reinhard's transfer: without gradients it never forms the LAB image
+        from .stain import reinhard_normalize
+
+        return reinhard_normalize(images, source_mean, source_std, target_mean, target_std)
     x = rgb_to_space(images, space)
     y = (x - source_mean.to(x)[..., None, None]) / source_std.to(x)[..., None, None] * target_std.to(x)[..., None, None] + target_mean.to(x)[..., None, None]
     return space_to_rgb(y, space)

@@ -19,7 +19,8 @@ from ..core.ops import select
 from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
 from ..stain.estimate import _config, _estimate_batch
-from ..stain.mask import tissue_mask
+from ..functional.stain import lab_companded, lab_moments, reinhard_from_companded
+from ..stain.mask import srgb_to_linear, tissue_mask
 from ..stain.model import rgb_to_od, uint8_lookup, validate_stain_matrix
 from ..stain.solve import od_to_concentrations
 from ..stain.stats import masked_quantile, weighted_mean_std
@@ -388,13 +389,25 @@ class StainTemplateSample(ShiftkitAugmentation):
         std = self._draw(self.stats["sm"], self.stats["ss"], batch).clamp_min(self.min_std)
         return {"target_mean": mean, "target_std": std}
 
-    def apply_batch(self, x, params):
+    _accepts_uint8 = True
+
+    def apply_batch(self, x, params, uint8=None):
+        tm, ts = params["target_mean"].to(x), params["target_std"].to(x)
+        if self.color_space == "lab" and not (torch.is_grad_enabled() and x.requires_grad):
+            # LAB through its companded values (shiftkit.functional.stain.lab_companded): no LAB image is formed
+            lin = srgb_to_linear(x, uint8 if x.dtype == torch.float32 else None)
+            w = tissue_mask(x, linear=lin).flatten(1)
+            w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+            f = lab_companded(x, linear=lin)
+            m, s = lab_moments(f, w, binary=True)
+            flat = (s < 1e-3)  # a flat tile cannot be rescaled: keep it
+            out = reinhard_from_companded(f, m, torch.where(flat, torch.ones_like(s), s), tm, ts, x.shape).to(x.dtype)
+            return select(flat.any(-1)[:, None, None, None], x, out)
         w = tissue_mask(x).flatten(1)
         w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
         m, s = weighted_mean_std(rgb_to_space(x, self.color_space).flatten(2), w)
         flat = (s < 1e-3)  # a flat tile cannot be rescaled: keep it
-        out = transfer_statistics(x, m, torch.where(flat, torch.ones_like(s), s), params["target_mean"].to(x),
-                                  params["target_std"].to(x), self.color_space)
+        out = transfer_statistics(x, m, torch.where(flat, torch.ones_like(s), s), tm, ts, self.color_space)
         return select(flat.any(-1)[:, None, None, None], x, out)
 
 
@@ -417,5 +430,7 @@ class StainNormalize(ShiftkitAugmentation):
         self.normalizer = normalizer
         self._config = {"normalizer": normalizer.to_dict(), "keepdim": bool(keepdim)}
 
-    def apply_batch(self, x, params):
-        return self.normalizer._normalize_chunk(x)[0]
+    _accepts_uint8 = True
+
+    def apply_batch(self, x, params, uint8=None):
+        return self.normalizer._normalize_chunk(x, uint8 if x.dtype == torch.float32 else None)[0]
