@@ -8,6 +8,7 @@ tile; the shift registry converts micrometres with the tile's µm/px.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import kornia
@@ -213,12 +214,21 @@ def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.
     """
     lin = srgb_to_linear(images.float()).cpu()
     out = torch.empty_like(lin)
-    for i in range(lin.shape[0]):
-        g = torch.Generator().manual_seed(int(seed[i]))
-        lam = float(photons[i])
-        shot = torch.poisson(lin[i] * lam, generator=g) / lam
-        out[i] = shot + float(read_sigma[i]) * torch.randn(lin[i].shape, generator=g)
-    return linear_to_srgb(out).to(images)
+    lams, sigmas, seeds = photons.double().tolist(), read_sigma.double().tolist(), seed.long().tolist()
+
+    def one(i: int) -> None:  # its own generator: the result does not depend on the thread that runs it
+        g = torch.Generator().manual_seed(int(seeds[i]))
+        out[i] = torch.poisson(lin[i] * lams[i], generator=g) / lams[i] + sigmas[i] * torch.randn(lin[i].shape, generator=g)
+
+    # torch.poisson runs on one core; tiles are independent, so they run in threads (the ops release the GIL)
+    workers = min(lin.shape[0], torch.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(lin.shape[0])))
+    else:
+        for i in range(lin.shape[0]):
+            one(i)
+    return linear_to_srgb(out, overwrite=True).to(images)
 
 
 # ----------------------------------------------------------------------------- ISP
