@@ -107,6 +107,7 @@ _XYZ_TO_RGB = ((3.2404813432005266, -1.5371515162713185, -0.4985363261688878),
                (0.0556466391351772, -0.2040413383665112, 1.0573110696453443))
 _WHITE = (0.95047, 1.0, 1.08883)
 _F_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))
+_LAB_TO_F = ((1 / 116, 1 / 500, 0.0), (1 / 116, 0.0, 0.0), (1 / 116, 0.0, -1 / 200))  # its inverse, in closed form
 _LAB_OFFSET = (-16.0, 0.0, 0.0)
 
 
@@ -164,7 +165,7 @@ def reinhard_from_companded(
     if tm.ndim == 1:
         tm, ts = tm[None], ts[None]
     d = ts / source_std.double().clamp_min(1e-6)  # (B, 3)
-    a_inv = torch.linalg.inv(a)
+    a_inv = _matrix(_LAB_TO_F, f)  # no linear-algebra call on the device
     k = a_inv @ (d[:, :, None] * a)  # (B, 3, 3)
     bias = (d * (c - source_mean.double()) + tm - c) @ a_inv.T  # (B, 3)
     f2 = torch.baddbmm(bias.to(dtype)[..., None], k.to(dtype), f) if f.shape[0] else f
