@@ -104,7 +104,17 @@ def tissue_mask(
         )
     if od_threshold < 0:
         raise InvalidArgumentError(f"`od_threshold` out of range: expected >= 0 (natural-log OD), got {od_threshold!r}")
-    not_saturated = (images > MIN_INTENSITY + 1e-6).all(dim=1, keepdim=True)
+    sat = MIN_INTENSITY + 1e-6
+    if linear is not None and method == "luminosity" and images.device.type == "cpu":
+        # from the linear RGB at hand: one-row passes (the darkest channel, the luminance) instead of
+        # comparisons and reductions over all three channels; the same pixels, as srgb_to_linear is increasing
+        keep = relative_luminance(images, linear).lt_(_lightness_to_luminance(100.0 * luminosity_threshold))
+        if exclude_saturated:
+            darkest = torch.minimum(linear[:, :1], linear[:, 1:2])
+            torch.minimum(darkest, linear[:, 2:3], out=darkest)
+            keep.mul_(darkest.gt_(float(srgb_to_linear(torch.tensor([sat], dtype=linear.dtype)))))
+        return keep.to(images.dtype)
+    not_saturated = (images > sat).all(dim=1, keepdim=True)
     if not exclude_saturated:
         not_saturated = torch.ones_like(not_saturated)
     if method == "luminosity":
