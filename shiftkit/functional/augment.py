@@ -11,6 +11,7 @@ import torch
 from ..core.ops import select
 from ..stain.model import LOG2E, MIN_INTENSITY, RUIFROK_DAB, normalize_rows, od_to_rgb, reference_stain_matrix, rgb_to_od
 from ..stain.solve import nnls_2_projection, od_to_concentrations, select_nnls_2
+from .stain import reinhard_normalize
 
 
 def _tangent_basis(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +231,6 @@ def transfer_statistics(
     ``x' = (x − μ_src) / σ_src · σ_tgt + μ_tgt`` with ``(B, 3)`` statistics, then back to RGB in ``[0, 1]``.
     """
     if space == "lab":  # Reinhard's transfer: without gradients it never forms the LAB image
-        from .stain import reinhard_normalize
-
         return reinhard_normalize(images, source_mean, source_std, target_mean, target_std)
     x = rgb_to_space(images, space)
     y = (x - source_mean.to(x)[..., None, None]) / source_std.to(x)[..., None, None] * target_std.to(x)[..., None, None] + target_mean.to(x)[..., None, None]
