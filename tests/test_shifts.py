@@ -233,3 +233,22 @@ def test_cpu_equals_cuda_for_the_same_parameters(name, tiles):
     gpu = t.to("cuda")(tiles.cuda(), params={k: v for k, v in t._params.items()}).cpu()
     tol = 1.5 / 255 if name in ("jpeg", "jpeg-reencode", "jpeg2000") or name.startswith("scanner") else 1e-4
     assert (cpu - gpu).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opencv_filters_on_cpu_equal_the_grouped_conv_route(dtype):
+    """On CPU without gradients the PSF kernels run OpenCV's filter2D/sepFilter2D per plane; with gradients the
+    grouped conv2d of every device. Same correlation, same reflect-101 border; identity samples kept exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 40, 48, generator=g, dtype=dtype)
+    cases = [(K.gaussian_blur, torch.tensor([0.0, 0.7, 1.5, 3.0])), (K.disk_blur, torch.tensor([2.5, 0.0, 1.0, 4.0])),
+             (K.motion_blur, torch.tensor([1.0, 3.0, 6.5, 12.0])), (K.unsharp_mask, torch.tensor([0.0, 0.5, 1.0, 2.0]))]
+    for fn, p in cases:
+        fast = fn(x, p)
+        with torch.enable_grad():
+            slow = fn(x.clone().requires_grad_(), p)
+        assert slow.requires_grad and fast.dtype == dtype
+        assert (fast - slow.detach()).abs().max() < (1e-6 if dtype == torch.float32 else 1e-12), fn.__name__
+        same = (p <= 0) if fn is not K.motion_blur else (p <= 1)
+        for i in torch.nonzero(same).flatten().tolist():
+            assert torch.equal(fast[i], x[i]), fn.__name__  # the identity parameter returns the input bit for bit
