@@ -252,3 +252,17 @@ def test_opencv_filters_on_cpu_equal_the_grouped_conv_route(dtype):
         same = (p <= 0) if fn is not K.motion_blur else (p <= 1)
         for i in torch.nonzero(same).flatten().tolist():
             assert torch.equal(fast[i], x[i]), fn.__name__  # the identity parameter returns the input bit for bit
+
+
+def test_codec_quantisation_equals_torch_rounding():
+    """The JPEG/JPEG 2000 kernels quantise with OpenCV (threshold + convertScaleAbs) and dequantise by a table:
+    the same bytes and floats as torch's clamp · 255 · round (half to even) and k / 255."""
+    k = torch.arange(256, dtype=torch.float32)
+    x = torch.cat([k / 255, (k + 0.5) / 255, (k - 0.5) / 255, torch.tensor([-0.3, -1e-9, 1.0 + 1e-6, 7.0])])
+    x = x.repeat(3).view(1, 3, 1, -1)
+    ref = (x.clamp(0, 1) * 255).round().byte().numpy()
+    assert np.array_equal(K._planar_u8(x), ref)
+    assert np.array_equal(K._planar_u8(x[..., ::2]), ref[..., ::2])  # non-contiguous input
+    planes = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, 1)
+    assert torch.equal(K._from_planar_u8(planes, "cpu", torch.float32), torch.from_numpy(planes).float() / 255.0)
+    assert torch.equal(K._from_planar_u8(planes, "cpu", torch.float64), torch.from_numpy(planes).double() / 255.0)

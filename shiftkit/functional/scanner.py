@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.image import lookup_uint8
 from ..stain.mask import linear_to_srgb, srgb_to_linear
 from ..stain.model import od_to_rgb, rgb_to_od
 
@@ -306,29 +307,52 @@ def jpeg(images: torch.Tensor, quality: torch.Tensor, offset: torch.Tensor | Non
     device. Output values are multiples of 1/255.
     """
     dev, dtype = images.device, images.dtype
-    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    out = np.empty_like(arr)
-    for i in range(arr.shape[0]):
-        tile = arr[i]
-        dy, dx = (int(offset[i, 0]), int(offset[i, 1])) if offset is not None else (0, 0)
+    planes = _planar_u8(images)  # (B, 3, H, W) uint8
+    out = np.empty_like(planes)
+    qualities = quality.long().tolist()
+    offsets = offset.long().tolist() if offset is not None else [(0, 0)] * planes.shape[0]
+    for i in range(planes.shape[0]):
+        tile = cv2.merge([planes[i, 2], planes[i, 1], planes[i, 0]])  # BGR, interleaved, for libjpeg
+        dy, dx = offsets[i]
         if dy or dx:
             tile = np.pad(tile, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
-        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(tile[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality[i])])
-        dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-        out[i] = dec[dy:, dx:]
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=dev, dtype=dtype) / 255.0
+        ok, buf = cv2.imencode(".jpg", tile, [cv2.IMWRITE_JPEG_QUALITY, int(qualities[i])])
+        dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)[dy:, dx:]
+        b_, g_, r_ = cv2.split(dec)
+        out[i, 0], out[i, 1], out[i, 2] = r_, g_, b_
+    return _from_planar_u8(out, dev, dtype)
+
+
+def _planar_u8(images: torch.Tensor) -> np.ndarray:
+    """``round(255·clamp(x, 0, 1))`` (half to even) as a planar ``(B, 3, H, W)`` uint8 array on the host."""
+    x = images.detach().float().cpu().contiguous()
+    if x.numel() == 0:
+        return np.empty(tuple(x.shape), dtype=np.uint8)
+    src = x.numpy().reshape(-1, x.shape[-1])
+    src = cv2.threshold(src, 0.0, 0.0, cv2.THRESH_TOZERO)[1]  # negatives to 0 (convertScaleAbs takes |·|)
+    return cv2.convertScaleAbs(src, alpha=255.0).reshape(x.shape)  # scale, round half to even, saturate
+
+
+def _from_planar_u8(planes: np.ndarray, device, dtype) -> torch.Tensor:
+    """``k / 255`` of 8-bit planes, in ``dtype`` on ``device`` (by a 256-entry table for float32)."""
+    u8 = torch.from_numpy(planes)
+    if dtype == torch.float32 and u8.numel():
+        return lookup_uint8(u8, "k/255", lambda v: torch.arange(256, dtype=torch.float32) / 255.0).to(device)
+    return u8.to(device=device, dtype=dtype) / 255.0
 
 
 def jpeg2000(images: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """JPEG 2000 at a compression ``ratio`` (e.g. 35 for 35:1) per sample, through OpenCV's OpenJPEG."""
     dev, dtype = images.device, images.dtype
-    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    out = np.empty_like(arr)
-    for i in range(arr.shape[0]):
+    planes = _planar_u8(images)
+    out = np.empty_like(planes)
+    for i in range(planes.shape[0]):
         rate = int(max(1, min(1000, round(1000.0 / float(ratio[i])))))
-        ok, buf = cv2.imencode(".jp2", np.ascontiguousarray(arr[i][..., ::-1]), [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, rate])
-        out[i] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=dev, dtype=dtype) / 255.0
+        tile = cv2.merge([planes[i, 2], planes[i, 1], planes[i, 0]])  # BGR, interleaved
+        ok, buf = cv2.imencode(".jp2", tile, [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, rate])
+        b_, g_, r_ = cv2.split(cv2.imdecode(buf, cv2.IMREAD_COLOR))
+        out[i, 0], out[i, 1], out[i, 2] = r_, g_, b_
+    return _from_planar_u8(out, dev, dtype)
 
 
 def resample(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
