@@ -1,5 +1,7 @@
 """Shift kernels at severity 3 (batch 64, 224²): shiftkit batched next to a plain per-tile numpy/OpenCV version of
-the same corruption (the way imagecorruptions implements them), same tiles, one process.
+the same corruption (the way imagecorruptions implements them), same tiles, one process. Where a plain version
+exists, the two run in interleaved rounds (``paired_rates`` of bench_normalize, 0.2 s pause) and the ratio is the
+median of the per-round ratios with its quartiles; shifts without one get the median of ``--passes`` calls.
 
     python experiments/speed/bench_shifts.py [--device cuda] [--json out.json]
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_normalize import machine, tiles_224, timed  # noqa: E402
+from bench_normalize import machine, paired_rates, summarize, tiles_224, timed  # noqa: E402
 
 import shiftkit  # noqa: E402
 
@@ -60,7 +62,7 @@ def baselines():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--passes", type=int, default=7, help="rounds (pairs) or calls (shifts without a plain version)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     batch = tiles_224(64)
@@ -80,13 +82,19 @@ def main(argv=None):
                 torch.cuda.synchronize()
             return y
 
-        ours = 64 / timed(run, args.passes)
-        rec = {"shift": name, "shiftkit_tiles_per_s": ours}
-        line = f"{name:22s} shiftkit {ours:9.1f} tiles/s"
         if name in base:
-            plain = 64 / timed(lambda: [base[name](tile) for tile in batch], args.passes)
-            rec["plain_tiles_per_s"] = plain
-            line += f"   plain numpy/OpenCV {plain:9.1f} tiles/s   ratio {ours / plain:5.2f}x"
+            pair = {"shiftkit": (run, 64), "plain": (lambda f=base[name]: [f(tile) for tile in batch], 64)}
+            summ = summarize(paired_rates(pair, args.passes, pause=0.2), "shiftkit")
+            ours, plain = summ["shiftkit"]["tiles_per_s"], summ["plain"]["tiles_per_s"]
+            r = summ["plain"]
+            rec = {"shift": name, "shiftkit_tiles_per_s": ours, "plain_tiles_per_s": plain,
+                   "ratio_median": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"]}
+            line = (f"{name:22s} shiftkit {ours:9.1f} tiles/s   plain numpy/OpenCV {plain:9.1f} tiles/s   "
+                    f"ratio {r['ratio_median']:5.2f}x (quartiles {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})")
+        else:
+            ours = 64 / timed(run, args.passes)
+            rec = {"shift": name, "shiftkit_tiles_per_s": ours}
+            line = f"{name:22s} shiftkit {ours:9.1f} tiles/s"
         print(line, flush=True)
         records.append(rec)
     if args.json:
