@@ -204,6 +204,31 @@ def test_hue_rotation_moves_the_h_vector_by_the_requested_angle(angle):
     assert (ang[:, 1] <= 1.0).all(), ang
 
 
+def test_from_images_fits_the_matrix_once_and_serializes_as_fixed():
+    g = torch.Generator().manual_seed(3)
+    truth = random_stain_matrix(1, 8.0, g)
+    x, _, _ = synthetic_he(4, 128, stain_matrix=truth.expand(4, 2, 3), seed=3)
+    t = StainAugment.from_images(list(x), preset="medium", seed=0)  # pooled over four tiles
+    assert t.method == "fixed" and stain_angles(t.matrix[None], truth).max() < 1.0
+    # scaling H alone with the fitted matrix scales only H, as with per-tile estimation
+    p = _identity_params(t, x)
+    p["alpha"][:, 0] = 1.5
+    before = estimate_stains(x, "macenko", max_pixels=None)
+    after = estimate_stains(t(x, params=p), "macenko", max_pixels=None)
+    ratio = after.max_concentrations / before.max_concentrations
+    assert torch.allclose(ratio[:, 0], torch.full((4,), 1.5), rtol=0.03), ratio
+    assert torch.allclose(ratio[:, 1], torch.ones(4), rtol=0.02), ratio
+    d = t.to_dict()
+    assert d["args"]["method"] == "fixed"
+    assert torch.equal(transform_from_dict(json.loads(json.dumps(d)))(x, params=t._params), t(x, params=t._params))
+    with pytest.raises(shiftkit.core.StainEstimationError, match="images"):
+        StainAugment.from_images(torch.ones(1, 3, 64, 64))
+    with pytest.raises(UnknownNameError, match="estimator"):
+        StainAugment.from_images(x, estimator="pca")
+    with pytest.raises(InvalidArgumentError, match="matrix"):
+        StainAugment.from_images(x, matrix=truth[0])
+
+
 def test_hed_jitter_agrees_with_skimage_colour_deconvolution(tiles):
     t = HEDJitter(seed=0, augment_background=True)  # the kernel alone; background handling is tested below
     p = t.draw_parameters(tuple(tiles[:2].shape))

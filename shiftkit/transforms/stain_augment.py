@@ -18,7 +18,7 @@ from ..core.image import to_batch
 from ..core.ops import select
 from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
-from ..stain.estimate import _config, _estimate_batch
+from ..stain.estimate import EstimatorConfig, _config, _estimate_batch
 from ..functional.stain import lab_companded, lab_moments, reinhard_from_companded
 from ..stain.mask import srgb_to_linear, tissue_mask
 from ..stain.model import rgb_to_od, uint8_lookup, validate_stain_matrix
@@ -161,6 +161,37 @@ class StainAugment(ShiftkitAugmentation):
             keep_residual=self.keep_residual, augment_background=self.augment_background,
             background_od=self.background_od, **options,
         )
+
+    @classmethod
+    def from_images(cls, images: Any, estimator: str = "macenko", **kwargs: Any) -> "StainAugment":
+        """A fixed-matrix ``StainAugment`` whose matrix is fitted once on ``images`` (pooled over their tissue).
+
+        The stain matrix is estimated with :func:`shiftkit.stain.estimate_stains_pooled` (``estimator``
+        ``"macenko"`` or ``"vahadane"``) from one image, a batch, or a list of images of any sizes, then used for
+        every tile, as tiatoolbox's StainAugmentor does with its first image, but from the whole set and
+        explicitly. ``kwargs`` are the other constructor arguments (``preset``, ranges, ``seed``, ``i0``, ...);
+        ``i0`` and the tissue options also apply to the fit. The result serializes as ``method="fixed"`` with
+        the fitted matrix.
+
+        Raises:
+            StainEstimationError: the pooled images give no usable estimate (too little tissue, degenerate).
+        """
+        from ..core.errors import StainEstimationError
+        from ..stain.estimate import estimate_stains_pooled
+
+        if estimator not in ("macenko", "vahadane"):
+            raise UnknownNameError("estimator", estimator, ("macenko", "vahadane"))
+        for bad in ("method", "matrix"):
+            if bad in kwargs:
+                raise InvalidArgumentError(f"`{bad}` is set by from_images: expected it absent, got {bad}={kwargs[bad]!r}")
+        fit_opts = {k: v for k, v in kwargs.items() if k in EstimatorConfig.__dataclass_fields__ and k != "seed"}
+        est = estimate_stains_pooled(images, estimator, **fit_opts)
+        if est.status[0] != "ok":
+            raise StainEstimationError(
+                f"`images` gave no usable stain matrix: expected status 'ok' for the pooled {estimator} estimate, "
+                f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
+            )
+        return cls(method="fixed", matrix=est.matrix[0].float(), **kwargs)
 
     def sample(self, batch: int) -> Dict[str, torch.Tensor]:
         return {
