@@ -146,6 +146,72 @@ def test_luminosity_mask_equals_skimage_lab_threshold(real_tile):
 # ----------------------------------------------------------------------------- estimators
 
 
+def _spectra_batch(spectrum, n=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, 3, 3, dtype=torch.float64, generator=g))
+    lam = torch.tensor(spectrum, dtype=torch.float64)
+    return q @ torch.diag_embed(lam.expand(n, 3)) @ q.transpose(1, 2)
+
+
+@pytest.mark.parametrize("spectrum", [
+    (0.0, 1e-4, 1.0), (0.001, 0.2, 1.0), (0.0, 0.9999, 1.0), (0.0, 1e-8, 1.0), (1.0, 1.0 + 1e-9, 2.0),
+    (-3.0, -1e-7, 0.0), (-1.0, 0.0, 1.0), (1e-30, 2e-30, 3e-30), (1e-5, 1.0, 1e5), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0),
+])
+def test_closed_form_eigh3_matches_numpy_eigh(spectrum):
+    from shiftkit.core.ops import eigh3
+
+    a = _spectra_batch(spectrum)
+    vals, vecs = eigh3(a)
+    ref_vals, ref_vecs = np.linalg.eigh(a.numpy())  # LAPACK, the independent reference
+    scale = max(abs(v) for v in spectrum) or 1.0
+    np.testing.assert_allclose(vals.numpy(), ref_vals, atol=1e-13 * scale, rtol=0)
+    eye = np.eye(3)
+    np.testing.assert_allclose((vecs.transpose(1, 2) @ vecs).numpy(), np.broadcast_to(eye, a.shape), atol=1e-13)
+    resid = (a @ vecs - vecs * vals[:, None, :]).norm(dim=1)  # A v = λ v for every column
+    assert float(resid.max()) <= 1e-13 * scale
+    gaps = np.diff(np.asarray(spectrum)) / scale
+    for k in range(3):  # eigenvectors of eigenvalues separated by more than 1e-6 of the scale agree with LAPACK's
+        sep = (k == 0 or gaps[k - 1] > 1e-6) and (k == 2 or gaps[k] > 1e-6)
+        if sep:
+            dots = np.abs((vecs[..., k].numpy() * ref_vecs[..., k]).sum(-1))
+            assert (1 - dots).max() < 1e-10, (k, (1 - dots).max())
+
+
+def test_closed_form_eigh3_on_random_symmetric_matrices():
+    from shiftkit.core.ops import eigh3, eigh_sym3
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5000, 3, 3, dtype=torch.float64, generator=g)
+    for a in (x @ x.transpose(1, 2), (x + x.transpose(1, 2)) / 2, 1e-12 * (x + x.transpose(1, 2))):
+        vals, vecs = eigh3(a)
+        np.testing.assert_allclose(vals.numpy(), np.linalg.eigvalsh(a.numpy()), atol=1e-12 * float(a.abs().max()))
+        assert float((a @ vecs - vecs * vals[:, None, :]).norm(dim=1).max()) <= 1e-12 * float(a.abs().max())
+    assert torch.equal(eigh_sym3(a, closed_form=False)[0], torch.linalg.eigh(a)[0])
+    assert torch.equal(eigh_sym3(a, closed_form=True)[0], eigh3(a)[0])
+    with pytest.raises(ValueError, match="3, 3"):
+        eigh3(torch.zeros(2, 2, 2))
+
+
+def test_macenko_with_the_closed_form_eigh_equals_the_lapack_route(monkeypatch, real_tile):
+    """The GPU route of the Macenko estimator (closed-form 3×3 eigh), run here on CPU, against the CPU route."""
+    import shiftkit.stain.estimate as est_mod
+    from shiftkit.core.ops import eigh3
+    from shiftkit.data import load_sample_tiles
+
+    tiles = [load_sample_tiles()]
+    for name in ("no-tissue-green-pen.png", "tcga-red-pen.png", "almost-white-2.png", "low-nuclei-score-level0.png"):
+        tiles.append(read_image(shared("edge_cases_histolab", name))[:224, :224])
+    tiles.append(read_image(shared("pypi_skimage_ihc_not_he", "ihc.png"))[:224, :224])
+    lapack = [estimate_stains(t, "macenko") for t in tiles]
+    monkeypatch.setattr(est_mod, "eigh_sym3", lambda a: eigh3(a))
+    closed = [estimate_stains(t, "macenko") for t in tiles]
+    for a, b in zip(lapack, closed):
+        assert a.status == b.status
+        torch.testing.assert_close(b.matrix, a.matrix, atol=1e-6, rtol=0)
+        torch.testing.assert_close(b.max_concentrations, a.max_concentrations, atol=1e-5, rtol=1e-6)
+
+
+
 @pytest.mark.parametrize("method", ["macenko", "vahadane"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_known_stain_vectors_within_3_degrees(method, seed):
