@@ -83,8 +83,10 @@ def normalize_stains(
     out = torch.bmm(rebuild * -LOG2E, conc, out=flat).exp2_()  # exp via exp2 (see LOG2E); reuses ln(I)'s memory
     if ti0 != 1.0:
         out.mul_(ti0)
-    if not (clamp_concentrations and ti0 <= 1.0 and bool((rebuild >= 0).all())):
-        out = out.clamp_(0.0, 1.0)  # otherwise exp(−R·C) with R, C ≥ 0 is already in (0, I0_t]
+    # exp(−R·C) with R, C ≥ 0 is already in (0, I0_t]; the test looks at R on the host, so off CPU (where a
+    # clamp costs less than a device sync) the output is always clamped
+    if images.device.type != "cpu" or not (clamp_concentrations and ti0 <= 1.0 and bool((rebuild >= 0).all())):
+        out = out.clamp_(0.0, 1.0)
     return out.reshape(images.shape)
 
 
