@@ -10,7 +10,7 @@ from skimage.color import rgb2hed
 import shiftkit
 from shiftkit import HEDJitter, StainAugment, StainNormalize, StainNormalizer, StainTemplateSample, estimate_stains
 from shiftkit.core import InvalidArgumentError, InvalidImageError, UnknownNameError
-from shiftkit.data import load_sample, load_sample_tiles, random_stain_matrix, synthetic_he
+from shiftkit.data import list_images, load_sample, load_sample_tiles, random_stain_matrix, read_image, synthetic_he
 from shiftkit.stain import reference_stain_matrix, stain_angles, tissue_mask
 from shiftkit.transforms import list_transforms, to_albumentations, to_torchvision, transform_from_dict
 
@@ -223,6 +223,11 @@ def test_from_images_fits_the_matrix_once_and_serializes_as_fixed():
     assert torch.equal(transform_from_dict(json.loads(json.dumps(d)))(x, params=t._params), t(x, params=t._params))
     with pytest.raises(shiftkit.core.StainEstimationError, match="images"):
         StainAugment.from_images(torch.ones(1, 3, 64, 64))
+    from shiftkit.data import sample_tiles_dir  # a folder: the same as its images in a list
+
+    folder = StainAugment.from_images(sample_tiles_dir(), seed=0)
+    listed = StainAugment.from_images([read_image(p) for p in list_images(sample_tiles_dir())], seed=0)
+    assert torch.equal(folder.matrix, listed.matrix)
     with pytest.raises(UnknownNameError, match="estimator"):
         StainAugment.from_images(x, estimator="pca")
     with pytest.raises(InvalidArgumentError, match="matrix"):

@@ -169,7 +169,7 @@ class StainAugment(ShiftkitAugmentation):
         The stain matrix is estimated with :func:`shiftkit.stain.estimate_stains_pooled` (``estimator``
         ``"macenko"`` or ``"vahadane"``) from one image, a batch, or a list of images of any sizes, then used for
         every tile, as tiatoolbox's StainAugmentor does with its first image, but from the whole set and
-        explicitly. ``kwargs`` are the other constructor arguments (``preset``, ranges, ``seed``, ``i0``, ...);
+        explicitly. ``images`` may also be a folder of images. ``kwargs`` are the other constructor arguments (``preset``, ranges, ``seed``, ``i0``, ...);
         ``i0`` and the tissue options also apply to the fit. The result serializes as ``method="fixed"`` with
         the fitted matrix.
 
@@ -184,6 +184,10 @@ class StainAugment(ShiftkitAugmentation):
         for bad in ("method", "matrix"):
             if bad in kwargs:
                 raise InvalidArgumentError(f"`{bad}` is set by from_images: expected it absent, got {bad}={kwargs[bad]!r}")
+        if isinstance(images, (str, Path)):
+            from ..data import list_images, read_image
+
+            images = [read_image(p) for p in list_images(images)]
         fit_opts = {k: v for k, v in kwargs.items() if k in EstimatorConfig.__dataclass_fields__ and k != "seed"}
         est = estimate_stains_pooled(images, estimator, **fit_opts)
         if est.status[0] != "ok":
