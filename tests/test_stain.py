@@ -270,6 +270,18 @@ def test_edge_tiles_status_alone_and_in_mixed_batch(edge_tiles, real_tile, metho
         estimate_stains(batch, method, on_failure="raise")
 
 
+def test_pooled_estimate_reports_or_raises_on_unusable_pools(edge_tiles, real_tile):
+    blank = [edge_tiles["white"], edge_tiles["black"]]
+    est = estimate_stains_pooled(blank)  # default: reported, with the finite reference fallback
+    assert est.status == ["low-tissue"] and torch.isfinite(est.matrix).all()
+    with pytest.raises(StainEstimationError, match="low-tissue.*tissue fraction 0.000"):
+        estimate_stains_pooled(blank, on_failure="raise")
+    ok = estimate_stains_pooled([real_tile] + blank, on_failure="raise")  # one tissue tile makes the pool usable
+    assert ok.status == ["ok"]
+    with pytest.raises(UnknownNameError, match="on_failure"):
+        estimate_stains_pooled([real_tile], on_failure="ignore")
+
+
 @pytest.mark.parametrize("method", ["reinhard", "macenko", "vahadane"])
 @pytest.mark.parametrize("policy", ["reference", "identity"])
 def test_normalizer_bad_tiles_never_abort_or_nan_and_good_tiles_are_batch_independent(edge_tiles, real_tile, method, policy):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InvalidArgumentError
+
 
 def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """``torch.where(mask, a, b)`` for a boolean ``mask`` that broadcasts against ``a`` and ``b``.
@@ -42,7 +44,7 @@ def eigh3(a: torch.Tensor):
     belongs to ``values[..., k]``, orthonormal; signs are arbitrary.
     """
     if a.shape[-2:] != (3, 3):
-        raise ValueError(f"eigh3 expects (..., 3, 3) matrices, got shape {tuple(a.shape)}")
+        raise InvalidArgumentError(f"`a` has the wrong shape: expected (..., 3, 3) symmetric matrices, got {tuple(a.shape)}")
     scale = a.abs().amax(dim=(-2, -1), keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     m = a / scale

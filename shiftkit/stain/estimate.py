@@ -342,12 +342,17 @@ def _estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.
     return est
 
 
-def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", **options: Any) -> StainEstimate:
+def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", *, on_failure: str = "report",
+                           **options: Any) -> StainEstimate:
     """One stain estimate from the tissue pixels of several images pooled together (a cohort or slide target).
 
     ``images`` may have different sizes; each is given in any layout of the image contract (a batch counts
-    as its tiles). Returns a :class:`StainEstimate` with ``B = 1``.
+    as its tiles). Returns a :class:`StainEstimate` with ``B = 1``. ``on_failure``: ``"report"`` (a non-ok
+    estimate carries the reference matrix and its status) or ``"raise"`` (:class:`StainEstimationError` naming
+    the status and the tissue fraction).
     """
+    if on_failure not in ("report", "raise"):
+        raise UnknownNameError("on_failure", on_failure, ("report", "raise"))
     cfg = _config(method, options)
     if isinstance(images, (torch.Tensor,)) or (hasattr(images, "ndim") and not isinstance(images, (list, tuple))):
         images = [images]
@@ -363,4 +368,10 @@ def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", **opt
     od = torch.cat([o.to(dtype) for o in ods], dim=-1)[None]
     w = torch.cat([v.to(dtype) for v in ws], dim=-1)[None]
     n = torch.tensor([od.shape[-1]], device=od.device)
-    return _estimate_flat(od, w, n, cfg)
+    est = _estimate_flat(od, w, n, cfg)
+    if on_failure == "raise" and est.status[0] != "ok":
+        raise StainEstimationError(
+            f"`images` gave no usable stain matrix: expected status 'ok' for the pooled {method} estimate, "
+            f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
+        )
+    return est

@@ -141,12 +141,7 @@ class StainNormalizer(nn.Module):
             self.target_mean.copy_(mean[0].to(self.target_mean))
             self.target_std.copy_(std[0].to(self.target_std))
         else:
-            est = estimate_stains_pooled(items, self.config.method, **self.options)
-            if est.status[0] != "ok":
-                raise StainEstimationError(
-                    f"`images` gave no usable target: expected status 'ok' for the pooled {self.method} estimate, "
-                    f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
-                )
+            est = estimate_stains_pooled(items, self.config.method, on_failure="raise", **self.options)
             self.target_matrix.copy_(est.matrix[0].to(self.target_matrix))
             self.target_max_concentrations.copy_(est.max_concentrations[0].to(self.target_max_concentrations))
         self.fitted.fill_(True)

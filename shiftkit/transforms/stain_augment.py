@@ -18,7 +18,7 @@ from ..core.image import to_batch
 from ..core.ops import select
 from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
-from ..stain.estimate import EstimatorConfig, _config, _estimate_batch
+from ..stain.estimate import EstimatorConfig, _config, _estimate_batch, estimate_stains_pooled
 from ..functional.stain import lab_companded, lab_moments, reinhard_from_companded
 from ..stain.mask import srgb_to_linear, tissue_mask
 from ..stain.model import rgb_to_od, uint8_lookup, validate_stain_matrix
@@ -48,6 +48,15 @@ TEMPLATE_PRESETS = {
     "medium": {"std_hyper": 0.0},
     "strong": {"std_hyper": 0.5},
 }
+
+
+def _read_folder(images: Any) -> Any:
+    """``images`` as given, or the images of a folder (a path) as a list."""
+    if not isinstance(images, (str, Path)):
+        return images
+    from ..data import list_images, read_image  # data sits above transforms (DESIGN layers): imported at call time
+
+    return [read_image(p) for p in list_images(images)]
 
 
 def _check_background_od(value: float) -> float:
@@ -176,25 +185,13 @@ class StainAugment(ShiftkitAugmentation):
         Raises:
             StainEstimationError: the pooled images give no usable estimate (too little tissue, degenerate).
         """
-        from ..core.errors import StainEstimationError
-        from ..stain.estimate import estimate_stains_pooled
-
         if estimator not in ("macenko", "vahadane"):
             raise UnknownNameError("estimator", estimator, ("macenko", "vahadane"))
         for bad in ("method", "matrix"):
             if bad in kwargs:
                 raise InvalidArgumentError(f"`{bad}` is set by from_images: expected it absent, got {bad}={kwargs[bad]!r}")
-        if isinstance(images, (str, Path)):
-            from ..data import list_images, read_image
-
-            images = [read_image(p) for p in list_images(images)]
         fit_opts = {k: v for k, v in kwargs.items() if k in EstimatorConfig.__dataclass_fields__ and k != "seed"}
-        est = estimate_stains_pooled(images, estimator, **fit_opts)
-        if est.status[0] != "ok":
-            raise StainEstimationError(
-                f"`images` gave no usable stain matrix: expected status 'ok' for the pooled {estimator} estimate, "
-                f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
-            )
+        est = estimate_stains_pooled(_read_folder(images), estimator, on_failure="raise", **fit_opts)
         return cls(method="fixed", matrix=est.matrix[0].float(), **kwargs)
 
     def sample(self, batch: int) -> Dict[str, torch.Tensor]:
@@ -310,10 +307,7 @@ def fit_stain_statistics(images: Any, color_space: str = "lab", *, luminosity_th
     """
     if color_space not in COLOR_SPACES:
         raise UnknownNameError("color_space", color_space, COLOR_SPACES)
-    if isinstance(images, (str, Path)):
-        from ..data import list_images, read_image
-
-        images = [read_image(p) for p in list_images(images)]
+    images = _read_folder(images)
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     means, stds = [], []
     for i, img in enumerate(items):
