@@ -57,7 +57,7 @@ def cli():
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path), required=False)
 @click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default=None,
               help="Normalization method (default: the saved target's, else macenko).")
 @click.option("--target", required=True, help="Target: an image, a folder of images (pooled) or a JSON file from fit-target.")
@@ -66,23 +66,46 @@ def cli():
 @click.option("--format", "fmt", type=click.Choice(["png", "same", "jpg", "tif"]), default="png", show_default=True,
               help="Output format; 'same' keeps each input's suffix.")
 @click.option("--on-failure", type=click.Choice(["reference", "identity", "raise"]), default="reference", show_default=True,
-              help="What to do with tiles whose stains cannot be estimated (blank, too little tissue, not H&E).")
+              help="What to do with tiles whose stains cannot be estimated (blank, too little tissue, not H&E); "
+                   "'raise' fails those tiles alone (listed), the others are written.")
+@click.option("--in-place", is_flag=True, help="Replace the images in SRC with their normalized versions (no OUT; "
+              "each file keeps its name and format). The only way to write into SRC.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def normalize(src, out, method, target, device, batch_size, fmt, on_failure, as_json):
+def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_place, max_pixels, as_json):
     """Stain-normalize SRC (an image or a folder, searched recursively) into OUT, mirroring file names.
 
-    Unreadable or corrupt inputs are listed with the reason and skipped; the rest complete. Outputs are
-    written atomically. Exit code 1 if any input failed, 0 otherwise.
+    Output names are derived from the input paths; two inputs that would give one name (a.png, a.jpg) both keep
+    their suffix (a.png.png, a.jpg.png). OUT must not be SRC or lie inside it; use --in-place to replace the
+    originals. Unreadable inputs, images over --max-pixels and tiles that fail are listed with the reason; the rest
+    complete. Outputs are written atomically; OUT/normalize.json lists every output and failure. Exit code 1 if
+    any input failed, 0 otherwise.
     """
-    from shiftkit.data.runner import collect_inputs, map_images, output_path
+    from shiftkit.data.naming import overlaps
+    from shiftkit.data.runner import collect_inputs, map_images, plan_outputs
 
+    if in_place:
+        if out is not None and Path(out).resolve() != (Path(src) if Path(src).is_dir() else Path(src).parent).resolve():
+            raise click.BadParameter(f"expected no OUT with --in-place (the images in SRC are replaced), got {str(out)!r}",
+                                     param_hint="OUT")
+        if fmt not in ("png", "same"):
+            raise click.BadParameter(f"expected 'same' with --in-place (each file keeps its format), got {fmt!r}", param_hint="--format")
+        fmt = "same"
+    elif out is None:
+        raise click.UsageError("missing argument OUT: expected an output folder (or --in-place to replace the images in SRC)")
+    root, files = collect_inputs(src)
+    out = root if in_place else Path(out)
+    if not in_place and (overlaps(out, root) if Path(src).is_dir() else out.resolve() == root.resolve() and fmt == "same"):
+        raise click.BadParameter(f"expected a folder outside the input {str(src)!r}, got {str(out)!r}: writing there would "
+                                 "replace or re-read the inputs (use --in-place to replace them on purpose)", param_hint="OUT")
+    if not files:
+        raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
     device = _device(device)
     norm = _load_target(target, method, "report" if on_failure == "raise" else on_failure).to(device)
     if on_failure == "raise":
         norm.on_failure = "raise"
-    root, files = collect_inputs(src)
-    if not files:
-        raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
+    jobs, dups = plan_outputs(files, root, out, fmt)
 
     def fn(batch):
         out_b, status = norm.normalize(batch, return_status=True)
@@ -90,11 +113,17 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, as_
 
     with click.progressbar(length=len(files), label=f"normalize ({norm.method})", file=sys.stderr,
                            show_pos=True, show_eta=True) as bar:
-        report = map_images(files, fn, lambda p: output_path(p, root, Path(out), fmt),
-                            batch_size=batch_size, device=device, progress=bar.update)
-    summary = {"method": norm.method, "inputs": len(files), "out": str(out), **report.to_dict()}
+        report = map_images(jobs, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
+                            in_place=in_place, max_pixels=max_pixels)
+    report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
+    summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place, **report.to_dict(),
+               "outputs": [{"source": str(p), "output": str(o), "status": st} for p, o, st in report.written]}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".normalize.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "normalize.json")
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "outputs"}, indent=2))
     else:
         click.echo(f"normalized {len(report.written)}/{len(files)} images into {out} ({norm.method}); "
                    f"status: {report.status_counts}")
@@ -235,13 +264,21 @@ def _shard(text):
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
 @click.option("--shard", default=None, help="Process only shard i/n of the samples (split by sample id).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--force", is_flag=True, help="Regenerate every output even though OUT_DIR was made with another "
+              "configuration (or is a non-empty folder not made by simulate).")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, workers, batch_size, fmt, shard, dry_run, as_json):
+def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, workers, batch_size, fmt, shard,
+             dry_run, force, max_pixels, as_json):
     """Write shifted copies of INPUT (folder or CSV manifest) as OUT_DIR/<shift>/<severity>/<name>.
 
-    Deterministic (same command, same bytes, whatever the batch size or shard), atomic and resumable (a killed
-    run restarted with the same command verifies what exists and finishes the rest). Writes manifest.csv,
-    manifest.json and README.txt. Exit code 1 if any input failed, 0 otherwise.
+    Deterministic (same command, same bytes, whatever the batch size or shard), atomic and resumable: a killed run
+    restarted with the same command verifies what exists (seed, mpp, shift definition, source and output
+    checksums) and finishes the rest; an OUT_DIR made with another configuration is refused, naming the
+    differences (--force regenerates). Output names derive from the input paths and never leave OUT_DIR; OUT_DIR
+    must not lie inside an input folder. Writes manifest.csv, manifest.json and README.txt, listing every failure
+    with its reason. Exit code 1 if any input failed, 0 otherwise.
     """
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data.shifted import TileDataset, simulate as run_simulate
@@ -256,7 +293,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
     if shard_ij is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank
         shard_ij = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))
     try:
-        ds = TileDataset(input_)
+        ds = TileDataset(input_, max_pixels=max_pixels)
         plan = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, fmt=fmt, shard=shard_ij, dry_run=True)
         if dry_run:
             click.echo(f"plan: {len(ds)} tiles x {len(names)} shifts ({', '.join(names)}) x severities {sevs} "
@@ -264,7 +301,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
             return
         with click.progressbar(length=plan.planned, label="simulate", file=sys.stderr, show_pos=True, show_eta=True) as bar:
             report = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, batch_size=batch_size, device=device,
-                                  fmt=fmt, shard=shard_ij, progress=bar.update, workers=workers)
+                                  fmt=fmt, shard=shard_ij, progress=bar.update, workers=workers, force=force)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     if as_json:
@@ -285,9 +322,16 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
 @click.option("--min-tissue", default=0.5, show_default=True, type=float, help="Keep tiles with at least this tissue fraction.")
 @click.option("--level", default=0, show_default=True, type=int, help="Pyramid level of whole-slide images.")
 @click.option("--mpp", default=None, type=float, help="µm per pixel (default: from the slide's metadata).")
-def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
+                   "images are read region by region.")
+def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels):
     """Cut INPUTS (images, folders of images, whole-slide images such as .svs) into tiles with a tissue filter;
-    writes OUT_DIR/<source>/<y>_<x>.png and OUT_DIR/tiles.csv (a manifest for `shiftkit simulate`)."""
+    writes OUT_DIR/<source path>/<y>_<x>.png and OUT_DIR/tiles.csv (a manifest for `shiftkit simulate`).
+
+    Each source's tiles go to a folder named by its path relative to the common folder of INPUTS (a.svs ->
+    a/, sub/a.png -> sub/a/; a.png and a.tif in one folder -> a.png/ and a.tif/), so tiles of different sources
+    never share a file. A source that cannot be read fails alone (listed); tiles.csv is always written."""
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data import list_images
     from shiftkit.data.tiling import WSI_SUFFIXES, tile_sources
@@ -299,7 +343,8 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp):
         else:
             sources.append(p)
     try:
-        report = tile_sources(sources, out_dir, size=size, stride=stride, min_tissue=min_tissue, level=level, mpp=mpp)
+        report = tile_sources(sources, out_dir, size=size, stride=stride, min_tissue=min_tissue, level=level, mpp=mpp,
+                              max_pixels=max_pixels)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     click.echo(f"{report.written} tiles written, {report.rejected} rejected (tissue < {min_tissue}), "
@@ -393,18 +438,29 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
     from shiftkit.train import PretrainConfig, TrainingDivergedError
     from shiftkit.train import pretrain as run_pretrain
 
+    from shiftkit.train import checkpoint_config
+
+    def explicit(k):
+        return ctx.get_parameter_source(k if k != "out" else "out_dir") != click.core.ParameterSource.DEFAULT
+
+    # a fresh run: defaults fill what --config leaves open; a resumed run: the run's own configuration, and only
+    # what the command line says explicitly is compared with it (a changed setting is refused, by name)
     given = {k: v for k, v in dict(data=data, out=str(out_dir), model=model, recipe=recipe, steps=steps,
                                     batch_size=batch_size, accumulate=accumulate, lr=lr, augment=augment,
                                     max_per_slide=max_per_slide, val=val, knn_every=knn_every,
                                     checkpoint_every=checkpoint_every, export_dtype=export_dtype, workers=workers,
                                     device=device, seed=seed).items()
-             if v is not None and (config_file is None or ctx.get_parameter_source(k if k != "out" else "out_dir")
-                                   != click.core.ParameterSource.DEFAULT)}
+             if v is not None and ((config_file is None and not resume) or explicit(k))}
     cols = tuple(c.strip() for c in balance_by.split(",") if c.strip())
     if cols:
         given["balance_by"] = cols
     try:
-        base = json.loads(config_file.read_text()) if config_file else {}
+        if resume and (Path(out_dir) / "checkpoint.pt").is_file():
+            base = checkpoint_config(out_dir)
+            if config_file:
+                base.update(json.loads(config_file.read_text()))
+        else:
+            base = json.loads(config_file.read_text()) if config_file else {}
         cfg = PretrainConfig.from_dict({**base, **given})
         if cfg.device.startswith("cuda"):
             _device(cfg.device)

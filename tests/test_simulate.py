@@ -47,17 +47,18 @@ def test_resume_after_a_kill_finishes_only_what_is_missing(src, tmp_path):
     # simulate a kill: manifest not written yet, a torn journal line, a partial temp file, missing and damaged outputs
     (out / "manifest.json").unlink()
     (out / "manifest.csv").unlink()
-    journal = out / ".journal.jsonl"
+    journal = out / ".shiftkit" / "journal.jsonl"
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:40])
     for rel in list(reference)[:2]:
         (out / rel).unlink()
     damaged = sorted(reference)[5]
     (out / damaged).write_bytes(b"not the right bytes")
-    (out / "jpeg" / "2" / ".half-written.png.tmp").write_bytes(b"\x89PNG partial")
+    (out / ".shiftkit" / "tmp" / "all").mkdir(parents=True, exist_ok=True)
+    (out / ".shiftkit" / "tmp" / "all" / ".shiftkit-0123456789abcdef.tmp").write_bytes(b"\x89PNG partial")
     again = simulate(src, out, SHIFTS, [2], seed=0)
     assert _files(out) == reference
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))  # simulate's own partial file is gone
     assert again.written + again.verified == full.written
     assert again.written >= 4 and again.verified >= full.written - 6  # only the missing, torn and damaged ones
     manifest = json.loads((out / "manifest.json").read_text())

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .io import IMAGE_SUFFIXES, list_images, read_image, write_image
+from .naming import UnsafeOutputError, ensure_inside, plan_output_names, source_key
 
 #: ``fn(batch) -> (out_batch, statuses)``; batch is a ``(B, 3, H, W)`` uint8 tensor on the chosen device.
 BatchFn = Callable[[torch.Tensor], "tuple[torch.Tensor, Sequence[str]]"]
@@ -46,52 +47,78 @@ def collect_inputs(src: Path) -> tuple[Path, list[Path]]:
     return src.parent, [src]
 
 
+def plan_outputs(files: Sequence[Path], root: Path, out_dir: Path, fmt: str) -> tuple[list, list]:
+    """``(jobs, duplicates)``: each file with its output path under ``out_dir`` by the naming rule of
+    :mod:`shiftkit.data.naming` (``fmt`` ``"same"`` keeps each suffix), and the files listed twice."""
+    keys = [source_key(f, root) for f in files]
+    names = plan_output_names(keys, None if fmt == "same" else "." + fmt)
+    jobs = [(f, Path(out_dir) / n) for f, n in zip(files, names) if n is not None]
+    dups = [f for f, n in zip(files, names) if n is None]
+    return jobs, dups
+
+
 def output_path(src: Path, root: Path, out_dir: Path, fmt: str) -> Path:
-    """Mirror ``src`` (relative to ``root``) under ``out_dir``; ``fmt`` ``"same"`` keeps the suffix."""
-    rel = src.relative_to(root) if src != root else Path(src.name)
-    if fmt != "same":
-        rel = rel.with_suffix("." + fmt)
-    return out_dir / rel
+    """The output of one ``src`` alone (no other source to collide with): its key under ``out_dir``."""
+    return plan_outputs([src], root, out_dir, fmt)[0][0][1]
 
 
 def map_images(
-    files: Iterable[Path],
+    jobs: Iterable[tuple],
     fn: BatchFn,
-    out_path: Callable[[Path], Path],
     *,
+    out_dir: Path,
     batch_size: int = 32,
     device: str = "cpu",
     progress: Optional[Callable[[int], None]] = None,
+    in_place: bool = False,
+    max_pixels: Optional[int] = None,
 ) -> RunReport:
-    """Read ``files``, batch images of equal size, apply ``fn``, and write each result atomically.
+    """Read each ``(source, output)`` of ``jobs``, batch images of equal size, apply ``fn``, write atomically.
 
-    Unreadable inputs and failing batches are recorded in :attr:`RunReport.failed` with the reason; every
-    other input completes. Memory holds at most one pending batch per distinct image size.
+    Unreadable inputs (and images over ``max_pixels``) and tiles whose processing raises are recorded in
+    :attr:`RunReport.failed` with the reason; a batch that raises is retried tile by tile, so only the tiles that
+    raise fail. Every output must resolve inside ``out_dir`` and, unless ``in_place``, must not be a source.
+    Memory holds at most one pending batch per distinct image size.
     """
+    jobs = list(jobs)
     report = RunReport()
     buckets: dict = {}
+    sources = {str(Path(s).resolve()) for s, _ in jobs}
+
+    def write(p, dst, img, status):
+        try:
+            ensure_inside(out_dir, dst)
+            if not in_place and str(Path(dst).resolve()) in sources:
+                raise UnsafeOutputError(f"output `{dst}` is a source image: expected a path that is no input (use in-place)")
+            write_image(dst, img)
+            report.written.append((p, dst, status))
+        except Exception as exc:
+            report.failed.append((p, f"cannot write {dst}: {exc}"))
+
+    def run(batch_arrays):
+        batch = torch.from_numpy(np.stack(batch_arrays)).permute(0, 3, 1, 2).to(device)
+        out, statuses = fn(batch)
+        return out.permute(0, 2, 3, 1).cpu().numpy(), list(statuses)
 
     def flush(shape):
-        paths, arrays = buckets.pop(shape)
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)
+        items, arrays = buckets.pop(shape)
         try:
-            out, statuses = fn(batch)
-            out_np = out.permute(0, 2, 3, 1).cpu().numpy()
-        except Exception as exc:  # a failing batch must not lose the others
-            for p in paths:
-                report.failed.append((p, f"processing failed: {type(exc).__name__}: {exc}"))
-            return
-        for p, img, status in zip(paths, out_np, statuses):
-            dst = out_path(p)
-            try:
-                write_image(dst, img)
-                report.written.append((p, dst, status))
-            except Exception as exc:
-                report.failed.append((p, f"cannot write {dst}: {exc}"))
+            out_np, statuses = run(arrays)
+            done = list(zip(items, out_np, statuses))
+        except Exception:  # retry tile by tile: only the tiles that raise fail
+            done = []
+            for item, arr in zip(items, arrays):
+                try:
+                    o, st = run([arr])
+                    done.append((item, o[0], st[0]))
+                except Exception as exc:
+                    report.failed.append((item[0], f"processing failed: {type(exc).__name__}: {exc}"))
+        for (p, dst), img, status in done:
+            write(p, dst, img, status)
 
-    for p in files:
+    for p, dst in jobs:
         try:
-            img = read_image(p)
+            img = read_image(p, max_pixels=max_pixels)
         except Exception as exc:
             report.failed.append((p, str(exc)))
             if progress:
@@ -99,7 +126,7 @@ def map_images(
             continue
         key = img.shape
         buckets.setdefault(key, ([], []))
-        buckets[key][0].append(p)
+        buckets[key][0].append((p, dst))
         buckets[key][1].append(img)
         if len(buckets[key][0]) >= batch_size:
             n = len(buckets[key][0])
@@ -114,4 +141,4 @@ def map_images(
     return report
 
 
-__all__ = ["RunReport", "collect_inputs", "output_path", "map_images", "IMAGE_SUFFIXES"]
+__all__ = ["RunReport", "collect_inputs", "plan_outputs", "output_path", "map_images", "IMAGE_SUFFIXES"]

@@ -24,50 +24,82 @@ import torch
 from ..core.errors import InvalidArgumentError
 from ..core.rng import derive_seed
 from .io import IMAGE_SUFFIXES, list_images, read_image, write_image
+from .naming import ensure_inside, overlaps, plan_output_names, source_key
 
 MANIFEST_COLUMNS = ("path", "label", "site", "scanner", "slide", "patient", "mpp", "pair_id", "condition")
 
 
 @dataclass
 class TileRecord:
-    """One tile of a dataset: its path, id (relative path) and optional metadata columns."""
+    """One tile of a dataset: its path, id (the path as given, which seeds derive from), optional metadata columns,
+    its output key (:func:`~shiftkit.data.naming.source_key`) and, for a bad manifest row, the reason."""
 
     path: Path
     sample_id: str
     meta: Dict[str, str] = field(default_factory=dict)
+    key: str = ""
+    error: str = ""
+
+    @property
+    def mpp(self) -> Optional[float]:
+        """The row's ``mpp`` (validated when the manifest was read), or None."""
+        v = self.meta.get("mpp")
+        return None if v is None else float(v)
+
+
+def _check_row(row: dict, line: int, src: Path) -> str:
+    """The reason a manifest row is unusable, or ''."""
+    if not (row.get("path") or "").strip():
+        return f"`{src}` line {line}: the `path` cell is empty: expected an image path"
+    cell = row.get("mpp")
+    if cell not in (None, ""):
+        try:
+            v = float(cell)
+        except ValueError:
+            v = float("nan")
+        if not (np.isfinite(v) and v > 0):
+            return f"`{src}` line {line}: the `mpp` cell is invalid: expected a positive number of µm per pixel, got {cell!r}"
+    return ""
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Tiles from a folder (searched recursively) or a CSV manifest with a ``path`` column.
 
     Optional manifest columns: ``label``, ``site``, ``scanner``, ``slide``, ``patient``, ``mpp``, ``pair_id``,
-    ``condition`` (kept in :attr:`TileRecord.meta`). Relative paths in a manifest are relative to its folder.
-    ``__getitem__`` returns ``(uint8 (3, H, W) tensor, record)``; unreadable files raise
+    ``condition`` (kept in :attr:`TileRecord.meta`). Relative paths in a manifest are relative to its folder;
+    absolute paths and paths outside it are accepted (outputs get a sanitised name, see
+    :mod:`shiftkit.data.naming`). A row with a bad cell (empty ``path``, non-numeric ``mpp``) is kept with its
+    :attr:`TileRecord.error` so that a run can fail that row alone. ``__getitem__`` returns
+    ``(uint8 (3, H, W) tensor, record)``; unreadable files (and images over ``max_pixels``) raise
     :class:`~shiftkit.data.ImageReadError` naming the file.
     """
 
-    def __init__(self, source: Any):
+    def __init__(self, source: Any, *, max_pixels: Optional[int] = None):
         src = Path(source)
+        self.max_pixels = max_pixels
+        self.kind = "folder"
         if src.is_dir():
             self.root = src
-            self.records = [TileRecord(p, p.relative_to(src).as_posix()) for p in list_images(src)]
+            self.records = [TileRecord(p, p.relative_to(src).as_posix(), key=source_key(p, src)) for p in list_images(src)]
         elif src.suffix.lower() == ".csv":
             if not src.is_file():
                 raise InvalidArgumentError(f"`source` cannot be read: expected a folder or a CSV manifest, got missing file {src}")
-            self.root = src.parent
+            self.root, self.kind = src.parent, "manifest"
             with open(src, newline="") as fh:
                 reader = csv.DictReader(fh)
                 if "path" not in (reader.fieldnames or []):
                     raise InvalidArgumentError(f"`{src}` has no `path` column: expected a CSV manifest with columns {MANIFEST_COLUMNS}, got {reader.fieldnames}")
                 self.records = []
-                for row in reader:
-                    p = Path(row["path"])
+                for line, row in enumerate(reader, start=2):
+                    given = (row.get("path") or "").strip()
+                    p = Path(given)
                     p = p if p.is_absolute() else src.parent / p
-                    sid = row["path"].replace(os.sep, "/")
-                    self.records.append(TileRecord(p, sid, {k: v for k, v in row.items() if k != "path" and v not in (None, "")}))
+                    meta = {k: v for k, v in row.items() if k not in ("path", None) and v not in (None, "")}
+                    self.records.append(TileRecord(p, given.replace(os.sep, "/"), meta, key=source_key(p, src.parent),
+                                                   error=_check_row(row, line, src)))
         elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:
-            self.root = src.parent
-            self.records = [TileRecord(src, src.name)]
+            self.root, self.kind = src.parent, "image"
+            self.records = [TileRecord(src, src.name, key=src.name)]
         else:
             raise InvalidArgumentError(f"`source` is not a dataset: expected a folder of images, a CSV manifest or an image, got {source!r}")
 
@@ -76,7 +108,9 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rec = self.records[i]
-        return torch.from_numpy(read_image(rec.path)).permute(2, 0, 1), rec
+        if rec.error:
+            raise InvalidArgumentError(rec.error)
+        return torch.from_numpy(read_image(rec.path, max_pixels=self.max_pixels)).permute(2, 0, 1), rec
 
 
 def sample_seed(seed: int, shift: str, severity: int, sample_id: str) -> int:
@@ -126,7 +160,7 @@ class ShiftedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def tile_mpp(self, rec: TileRecord) -> float:
-        return float(self.mpp if self.mpp is not None else rec.meta.get("mpp", 0.5))
+        return float(self.mpp if self.mpp is not None else (rec.mpp or 0.5))
 
     def __getitem__(self, i: int):
         img, rec = self.base[i]
@@ -149,7 +183,8 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class SimulationReport:
-    """What :func:`simulate` did: outputs written now, verified from before, failed inputs, planned total."""
+    """What :func:`simulate` did: outputs written now, verified from before, failures (input or output, with the
+    reason), planned total."""
 
     written: int = 0
     verified: int = 0
@@ -162,6 +197,17 @@ class SimulationReport:
                 "failed": [{"path": p, "reason": r} for p, r in self.failed], "out_dir": self.out_dir}
 
 
+#: Version of the random draws of the shift kernels: bumped whenever a kernel draws or applies its randomness
+#: differently, so that a shifted set made by an older sampler is never resumed as if it were the same.
+SAMPLER_VERSION = 1
+#: simulate's own files inside OUT_DIR: configuration, journals, temporary files.
+STATE_DIR = ".shiftkit"
+
+
+class ConfigMismatchError(InvalidArgumentError):
+    """OUT_DIR holds a shifted set made with another configuration (the message names the fields)."""
+
+
 def _shard_filter(records: List[TileRecord], shard: Optional[Tuple[int, int]]) -> List[TileRecord]:
     if shard is None:
         return records
@@ -169,6 +215,63 @@ def _shard_filter(records: List[TileRecord], shard: Optional[Tuple[int, int]]) -
     if not (0 <= i < n):
         raise InvalidArgumentError(f"`shard` out of range: expected i/n with 0 <= i < n, got {i}/{n}")
     return [r for r in records if derive_seed("shard", r.sample_id) % n == i]
+
+
+def _spec_hash(spec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _state_config(specs, seed: int, mpp: Optional[float], fmt: str) -> dict:
+    from .. import __version__
+
+    return {"format": "shiftkit-simulate-state/1", "seed": int(seed), "mpp": mpp, "output_format": fmt,
+            "shiftkit_version": __version__, "torch": torch.__version__, "sampler_version": SAMPLER_VERSION,
+            "shifts": {sp.name: _spec_hash(sp) for sp in specs}}
+
+
+def _config_differences(old: dict, new: dict) -> List[str]:
+    diffs = [f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in ("seed", "mpp", "output_format", "shiftkit_version", "torch",
+                                                            "sampler_version") if old.get(k) != new[k]]
+    old_shifts = old.get("shifts", {})
+    diffs += [f"shift {n!r} configuration (content hash {old_shifts[n][:12]} -> {h[:12]})"
+              for n, h in new["shifts"].items() if n in old_shifts and old_shifts[n] != h]
+    return diffs
+
+
+def _prepare_out_dir(out: Path, config: dict, force: bool) -> None:
+    """Check OUT_DIR against the configuration it was made with, and record the configuration.
+
+    A new or empty folder is taken as it is. A folder made by ``simulate`` is resumed only with the same seed, mpp,
+    output format, versions and, for every shift made before, the same shift configuration; otherwise
+    :class:`ConfigMismatchError` names the differing fields. Any other non-empty folder is refused. ``force``
+    forgets the earlier state (journals), so that every planned output is written again.
+    """
+    state = out / STATE_DIR
+    cfg_path = state / "simulate.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diffs = _config_differences(old, config)
+        if diffs and not force:
+            raise ConfigMismatchError(
+                f"`out_dir` {out} holds a shifted set made with another configuration: expected the same seed, mpp, "
+                f"format, versions and shift definitions to resume it, got differences in: {'; '.join(diffs)}. "
+                "Use another OUT_DIR, or --force to regenerate every output")
+        if not diffs:
+            config = {**config, "shifts": {**old.get("shifts", {}), **config["shifts"]}}
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        examples = sorted(p.name for p in out.iterdir())[:3]
+        raise ConfigMismatchError(
+            f"`out_dir` {out} is not empty and was not made by this version of `shiftkit simulate`: expected a new or "
+            f"empty folder, or one made by simulate, got entries such as {examples}. Use another OUT_DIR, or --force "
+            "to write there anyway (files at output names are replaced)")
+    if force:
+        for j in state.glob("journal*.jsonl"):
+            j.unlink()
+    state.mkdir(parents=True, exist_ok=True)
+    _write_atomic(cfg_path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def simulate(
@@ -186,19 +289,31 @@ def simulate(
     dry_run: bool = False,
     progress: Optional[Callable[[int], None]] = None,
     workers: int = 0,
+    force: bool = False,
+    max_pixels: Optional[int] = None,
 ) -> SimulationReport:
-    """Materialize shifted copies of ``base`` as ``out_dir/<shift>/<severity>/<sample_id>``.
+    """Materialize shifted copies of ``base`` as ``out_dir/<shift>/<severity>/<output name>``.
 
-    Writes ``manifest.csv`` / ``manifest.json`` (one row per output: source, output, seed, drawn parameters, source
-    and output SHA-256, shiftkit version, shift configuration) and ``README.txt``. Unreadable inputs are listed
-    (manifest ``failed`` and the report) and every other output completes. ``workers`` > 0 encodes and writes
-    files in that many threads (OpenCV releases the GIL); the pixels do not depend on it. See the module docstring
-    for the determinism and resume guarantees.
+    Output names follow :mod:`shiftkit.data.naming` (relative to the input root; sanitised for sources outside
+    it; collisions resolved by one rule; never outside ``out_dir``). Writes ``manifest.csv`` / ``manifest.json``
+    (one row per output: source, output, seed, drawn parameters, source and output SHA-256, shiftkit version,
+    shift configuration; and every failure with its reason) and ``README.txt``, also when inputs failed.
+
+    Resume: an existing output is reused only when its journal entry matches the seed, mpp, shift, severity,
+    source file checksum and output checksum, and ``out_dir`` was made with the same configuration (seed, mpp,
+    format, versions, shift definitions by content hash); a folder made otherwise raises
+    :class:`ConfigMismatchError` naming the differences, unless ``force``. simulate's own files (configuration,
+    journals, temporary files) live in ``out_dir/.shiftkit``; only its own temporary files are ever removed.
+
+    Isolation: a source that cannot be read (missing, corrupt, over ``max_pixels``, a bad manifest row) or a tile
+    whose shift raises fails alone (a batch that raises is retried tile by tile); every other output completes.
+    ``workers`` > 0 encodes and writes files in that many threads; the pixels do not depend on it.
     """
-    from .. import __version__
     from ..shifts.registry import get_spec
 
-    ds = base if isinstance(base, TileDataset) else TileDataset(base)
+    ds = base if isinstance(base, TileDataset) else TileDataset(base, max_pixels=max_pixels)
+    if max_pixels is not None:
+        ds.max_pixels = max_pixels
     if fmt not in ("png", "jpeg"):
         raise InvalidArgumentError(f"`fmt` is invalid: expected 'png' (lossless) or 'jpeg', got {fmt!r}")
     specs = [get_spec(s) for s in shifts]
@@ -206,53 +321,97 @@ def simulate(
     for s in sevs:
         specs[0].values(s)
     out = Path(out_dir)
-    records = _shard_filter(ds.records, shard)
+    if ds.kind == "folder" and overlaps(out, ds.root):
+        raise InvalidArgumentError(f"`out_dir` is inside the input folder: expected a folder outside {ds.root} (outputs "
+                                   f"there would be read as inputs next time), got {out}")
+    if ds.kind != "folder" and out.exists() and out.resolve() == ds.root.resolve():
+        raise InvalidArgumentError(f"`out_dir` is the input's own folder: expected another folder, got {out}")
     suffix = ".png" if fmt == "png" else ".jpg"
+    names = plan_output_names([r.key for r in ds.records], suffix)
+    bad_rows: Dict[str, str] = {}
+    valid: List[Tuple[TileRecord, str]] = []
+    for rec, name in zip(ds.records, names):
+        if rec.error:
+            bad_rows[rec.sample_id or rec.error.split(": ", 1)[0]] = rec.error
+        elif name is None:
+            bad_rows.setdefault(rec.sample_id, f"`{rec.path}` is listed more than once: expected one row per source, "
+                                               "got a duplicate row (only the first is used)")
+        else:
+            valid.append((rec, name))
+    name_of = {id(rec): name for rec, name in valid}
+    records = _shard_filter([rec for rec, _ in valid], shard)
     plan = [(sp.name, sev, rec) for sp in specs for sev in sevs for rec in records]
     report = SimulationReport(planned=len(plan), out_dir=str(out))
     if dry_run:
+        report.failed = sorted(bad_rows.items())
         return report
-    out.mkdir(parents=True, exist_ok=True)
-    journal_path = out / (f".journal-{shard[0]}-of-{shard[1]}.jsonl" if shard else ".journal.jsonl")
-    done: Dict[str, str] = {}  # output -> SHA-256 recorded by an earlier run (only checksums stay in memory)
+    config = _state_config(specs, seed, mpp, fmt)
+    _prepare_out_dir(out, config, force)
+    state = out / STATE_DIR
+    tag = f"{shard[0]}-of-{shard[1]}" if shard else "all"
+    journal_path = state / (f"journal-{tag}.jsonl" if shard else "journal.jsonl")
+    tmp_dir = state / "tmp" / tag
+    if tmp_dir.exists():  # this shard's partial files of a killed run; nothing else is touched
+        for t in tmp_dir.iterdir():
+            t.unlink()
+    sources = {str(rec.path.resolve()) for rec in ds.records if not rec.error}
+
+    def out_rel(name, sev, rec):
+        return (Path(name) / str(sev) / name_of[id(rec)]).as_posix()
+
+    done: Dict[str, dict] = {}  # output -> last journal entry of an earlier run
     if journal_path.exists():
         with open(journal_path) as fh:
             for line in fh:
                 try:
                     e = json.loads(line)
-                    done[e["output"]] = e["output_sha256"]
-                except (json.JSONDecodeError, KeyError):
+                    done[e["output"]] = e
+                except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a torn last line from a kill
         _rewrite_journal_without_torn_lines(journal_path)
-    for tmp in out.rglob("*.tmp"):  # partial files of a killed run never survive
-        tmp.unlink()
 
-    def out_rel(name, sev, rec):
-        return (Path(name) / str(sev) / Path(rec.sample_id).with_suffix(suffix)).as_posix()
+    file_sha: Dict[str, str] = {}
+
+    def source_file_sha(rec: TileRecord) -> str:
+        if rec.sample_id not in file_sha:
+            try:
+                file_sha[rec.sample_id] = _sha256(rec.path)
+            except OSError:
+                file_sha[rec.sample_id] = ""
+        return file_sha[rec.sample_id]
+
+    def tile_mpp(rec: TileRecord) -> float:
+        return float(mpp if mpp is not None else (rec.mpp or 0.5))
 
     todo = []
     for name, sev, rec in plan:
         rel = out_rel(name, sev, rec)
-        sha = done.get(rel)
-        if sha is not None and (out / rel).is_file() and _sha256(out / rel) == sha:
+        e = done.get(rel)
+        reusable = (
+            e is not None and e.get("source") == rec.sample_id and e.get("shift") == name and e.get("severity") == sev
+            and e.get("seed") == sample_seed(seed, name, sev, rec.sample_id) and e.get("mpp") == tile_mpp(rec)
+            and e.get("source_file_sha256") == source_file_sha(rec) and (out / rel).is_file()
+            and _sha256(out / rel) == e.get("output_sha256")
+        )
+        if reusable:
             report.verified += 1
             if progress:
                 progress(1)
         else:
             todo.append((name, sev, rec))
 
-    # read each source once, then group by (shift, severity, size) into batches; bounded memory: one batch
+    # read each source once, then group by (shift, severity, size, mpp) into batches; bounded memory: one batch
     source_cache: Dict[str, Tuple[Optional[np.ndarray], str]] = {}
-    failed_sources: Dict[str, str] = {}
+    failed: Dict[str, str] = dict(bad_rows)
 
     def load(rec: TileRecord):
         if rec.sample_id not in source_cache:
             try:
-                img = read_image(rec.path)
+                img = read_image(rec.path, max_pixels=ds.max_pixels)
                 source_cache.clear()  # keep one source in memory at a time beyond the batch
                 source_cache[rec.sample_id] = (img, hashlib.sha256(img.tobytes()).hexdigest())
             except Exception as exc:
-                failed_sources[rec.sample_id] = str(exc)
+                failed[rec.sample_id] = str(exc)
                 return None, ""
         return source_cache[rec.sample_id]
 
@@ -261,30 +420,56 @@ def simulate(
     pool = ThreadPoolExecutor(max_workers=workers) if workers and workers > 0 else None
 
     def write_one(rel, a):
-        write_image(out / rel, a)
-        return _sha256(out / rel)
+        target = ensure_inside(out, out / rel)
+        if str(target.resolve()) in sources:
+            raise InvalidArgumentError(f"output `{target}` is a source image: expected a path that is no input")
+        write_image(target, a, tmp_dir=tmp_dir)
+        return _sha256(target)
+
+    def run_batch(name, sev, items):
+        x = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2).float().div(255).to(device)
+        seeds = [sample_seed(seed, name, sev, it[0].sample_id) for it in items]
+        y, drawn = shift_tiles(x, name, sev, seeds, tile_mpp(items[0][0]))
+        return (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy(), seeds, drawn
 
     with open(journal_path, "a") as journal:
-        # iterate per source so that each file is read once; batch across sources per (shift, severity, size)
         pending: Dict[tuple, list] = {}
 
         def flush(key):
             name, sev, _ = key
             items = pending.pop(key)
-            x = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2).float().div(255).to(device)
-            seeds = [sample_seed(seed, name, sev, it[0].sample_id) for it in items]
-            tile_mpp = float(mpp if mpp is not None else items[0][0].meta.get("mpp", 0.5))
-            y, drawn = shift_tiles(x, name, sev, seeds, tile_mpp)
-            arr = (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            rels = [out_rel(name, sev, it[0]) for it in items]
-            shas = list(pool.map(write_one, rels, arr)) if pool else [write_one(r, a) for r, a in zip(rels, arr)]
-            for (rec, _, src_sha), rel, out_sha, s_, d in zip(items, rels, shas, seeds, drawn):
-                entry = {"source": rec.sample_id, "output": rel, "shift": name, "severity": sev, "seed": s_,
-                         "mpp": tile_mpp, "params": d, "source_sha256": src_sha,
-                         "output_sha256": out_sha, **{f"meta_{k}": v for k, v in rec.meta.items()}}
-                journal.write(json.dumps(entry) + "\n")
-                journal.flush()
-                report.written += 1
+            try:
+                results = [run_batch(name, sev, items)]
+                groups = [items]
+            except Exception:  # retry tile by tile, so that only the tiles that raise fail
+                results, groups = [], []
+                for it in items:
+                    try:
+                        results.append(run_batch(name, sev, [it]))
+                        groups.append([it])
+                    except Exception as exc:
+                        failed[it[0].sample_id] = f"shift {name!r} severity {sev} failed: {type(exc).__name__}: {exc}"
+            for group, (arr, seeds, drawn) in zip(groups, results):
+                rels = [out_rel(name, sev, it[0]) for it in group]
+
+                def guarded(rel, a):
+                    try:
+                        return write_one(rel, a), ""
+                    except Exception as exc:
+                        return "", f"cannot write {rel}: {type(exc).__name__}: {exc}"
+
+                outcomes = list(pool.map(guarded, rels, arr)) if pool else [guarded(r, a) for r, a in zip(rels, arr)]
+                for (rec, _, src_sha), rel, (out_sha, err), s_, d in zip(group, rels, outcomes, seeds, drawn):
+                    if err:
+                        failed[rel] = err
+                        continue
+                    entry = {"source": rec.sample_id, "output": rel, "shift": name, "severity": sev, "seed": s_,
+                             "mpp": tile_mpp(rec), "params": d, "source_sha256": src_sha,
+                             "source_file_sha256": source_file_sha(rec), "output_sha256": out_sha,
+                             **{f"meta_{k}": v for k, v in rec.meta.items()}}
+                    journal.write(json.dumps(entry) + "\n")
+                    journal.flush()
+                    report.written += 1
             if progress:
                 progress(len(items))
 
@@ -298,8 +483,7 @@ def simulate(
                     progress(len(jobs))
                 continue
             for name, sev, rec in jobs:
-                tile_mpp = mpp if mpp is not None else rec.meta.get("mpp", 0.5)
-                key = (name, sev, (img.shape, str(tile_mpp)))
+                key = (name, sev, (img.shape, tile_mpp(rec)))
                 pending.setdefault(key, []).append((rec, img, sha))
                 if len(pending[key]) >= batch_size:
                     flush(key)
@@ -308,13 +492,16 @@ def simulate(
     if pool:
         pool.shutdown()
 
-    report.failed = sorted(failed_sources.items())
-    config = {"shifts": [sp.to_dict() for sp in specs], "severities": sevs, "seed": int(seed), "mpp": mpp,
-              "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
-              "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    report.failed = sorted(failed.items())
+    from .. import __version__
+
+    manifest_config = {"shifts": [sp.to_dict() for sp in specs], "severities": sevs, "seed": int(seed), "mpp": mpp,
+                       "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
+                       "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
+                       "python": platform.python_version(), "device": device}
     stem = f"manifest-{shard[0]}-of-{shard[1]}" if shard else "manifest"
-    n_rows = _write_manifests(out, stem, journal_path, config, report, {out_rel(n, s, r) for n, s, r in plan})
-    _write_atomic(out / "README.txt", _readme(config, n_rows, report))
+    n_rows = _write_manifests(out, stem, journal_path, manifest_config, report, {out_rel(n, s, r) for n, s, r in plan})
+    _write_atomic(out / "README.txt", _readme(manifest_config, n_rows, report))
     return report
 
 

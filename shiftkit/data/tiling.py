@@ -22,6 +22,7 @@ import torch
 from ..core.errors import InvalidArgumentError
 from ..stain.mask import tissue_mask
 from .io import ImageReadError, read_image, write_image
+from .naming import ensure_inside, plan_output_names, source_key
 
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
@@ -71,10 +72,23 @@ class TilingReport:
     manifest: str = ""
 
 
+def tile_folders(sources: Sequence) -> List[str]:
+    """Each source's tile folder: its path relative to the common folder of all sources, without its suffix;
+    sources that would share a folder (``a.png`` and ``a.tif``) keep their suffix (:mod:`shiftkit.data.naming`)."""
+    if not sources:
+        return []
+    parents = [os.path.abspath(os.path.dirname(os.path.abspath(os.fspath(p)))) for p in sources]
+    root = os.path.commonpath(parents)
+    names = plan_output_names([source_key(p, root) for p in sources], "")
+    return [n if n is not None else "" for n in names]
+
+
 def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[int] = None, min_tissue: float = 0.5,
-                 level: int = 0, mpp: Optional[float] = None) -> TilingReport:
+                 level: int = 0, mpp: Optional[float] = None, max_pixels: Optional[int] = None) -> TilingReport:
     """Cut every source into ``size``² tiles (step ``stride``, default ``size``) keeping those with at least
-    ``min_tissue`` tissue; write ``out_dir/<source stem>/<y>_<x>.png`` and ``out_dir/tiles.csv``."""
+    ``min_tissue`` tissue; write ``out_dir/<source folder>/<y>_<x>.png`` (:func:`tile_folders`) and
+    ``out_dir/tiles.csv``. A source that cannot be opened, exceeds ``max_pixels`` (plain images; slides are read
+    region by region) or raises while tiling fails alone and is listed; the manifest is always written."""
     if size < 16 or (stride is not None and stride < 1) or not 0 <= min_tissue <= 1:
         raise InvalidArgumentError(f"`size`/`stride`/`min_tissue` out of range: expected size >= 16, stride >= 1, "
                                    f"min_tissue in [0, 1], got {size}, {stride}, {min_tissue}")
@@ -83,9 +97,11 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
     out.mkdir(parents=True, exist_ok=True)
     report = TilingReport()
     rows = []
-    for src in sources:
+    for src, folder in zip(sources, tile_folders(sources)):
         src = Path(src)
-        stem = src.stem
+        if not folder:
+            report.failed.append((str(src), "listed twice: the first occurrence is tiled"))
+            continue
         try:
             if src.suffix.lower() in WSI_SUFFIXES:
                 slide = open_slide(src)
@@ -95,24 +111,27 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 slide.close()
                 fetch = lambda y, x: read_region(src, int(x * down), int(y * down), (size, size), level)  # noqa: E731
             else:
-                img = read_image(src)
+                img = read_image(src, max_pixels=max_pixels)
                 h, w = img.shape[:2]
                 src_mpp = mpp
                 fetch = lambda y, x, img=img: img[y : y + size, x : x + size]  # noqa: E731
         except Exception as exc:
             report.failed.append((str(src), str(exc)))
             continue
-        for y, x in _grid(h, w, size, stride):
-            tile = fetch(y, x)
-            frac = tissue_fraction(tile)
-            if frac < min_tissue:
-                report.rejected += 1
-                continue
-            rel = f"{stem}/{y}_{x}.png"
-            write_image(out / rel, tile)
-            rows.append({"path": rel, "source": str(src), "x": x, "y": y, "size": size, "level": level,
-                         "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}"})
-            report.written += 1
+        try:
+            for y, x in _grid(h, w, size, stride):
+                tile = fetch(y, x)
+                frac = tissue_fraction(tile)
+                if frac < min_tissue:
+                    report.rejected += 1
+                    continue
+                rel = f"{folder}/{y}_{x}.png"
+                write_image(ensure_inside(out, out / rel), tile)
+                rows.append({"path": rel, "source": str(src), "x": x, "y": y, "size": size, "level": level,
+                             "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}"})
+                report.written += 1
+        except Exception as exc:  # the tiles written so far are kept and listed; the failure is reported
+            report.failed.append((str(src), f"tiling stopped: {type(exc).__name__}: {exc}"))
     manifest = out / "tiles.csv"
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["path", "source", "x", "y", "size", "level", "mpp", "tissue_fraction"])

@@ -63,17 +63,35 @@ class Encoder:
 
 
 def _load_weights(module: nn.Module, weights: Path) -> str:
+    """Load ``weights`` (safetensors, or a state dict read with ``weights_only``) into ``module``; every failure is a
+    one-line :class:`InvalidArgumentError` naming the file and what was expected."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise InvalidArgumentError(f"`weights` {weights} cannot be read: expected a safetensors or state-dict file, got no such file")
     data = weights.read_bytes()
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load as load_bytes
 
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = module.load_state_dict(state, strict=False)
+            state = load_bytes(data)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:
+        kind = "safetensors file" if weights.suffix == ".safetensors" else "state dict (torch.save of tensors)"
+        raise InvalidArgumentError(f"`weights` {weights} cannot be read: expected a {kind}, got a truncated or foreign "
+                                   f"file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidArgumentError(f"`weights` {weights} is not a state dict: expected a mapping of names to tensors, "
+                                   f"got {type(state).__name__}")
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise InvalidArgumentError(f"`weights` {weights} do not fit the model: expected its parameter shapes, got "
+                                   f"{first}") from None
     if len(missing) > len(state) // 2:
-        raise InvalidArgumentError(f"`weights` do not fit the model: expected its parameters, got {len(missing)} missing keys")
+        raise InvalidArgumentError(f"`weights` {weights} do not fit the model: expected its parameters, got {len(missing)} missing keys")
     return hashlib.sha256(data).hexdigest()
 
 

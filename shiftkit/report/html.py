@@ -27,8 +27,28 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _img_file(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+def _img_file(run_dir: Path, name: str) -> str:
+    """A gallery thumbnail as a PNG data URI, or '' unless ``name`` is a file inside ``run_dir/gallery`` that
+    decodes as an image (what is embedded is the decoded pixels, re-encoded; never the file's bytes)."""
+    import cv2
+
+    folder = (run_dir / "gallery").resolve()
+    path = (folder / str(name)).resolve()
+    if folder not in path.parents or not path.is_file():
+        return ""
+    img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        return ""
+    ok, buf = cv2.imencode(".png", img)
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
+
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]{}()#+!|<>"})
+
+
+def _md(text) -> str:
+    """``text`` safe in Markdown: HTML and Markdown syntax characters escaped, one line."""
+    return html.escape(" ".join(str(text).split()), quote=False).translate(_MD_SPECIAL)
 
 
 def _fmt(v, digits=3):
@@ -153,9 +173,9 @@ def build_report(run_dir) -> Path:
     # failure gallery
     parts.append("<h2 id='gallery'>Failure gallery</h2><p>Clean | shifted, at the highest severity, the tiles whose embeddings moved most.</p>")
     for g in sorted(run.get("gallery", []), key=lambda g: g["cosine"])[:12]:
-        p = run_dir / "gallery" / g["file"]
-        if p.exists():
-            parts.append(f"<figure style='display:inline-block;margin:4px'><img alt='{e(g['shift'])}' style='width:260px' src='{_img_file(p)}'>"
+        uri = _img_file(run_dir, g.get("file", ""))
+        if uri:
+            parts.append(f"<figure style='display:inline-block;margin:4px'><img alt='{e(g['shift'])}' style='width:260px' src='{uri}'>"
                          f"<figcaption>{e(g['shift'])} S{g['severity']} · {e(g['tile'])} · cos {g['cosine']:.3f}</figcaption></figure>")
 
     # appendix
@@ -166,11 +186,11 @@ def build_report(run_dir) -> Path:
     out.write_text("\n".join(parts))
 
     # markdown summary
-    md = [f"# Robustness report: {main_model}", "", f"Tiles: {run['n_tiles']}; shifts: {len(shifts)}; severities: {sevs}; "
+    md = [f"# Robustness report: {_md(main_model)}", "", f"Tiles: {run['n_tiles']}; shifts: {len(shifts)}; severities: {sevs}; "
           f"seed {run['config']['seed']}.", "", "| shift | family | " + " | ".join(f"S{v}" for v in sevs) + " |",
           "|---|---|" + "---|" * len(sevs)]
     for s in shifts:
-        md.append(f"| {s} | {fam[s]} | " + " | ".join(_fmt(cos[s].get(v, {}).get("value")) for v in sevs) + " |")
+        md.append(f"| {_md(s)} | {_md(fam[s])} | " + " | ".join(_fmt(cos[s].get(v, {}).get("value")) for v in sevs) + " |")
     if clean.get("knn_ba") is not None:
         md += ["", f"Clean kNN balanced accuracy: {clean['knn_ba']:.3f}."]
     (run_dir / "summary.md").write_text("\n".join(md) + "\n")

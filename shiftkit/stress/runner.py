@@ -113,7 +113,7 @@ def run_stress_test(
     slides = np.array([r.meta.get(slide_column, "") for r in recs])
     groups = slides if all(slides != "") and len(set(slides)) > 1 else None
     sites = np.array([r.meta.get(site_column, "") for r in recs]) if site_column else np.array([""] * n)
-    mpp = [float(r.meta.get("mpp", 0.5)) for r in recs]
+    mpp = [r.mpp or 0.5 for r in recs]
 
     enc = load_encoder(model, weights)
     models = [(model, enc)]

@@ -1,8 +1,8 @@
 """Self-supervised pretraining under controlled shift (DINO; needs the ``train`` extra: lightly)."""
 
-from .dino import RECIPES, PretrainConfig, TrainingDivergedError, knn_monitor, pretrain
+from .dino import RECIPES, PretrainConfig, TrainingDivergedError, checkpoint_config, knn_monitor, load_checkpoint, pretrain
 from .sampling import DiversitySampler, diversity_stats, entropy_bits
 from .views import AUGMENT_PRESETS, MultiCropAugment
 
-__all__ = ["pretrain", "PretrainConfig", "RECIPES", "TrainingDivergedError", "knn_monitor", "DiversitySampler",
+__all__ = ["pretrain", "PretrainConfig", "checkpoint_config", "load_checkpoint", "RECIPES", "TrainingDivergedError", "knn_monitor", "DiversitySampler",
            "diversity_stats", "entropy_bits", "MultiCropAugment", "AUGMENT_PRESETS"]

@@ -280,6 +280,66 @@ class _StepBatches(torch.utils.data.Dataset):
         return torch.from_numpy(out).permute(0, 1, 4, 2, 3), bad
 
 
+#: Fields that may change when a run is resumed: the length of the run and bookkeeping. Any other field must be
+#: the run's own (a changed one is refused, naming it).
+RESUMABLE_FIELDS = ("steps", "checkpoint_every", "knn_every", "workers", "device")
+CHECKPOINT_FORMAT = "shiftkit-pretrain-checkpoint/1"
+
+
+def load_checkpoint(path: Any) -> dict:
+    """A pretraining checkpoint read safely (``weights_only``), or a one-line :class:`InvalidArgumentError` naming the
+    file and what was expected when it is missing, truncated or foreign."""
+    path = Path(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidArgumentError(f"`{path}` is not a readable shiftkit checkpoint: expected a file written by `shiftkit "
+                                   f"pretrain` ({CHECKPOINT_FORMAT}), got a truncated or foreign file "
+                                   f"({type(exc).__name__})") from None
+    need = ("step", "student", "teacher", "optimizer", "loss", "config")
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT or any(k not in saved for k in need):
+        got = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise InvalidArgumentError(f"`{path}` is not a shiftkit checkpoint: expected format {CHECKPOINT_FORMAT!r} with "
+                                   f"{', '.join(need)}, got {got!r}")
+    return saved
+
+
+def checkpoint_config(run_dir: Any) -> dict:
+    """The configuration a run in ``run_dir`` was made with (from its checkpoint), for resuming it."""
+    return dict(load_checkpoint(Path(run_dir) / CHECKPOINT)["config"])
+
+
+def _changed_fields(new: "PretrainConfig", old: "PretrainConfig") -> List[str]:
+    """Fields ``new`` sets (not None) to something other than the run's own, outside :data:`RESUMABLE_FIELDS`."""
+    def norm(v):
+        return json.loads(json.dumps(v))
+
+    out = []
+    for f in fields(PretrainConfig):
+        v = getattr(new, f.name)
+        if f.name in RESUMABLE_FIELDS or v is None:
+            continue
+        if norm(v) != norm(getattr(old, f.name)):
+            out.append(f"{f.name} ({getattr(old, f.name)!r} -> {v!r})")
+    return out
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Keep only the log lines of steps before ``start`` (those the checkpoint holds); drop torn lines."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) < start:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _dist_info() -> Tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -394,10 +454,14 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     rank, world, local_rank = _dist_info()
     ckpt_path = run / CHECKPOINT
     if resume and ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(ckpt_path)
         old = PretrainConfig.from_dict(saved["config"])
-        # the run's own settings win; only the length of the run and bookkeeping may change on resume
-        for k in ("steps", "checkpoint_every", "knn_every", "workers", "device"):
+        changed = _changed_fields(cfg, old)
+        if changed:
+            raise InvalidArgumentError(f"`--resume` cannot change the run's settings: expected only "
+                                       f"{', '.join(RESUMABLE_FIELDS)} to differ from {ckpt_path}, got changed "
+                                       f"{'; '.join(changed)}")
+        for k in RESUMABLE_FIELDS:  # only the length of the run and bookkeeping may change on resume
             setattr(old, k, getattr(cfg, k))
         cfg = old
     else:
@@ -464,6 +528,8 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
         stop["flag"] = True
 
     old_handler = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    if rank == 0 and saved is not None:
+        _truncate_log(run / "log.jsonl", start)  # steps after the checkpoint are run (and logged) again
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bad_seen: List[str] = []
     last_ckpt = start if saved is not None else None
