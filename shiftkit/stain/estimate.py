@@ -79,6 +79,10 @@ class EstimatorConfig:
     percentile: float = 99.0
     reference: str = "macenko"
     max_reference_angle: float = 35.0
+    max_hematoxylin_angle: float = 25.0
+    min_stain_balance: float = 0.05
+    ink_grey_angle: float = 11.0
+    ink_eosin_blue_green: float = 0.82
     exclude_saturated: bool = True
     max_pixels: Optional[int] = 16384
     min_stain_angle: float = 3.0
@@ -107,6 +111,10 @@ class EstimatorConfig:
             ("percentile", 50.0 <= self.percentile <= 100.0, "a percentile in [50, 100]"),
             ("max_reference_angle", 0.0 < self.max_reference_angle <= 90.0, "degrees in (0, 90]"),
             ("min_stain_angle", 0.0 <= self.min_stain_angle < 90.0, "degrees in [0, 90)"),
+            ("max_hematoxylin_angle", 0.0 < self.max_hematoxylin_angle <= 90.0, "degrees in (0, 90]"),
+            ("min_stain_balance", 0.0 <= self.min_stain_balance < 1.0, "a ratio in [0, 1)"),
+            ("ink_grey_angle", 0.0 <= self.ink_grey_angle < 90.0, "degrees in [0, 90)"),
+            ("ink_eosin_blue_green", self.ink_eosin_blue_green > 0.0, "a positive OD ratio"),
             ("vahadane_lambda", self.vahadane_lambda >= 0.0, "a non-negative sparsity weight"),
             ("vahadane_max_pixels", int(self.vahadane_max_pixels) >= 16, "an integer >= 16"),
             ("vahadane_max_iter", int(self.vahadane_max_iter) >= 1, "an integer >= 1"),
@@ -193,6 +201,35 @@ def _vahadane_flat(od: torch.Tensor, w: torch.Tensor, cfg: EstimatorConfig):
     return d.transpose(1, 2), well_defined
 
 
+def _not_ink(matrix: torch.Tensor, cos_ref: torch.Tensor, maxc: torch.Tensor, cfg: EstimatorConfig) -> torch.Tensor:
+    """``(B,)`` False where the estimated pair looks like marker ink rather than hematoxylin and eosin.
+
+    Three checks, each a property every real H&E pair we measured has:
+
+    - hematoxylin is a blue-purple dye: an "H" over ``max_hematoxylin_angle`` (25°) from the reference is ink
+      (single-colour red or pink ink gives 27-31°);
+    - both stains are present: the weaker stain's robust maximum concentration under ``min_stain_balance``
+      (0.05) of the stronger's means one colour only (black ink alone: 0.006);
+    - an "H" near grey (under ``ink_grey_angle``, 11°: black ink) with an "E" that absorbs blue nearly as much
+      as green (OD blue/green over ``ink_eosin_blue_green``, 0.82: red ink; eosin absorbs green most) is red and
+      black ink together.
+
+    Measured on 205 real H&E tiles of 15 sources (Camelyon17, Kather, NCT-CRC, TCGA, MITOS Aperio/Hamamatsu, five
+    scanners, classic targets): H at most 16.4° (Macenko) / 20.7° (Vahadane) from the reference; balance at least
+    0.33 / 0.38; every tile with H within 11° of grey has an E ratio of at most 0.72 (the red-and-black pen tile
+    of histolab: 6.7° / 9.4° and 0.85). The third check has the thinnest margin: a synthetic pair with both
+    stains rotated 12° from the reference reaches 6.6° and 0.80 and stays ok. Ink that has the colour of
+    hematoxylin (purple) cannot be told from a hematoxylin-only region by colour.
+    """
+    grey = torch.full((3,), 3 ** -0.5, dtype=matrix.dtype, device=matrix.device)
+    h_ref = torch.rad2deg(torch.arccos(cos_ref[:, 0]))
+    h_grey = torch.rad2deg(torch.arccos((matrix[:, 0] @ grey).clamp(-1, 1)))
+    e_blue_green = matrix[:, 1, 2] / matrix[:, 1, 1].clamp_min(1e-6)
+    balance = maxc.amin(-1) / maxc.amax(-1).clamp_min(1e-12)
+    red_and_black = (h_grey < cfg.ink_grey_angle) & (e_blue_green > cfg.ink_eosin_blue_green)
+    return (h_ref <= cfg.max_hematoxylin_angle) & (balance >= cfg.min_stain_balance) & ~red_and_black
+
+
 def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cfg: EstimatorConfig) -> StainEstimate:
     """Shared path: ``od`` ``(B, 3, N)``, weights ``(B, N)``, ``n_pixels`` ``(B,)`` counted pixels."""
     bsz = od.shape[0]
@@ -220,8 +257,11 @@ def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cf
     not_dab = (matrix[:, 1] @ dab) < cos_ref[:, 1]
     cos_he = (matrix[:, 0] * matrix[:, 1]).sum(-1).clamp(-1, 1)
     apart = torch.rad2deg(torch.arccos(cos_he)) >= cfg.min_stain_angle
+    conc_w = w[:, None].expand(bsz, 2, w.shape[-1])
+    maxc = masked_quantile(od_to_concentrations(od, matrix.to(od.dtype), clamp=True), conc_w, cfg.percentile / 100.0)
+    not_ink = _not_ink(matrix, cos_ref, maxc.double(), cfg)
     enough = (n_tissue >= cfg.min_tissue_pixels) & (frac >= cfg.min_tissue_fraction)
-    good = finite & well_defined & nonneg & near_ref & not_dab & apart
+    good = finite & well_defined & nonneg & near_ref & not_dab & apart & not_ink
     status = torch.where(
         ~enough,
         torch.full_like(n_tissue, STATUS_LOW_TISSUE),
@@ -229,8 +269,9 @@ def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cf
     ).to(torch.int8)
     ok = status == STATUS_OK
     matrix = torch.where(ok[:, None, None], matrix, ref.expand(bsz, 2, 3)).to(od.dtype)
-    conc = od_to_concentrations(od, matrix, clamp=True)
-    maxc = masked_quantile(conc, w[:, None].expand_as(conc), cfg.percentile / 100.0)
+    if od.device.type != "cpu" or not bool(ok.all()):  # tiles that fall back: concentrations under the reference
+        ref_maxc = masked_quantile(od_to_concentrations(od, matrix, clamp=True), conc_w, cfg.percentile / 100.0)
+        maxc = torch.where(ok[:, None], maxc.to(ref_maxc.dtype), ref_maxc)
     return StainEstimate(matrix=matrix, max_concentrations=maxc, tissue_fraction=frac.to(od.dtype), status_code=status)
 
 
@@ -299,7 +340,10 @@ def estimate_stains(
             (35° — a tile whose H or E lies further from the reference is "degenerate"; so is a tile whose
             second stain is closer to DAB than to eosin, i.e. IHC), ``exclude_saturated`` (True: pixels
             with a channel at 0, whose OD is clipped, are not tissue),
-            ``min_stain_angle`` (3°), ``vahadane_lambda`` (0.1), ``vahadane_max_pixels`` (4096),
+            ``min_stain_angle`` (3°), the marker-ink checks ``max_hematoxylin_angle`` (25°),
+            ``min_stain_balance`` (0.05), ``ink_grey_angle`` (11°) and ``ink_eosin_blue_green`` (0.82) — a tile
+            of pen ink alone is "degenerate" (see ``_not_ink`` for the rule and its measured margins),
+            ``vahadane_lambda`` (0.1), ``vahadane_max_pixels`` (4096),
             ``vahadane_max_iter`` (100), ``vahadane_tol`` (1e-5), ``seed`` (0; Vahadane's pixel subsample),
             ``max_pixels`` (16384: estimation reads every ``ceil(N / max_pixels)``-th pixel in raster order,
             the same pixels whatever the batch; ``None`` uses all pixels. Pooled fits use all pixels).

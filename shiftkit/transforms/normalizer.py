@@ -124,6 +124,11 @@ class StainNormalizer(nn.Module):
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise InvalidArgumentError("`images` is empty: expected at least one image to fit on, got 0 images")
+        for i, img in enumerate(items):
+            shape = tuple(getattr(img, "shape", ()))
+            if len(shape) == 4 and shape[0] == 0:
+                raise InvalidArgumentError(f"`images` is empty: expected at least one image to fit on, got a batch of 0 "
+                                           f"images{f' at images[{i}]' if len(items) > 1 else ''} (shape {shape})")
         if self.method == "reinhard":
             labs, ws = [], []
             for i, img in enumerate(items):
