@@ -102,9 +102,9 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_
     if not files:
         raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
     device = _device(device)
-    norm = _load_target(target, method, "report" if on_failure == "raise" else on_failure).to(device)
-    if on_failure == "raise":
-        norm.on_failure = "raise"
+    # the target is fitted with a fallback policy; "raise" then applies to the tiles (each failing tile fails alone)
+    norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure).to(device)
+    norm.on_failure = on_failure
     jobs, dups = plan_outputs(files, root, out, fmt)
 
     def fn(batch):

@@ -523,3 +523,52 @@ def test_srgb_codec_equals_kornia_with_and_without_gradients():
     torch.testing.assert_close(out.detach(), linear_to_srgb(srgb_to_linear(x) * 0.8), rtol=0, atol=1e-12)
     out.sum().backward()
     assert torch.isfinite(xg.grad).all() and (xg.grad >= 0).all() and xg.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ marker ink
+def _ink_strokes(colour, seed):
+    """Blurred marker strokes of one colour on glass."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = np.full((256, 256, 3), 245, np.uint8)
+    for _ in range(3):
+        p = rng.integers(0, 256, (2, 2))
+        cv2.line(img, tuple(int(v) for v in p[0]), tuple(int(v) for v in p[1]), colour, int(rng.integers(15, 40)))
+    return cv2.GaussianBlur(img, (0, 0), 3)
+
+
+INKS = {"red": (200, 30, 40), "green": (40, 150, 110), "blue": (40, 60, 190), "black": (40, 40, 50), "pink": (230, 90, 160)}
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+@pytest.mark.parametrize("colour", sorted(INKS))
+def test_synthetic_marker_ink_alone_is_not_ok(method, colour):
+    tiles = np.stack([_ink_strokes(INKS[colour], s) for s in range(2)])
+    est = estimate_stains(tiles, method)
+    assert est.status == ["degenerate", "degenerate"], (colour, est.status)
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_real_pen_ink_tiles_are_not_ok(method):
+    from PIL import Image
+
+    folder = shared("edge_cases_histolab")
+    for name in ("no-tissue-red-pen.png", "no-tissue-green-pen.png"):
+        img = np.array(Image.open(folder / name).convert("RGB"))
+        assert estimate_stains(img, method).status == ["degenerate"], name
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_real_he_stays_ok_under_the_ink_checks(method):
+    from PIL import Image
+
+    from shiftkit.data import load_sample_tiles
+
+    assert estimate_stains(load_sample_tiles(), method).status.count("ok") == len(load_sample_tiles())
+    root = shared()
+    files = sorted((root / "camelyon17_5centers").glob("*.png")) + sorted((root / "mitos_scanner_pairs_dev").rglob("*_0.png"))
+    files += sorted((root / "edge_cases_histolab").glob("tissue-level*.png")) + sorted((root / "scanners5_same_region").glob("*.png"))
+    for f in files:
+        img = np.array(Image.open(f).convert("RGB"))
+        assert estimate_stains(img, method).status == ["ok"], f.name

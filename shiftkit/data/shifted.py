@@ -327,7 +327,9 @@ def simulate(
     if ds.kind != "folder" and out.exists() and out.resolve() == ds.root.resolve():
         raise InvalidArgumentError(f"`out_dir` is the input's own folder: expected another folder, got {out}")
     suffix = ".png" if fmt == "png" else ".jpg"
-    names = plan_output_names([r.key for r in ds.records], suffix)
+    usable = [r for r in ds.records if not r.error]
+    planned_names = iter(plan_output_names([r.key for r in usable], suffix))
+    names = [None if r.error else next(planned_names) for r in ds.records]
     bad_rows: Dict[str, str] = {}
     valid: List[Tuple[TileRecord, str]] = []
     for rec, name in zip(ds.records, names):
