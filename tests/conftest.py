@@ -13,12 +13,29 @@ DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", REPO.parent / "shared" / "dat
 torch.set_num_threads(int(os.environ.get("SHIFTKIT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
+def _bundled_copies() -> dict:
+    """Shared images that ship, byte for byte, inside installed packages (ours or scikit-image's)."""
+    import skimage
+
+    samples = REPO / "shiftkit" / "data" / "samples"
+    return {
+        ("pypi_wsidicom", "test_tile.png"): samples / "wsidicom_test_tile.png",
+        ("pypi_stardist", "histo.jpg"): samples / "stardist_histo.jpg",
+        ("pypi_slideflow", "norm_tile.jpg"): samples / "slideflow_norm_tile.jpg",
+        ("pypi_skimage_ihc_not_he", "ihc.png"): Path(skimage.__file__).parent / "data" / "ihc.png",
+    }
+
+
 def shared(*parts) -> Path:
-    """Path under ../shared/data; the test is skipped cleanly where the folder is absent."""
+    """Path under ../shared/data, or the identical bundled copy (tests/test_readme.py checks they are identical);
+    the test is skipped cleanly where neither exists."""
     p = DATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"shared data not available: {p}")
-    return p
+    if p.exists():
+        return p
+    copy = _bundled_copies().get(tuple(parts))
+    if copy is not None and copy.exists():
+        return copy
+    pytest.skip(f"shared data not available: {p}")
 
 
 def devices():

@@ -374,3 +374,19 @@ def test_fit_on_an_empty_batch_names_the_argument():
 
     with pytest.raises(InvalidArgumentError, match="`images` is empty"):
         StainNormalizer("macenko").fit(torch.empty(0, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------------------------- file modes
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tiles, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert run("simulate", tiles, tmp_path / "sim", "--shift", "jpeg", "--severity", "1").exit_code == 0
+        assert run("normalize", tiles, tmp_path / "norm", "--target", sorted(tiles.glob("*.png"))[0]).exit_code == 0
+        assert run("preview", sorted(tiles.glob("*.png"))[0], "--shift", "jpeg", "-o", tmp_path / "p.png").exit_code == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "sim").rglob("*.png")] + [p for p in (tmp_path / "norm").rglob("*.png")]
+    files += [tmp_path / "sim" / "manifest.json", tmp_path / "norm" / "normalize.json", tmp_path / "p.png"]
+    assert len(files) >= 10
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}

@@ -63,6 +63,7 @@ def data(tmp_path_factory):
     return _tiles(tmp_path_factory.mktemp("tiles"))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_below_an_untrained_control_and_knn_beats_chance(data, tmp_path):
     """The DINO loss of a frozen network *rises* as the centre warms up (the teacher's targets decorrelate from the
     student's bias), so "the loss went down" is measured against a control run on identical batches, views and
@@ -267,6 +268,7 @@ def _torchrun(args, nproc, cwd, env):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process(data, tmp_path):
     """2 ranks x 4 tiles vs 1 rank x 8 tiles, same global batch: DDP averages gradients, lightly's DINO centre is
     all-reduced, views are drawn for the global batch — the weights agree to float reduction order."""
@@ -343,6 +345,7 @@ def test_gradient_accumulation_equals_one_big_batch_when_the_centre_is_held(data
         assert float(diff.mean()) < 1e-7 and float((diff < 1e-5).float().mean()) > 0.999
 
 
+@pytest.mark.slow
 def test_cli_sigterm_writes_a_checkpoint_exits_143_and_resumes(data, tmp_path):
     import time
 

@@ -64,8 +64,10 @@ def perturb_stains(
     Args:
         images: ``(B, 3, H, W)`` float in ``[0, 1]``.
         matrix: ``(B, 2, 3)`` stain matrix of each tile.
-        alpha, beta: ``(B, 2)`` per-stain scale and shift of the concentrations (β in natural-log OD).
-        angle, azimuth: optional ``(B, 2)`` stain-vector rotation (degrees) and its direction (radians).
+        alpha: ``(B, 2)`` per-stain scale of the concentrations.
+        beta: ``(B, 2)`` per-stain shift of the concentrations, in natural-log OD.
+        angle: optional ``(B, 2)`` stain-vector rotation, in degrees.
+        azimuth: optional ``(B, 2)`` direction of that rotation, in radians.
         background_od: if given, pixels whose summed OD (natural log) is below it are background (glass) and
             keep their input value; e.g. 0.3 ≈ every channel brighter than 90 % of ``I0``.
         i0: background intensity.
@@ -176,7 +178,9 @@ def hed_jitter(
 
     Args:
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
-        alpha, beta: ``(B, 3)`` for H, E, DAB (β in natural-log OD units).
+        alpha: ``(B, 3)`` scale of the H, E and DAB concentrations.
+        beta: ``(B, 3)`` shift of the H, E and DAB concentrations, in natural-log OD.
+        i0: background (incident light) intensity in ``[0, 1]`` units.
         background_od: keep pixels whose summed OD is below it (see :func:`perturb_stains`).
         od: optional precomputed :func:`rgb_to_od` of ``images`` (see :func:`perturb_stains`).
     """

@@ -14,7 +14,8 @@ def delta_e2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
     """CIEDE2000 (Sharma, Wu & Dalal 2005) between CIELAB tensors ``(..., 3, ...)`` along dim -3 or a last dim of 3.
 
     Args:
-        lab1, lab2: ``(B, 3, *)`` CIELAB (L in [0, 100]).
+        lab1: ``(B, 3, *)`` CIELAB (L in [0, 100]).
+        lab2: ``(B, 3, *)`` CIELAB, the same shape.
 
     Returns:
         ``(B, *)`` ΔE00 (kL = kC = kH = 1).

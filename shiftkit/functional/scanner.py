@@ -246,6 +246,7 @@ def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.
     """Poisson–Gaussian sensor noise in linear light: ``Poisson(λ·x)/λ + N(0, σ_r²)``.
 
     Args:
+        images: ``(B, 3, H, W)`` float in ``[0, 1]`` (sRGB).
         photons: ``(B,)`` λ, photons at white (smaller = noisier).
         read_sigma: ``(B,)`` read-noise σ in linear units.
         seed: ``(B,)`` int64 per-sample seeds of the noise fields (generated on CPU: the same on any device).

@@ -193,9 +193,11 @@ def reinhard_normalize(
 
     Args:
         images: ``(B, 3, H, W)`` float in ``[0, 1]``.
-        source_mean, source_std: ``(B, 3)`` LAB statistics of each tile (tissue-masked, see
+        source_mean: ``(B, 3)`` LAB mean of each tile (tissue-masked, see
             :func:`shiftkit.stain.stats.weighted_mean_std`).
-        target_mean, target_std: ``(3,)`` or ``(B, 3)``.
+        source_std: ``(B, 3)`` LAB standard deviation of each tile (tissue-masked, likewise).
+        target_mean: ``(3,)`` or ``(B, 3)`` target LAB mean.
+        target_std: ``(3,)`` or ``(B, 3)`` target LAB standard deviation.
         lab: ``images`` already in LAB (:func:`rgb_to_lab`), if the caller has it.
 
     Returns:

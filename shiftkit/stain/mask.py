@@ -91,6 +91,10 @@ def tissue_mask(
     Args:
         images: ``(B, 3, H, W)`` (or flattened ``(B, 3, N)``) float in ``[0, 1]``.
         method: ``"luminosity"`` or ``"od"``.
+        luminosity_threshold: the luminosity rule's threshold on L*/100 (tissue below it).
+        od_threshold: the OD rule's threshold β in natural-log units (tissue when every channel's OD exceeds it).
+        i0: background (incident light) intensity in ``[0, 1]`` units.
+        exclude_saturated: pixels with a channel at 0 (clipped OD) are not tissue.
         linear: :func:`srgb_to_linear` of ``images``, if the caller has it (saves the luminosity rule's decoding).
 
     Returns:

@@ -19,6 +19,7 @@ Conventions (cited by the rest of the library):
 from __future__ import annotations
 
 import math
+from typing import Optional, Union
 
 import torch
 
@@ -51,12 +52,15 @@ MACENKO_REFERENCE_MAX_CONCENTRATIONS = (1.9705, 1.0308)
 RUIFROK_DAB = (0.27, 0.57, 0.78)
 
 
-def reference_stain_matrix(name: str = "macenko", *, dtype=torch.float32, device=None) -> torch.Tensor:
+def reference_stain_matrix(name: str = "macenko", *, dtype: torch.dtype = torch.float32,
+                           device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
     """A named reference stain matrix ``(2, 3)`` with unit-norm rows (H, E).
 
     Args:
         name: ``"macenko"`` (Veta's reference used by torchstain/MONAI/cuCIM), ``"ruifrok"`` (H&E of
             Ruifrok & Johnston 2001) or ``"ruifrok-hdab"`` (H and DAB).
+        dtype: dtype of the returned matrix.
+        device: device of the returned matrix.
 
     Returns:
         Tensor ``(2, 3)``.

@@ -348,8 +348,7 @@ def _dist_info() -> Tuple[int, int, int]:
 
 def _write_atomic_bytes(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)
+    write(tmp)  # created by open(): its mode honours the umask
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import PurePosixPath
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class DiversitySampler:
         seed: run seed.
     """
 
-    def __init__(self, records, *, max_per_slide: Optional[int] = None, balance_by: Sequence[str] = (), seed: int = 0):
+    def __init__(self, records: Sequence[Any], *, max_per_slide: Optional[int] = None, balance_by: Sequence[str] = (), seed: int = 0):
         if not len(records):
             raise InvalidArgumentError("`data` has no tiles: expected at least one image, got an empty dataset")
         if max_per_slide is not None and int(max_per_slide) < 1:

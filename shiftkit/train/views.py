@@ -42,9 +42,12 @@ class MultiCropAugment(torch.nn.Module):
     tensors (global views first).
 
     Args:
-        n_global, n_local: number of global and local views.
-        global_size, local_size: output side of each kind of view.
-        global_scale, local_scale: range of the crop's area as a fraction of the tile.
+        n_global: number of global views.
+        n_local: number of local views.
+        global_size: output side of the global views, in pixels.
+        local_size: output side of the local views, in pixels.
+        global_scale: range of a global crop's area as a fraction of the tile.
+        local_scale: range of a local crop's area as a fraction of the tile.
         augment: a key of :data:`AUGMENT_PRESETS` (``"shiftkit"`` = stain + scanner shifts; ``"dino"`` = none).
         mpp: µm per pixel of the tiles (scanner shifts are specified in µm).
         seed: run seed.

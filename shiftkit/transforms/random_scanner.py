@@ -25,6 +25,10 @@ class RandomScanner(ShiftkitAugmentation):
         shifts: registered shift names (default: the training scanner shifts).
         severity_range: inclusive integer range of severities.
         mpp: µm per pixel of the tiles.
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator`` (see :class:`~shiftkit.transforms.base.ShiftkitAugmentation`).
     """
 
     def __init__(self, shifts: Optional[Sequence[str]] = None, severity_range: Sequence[int] = (1, 3),

@@ -244,6 +244,10 @@ class HEDJitter(ShiftkitAugmentation):
         cutoff_range: DIAG-style tissue cutoff: tiles whose mean intensity (0–1) lies outside this range are
             returned unchanged (e.g. ``(0.05, 0.95)``); ``None`` augments every tile.
         preset: ``"light"`` (θ = 0.05), ``"medium"`` (0.1), ``"strong"`` (0.2).
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator`` (see :class:`ShiftkitAugmentation`).
     """
 
     def __init__(
@@ -300,6 +304,8 @@ def fit_stain_statistics(images: Any, color_space: str = "lab", *, luminosity_th
 
     Args:
         images: a batch, a list of images (any sizes) or a folder path.
+        color_space: ``"lab"``, ``"hsv"`` or ``"hed"``.
+        luminosity_threshold: tissue rule of :func:`~shiftkit.stain.tissue_mask` (L*/100 below it is tissue).
 
     Returns:
         ``{"color_space", "n_images", "mean": {"mean", "std"}, "std": {"mean", "std"}}`` (lists of 3 floats),
@@ -364,6 +370,10 @@ class StainTemplateSample(ShiftkitAugmentation):
         distribution: ``"normal"`` or ``"uniform"`` (± 3 spreads).
         min_std: floor of the sampled std (colour-space units).
         preset: ``"light"`` (std_hyper −0.3), ``"medium"`` (0), ``"strong"`` (0.5).
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator`` (see :class:`ShiftkitAugmentation`).
     """
 
     def __init__(
@@ -446,6 +456,7 @@ class StainNormalize(ShiftkitAugmentation):
 
     Args:
         normalizer: a fitted :class:`~shiftkit.StainNormalizer`, its ``to_dict()``, or a path to its JSON.
+        keepdim: keep a ``(3, H, W)`` input's rank.
     """
 
     def __init__(self, normalizer: Union[StainNormalizer, dict, str, Path], keepdim: bool = False):
