@@ -455,3 +455,25 @@ def test_augment_rejects_bad_input_by_name():
         HEDJitter(seed=0).augment(np.zeros((4, 4), np.uint8))
     with pytest.raises(TypeError, match="`images` has the wrong type"):
         HEDJitter(seed=0).augment([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("cls", [shiftkit.StainAugment, shiftkit.HEDJitter])
+def test_no_argument_transforms_are_the_medium_preset_not_an_identity(cls, real_tile):
+    tiles = np.stack([real_tile] * 4)
+    plain, medium = cls(seed=3), cls(preset="medium", seed=3)
+    assert plain.to_dict()["args"] == medium.to_dict()["args"]
+    out = plain.augment(tiles)
+    assert np.array_equal(out, medium.augment(tiles))
+    assert np.abs(out.astype(int) - tiles).mean() > 2.0  # a visible change, not the 0.003/255 of identity ranges
+
+
+def test_old_configs_replay_as_they_were_and_newer_ones_are_refused(real_tile):
+    from shiftkit.transforms import transform_from_dict
+
+    old = {"transform": "HEDJitter", "version": 1,
+           "args": {**shiftkit.HEDJitter(seed=0).to_dict()["args"], "alpha_range": [1.0, 1.0], "beta_range": [0.0, 0.0]}}
+    replay = transform_from_dict(old)
+    assert replay.alpha_range == (1.0, 1.0) and replay.beta_range == (0.0, 0.0)
+    assert np.abs(replay.augment(real_tile[None]).astype(int) - real_tile[None]).max() <= 1
+    with pytest.raises(InvalidArgumentError, match="config version"):
+        transform_from_dict({**old, "version": 99})

@@ -38,6 +38,11 @@ def list_transforms() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Version of :meth:`ShiftkitAugmentation.to_dict` configs. 2: transforms built with no range and no preset use
+#: the ``medium`` preset (version-1 configs hold resolved ranges and replay unchanged).
+CONFIG_VERSION = 2
+
+
 def transform_from_dict(data: dict) -> "ShiftkitAugmentation":
     """Rebuild any registered transform from :meth:`ShiftkitAugmentation.to_dict` output."""
     name = data.get("transform") if isinstance(data, dict) else None
@@ -243,13 +248,19 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
 
     # ---------------------------------------------------------------- serialization
     def to_dict(self) -> dict:
-        """``{"transform": name, "version": 1, "args": {...}}`` (JSON-serializable)."""
-        return {"transform": type(self).__name__, "version": 1, "args": json.loads(json.dumps(self._config))}
+        """``{"transform": name, "version": CONFIG_VERSION, "args": {...}}`` (JSON-serializable). ``args`` holds the
+        resolved arguments (ranges, not presets), so a config replays the same pixels under later defaults."""
+        return {"transform": type(self).__name__, "version": CONFIG_VERSION, "args": json.loads(json.dumps(self._config))}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShiftkitAugmentation":
+        """Rebuild from :meth:`to_dict` output of this or an earlier config version (a newer one is refused)."""
         if data.get("transform") != cls.__name__:
             raise InvalidArgumentError(f"`data` describes another transform: expected {cls.__name__!r}, got {data.get('transform')!r}")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+            raise InvalidArgumentError(f"`data` has an unknown config version: expected 1..{CONFIG_VERSION} (this shiftkit), "
+                                       f"got {version!r}; upgrade shiftkit to replay it")
         return cls(**data["args"])
 
     def to_json(self) -> str:

@@ -76,8 +76,17 @@ def _preset(presets: dict, name: Optional[str], arg: str = "preset") -> dict:
 _RANGE_BOUNDS = {"alpha_range": ((1.0, 1.0), 0.0, 10.0), "beta_range": ((0.0, 0.0), -5.0, 5.0), "angle_range": ((0.0, 0.0), 0.0, 45.0)}
 
 
+#: The preset a range-drawing transform uses when it is built with no range and no preset: ``StainAugment()``
+#: is medium stain augmentation, never an identity. (Serialized configs hold the resolved ranges, so configs
+#: written before this default replay exactly as they were.)
+DEFAULT_PRESET = "medium"
+
+
 def _ranges(presets: dict, preset: Optional[str], **given) -> dict:
-    """Validated ``*_range`` arguments: an explicit value, else the preset's, else the identity range."""
+    """Validated ``*_range`` arguments: an explicit value, else the preset's, else the identity range. With no
+    range given and no preset, the :data:`DEFAULT_PRESET`."""
+    if preset is None and all(v is None for v in given.values()):
+        preset = DEFAULT_PRESET
     chosen = _preset(presets, preset)
     out = {}
     for name, value in given.items():
