@@ -15,6 +15,8 @@ import click
 
 from shiftkit import __version__
 
+from .progress import Progress, format_seconds
+
 
 def _device(device: str) -> str:
     import torch
@@ -111,8 +113,7 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_
         out_b, status = norm.normalize(batch, return_status=True)
         return out_b, status
 
-    with click.progressbar(length=len(files), label=f"normalize ({norm.method})", file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
+    with Progress(len(files), f"normalize ({norm.method})") as bar:
         report = map_images(jobs, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
                             in_place=in_place, max_pixels=max_pixels)
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
@@ -206,20 +207,53 @@ def preview(image, shift_name, output, mpp, seed, size):
     from shiftkit.data import read_image, write_image
     from shiftkit.shifts import get_shift
 
+    from shiftkit.shifts import get_spec
+
+    try:
+        get_spec(shift_name)
+    except ShiftkitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shift") from exc
     try:
         img = read_image(image)
-        if size:
-            h, w = img.shape[:2]
-            s = min(size, h, w)
-            img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    except ShiftkitError as exc:
+        raise click.BadParameter(str(exc), param_hint="IMAGE") from exc
+    if size:
+        h, w = img.shape[:2]
+        s = min(size, h, w)
+        img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    try:
         panels = [x] + [get_shift(shift_name, sev, mpp=mpp, seed=seed)(x) for sev in range(1, 6)]
     except ShiftkitError as exc:
-        raise click.BadParameter(str(exc), param_hint="--shift/IMAGE") from exc
-    gap = torch.ones(1, 3, x.shape[-2], 4)
-    strip = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=-1)
-    write_image(output, (strip[0].permute(1, 2, 0) * 255).round().byte().numpy())
-    click.echo(f"wrote {output}: clean + {shift_name} severities 1-5")
+        raise click.BadParameter(str(exc), param_hint="--mpp/--seed") from exc
+    labels = ["clean"] + [f"{shift_name} S{sev}" for sev in range(1, 6)]
+    arrays = [(p[0].permute(1, 2, 0) * 255).round().byte().numpy() for p in panels]
+    write_image(output, labelled_strip(arrays, labels))
+    click.echo(f"wrote {output}: clean + {shift_name} severities 1-5, labelled")
+
+
+def labelled_strip(panels: list, labels: list, gap: int = 4) -> "np.ndarray":
+    """Panels side by side (uint8 ``(H, W, 3)``, white gaps) under a white band with each panel's label."""
+    import cv2
+    import numpy as np
+
+    h = max(p.shape[0] for p in panels)
+    band = max(18, h // 10)
+    scale = band / 30
+    cols = []
+    for i, (p, text) in enumerate(zip(panels, labels)):
+        head = np.full((band, p.shape[1], 3), 255, np.uint8)
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        while tw > p.shape[1] - 4 and scale > 0.2:
+            scale *= 0.9
+            (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.putText(head, text, (2, (band + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        body = np.full((h, p.shape[1], 3), 255, np.uint8)
+        body[: p.shape[0]] = p
+        cols.append(np.concatenate([head, body], axis=0))
+        if i < len(panels) - 1:
+            cols.append(np.full((band + h, gap, 3), 255, np.uint8))
+    return np.concatenate(cols, axis=1)
 
 
 def _severities(text: str) -> list:
@@ -299,7 +333,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
             click.echo(f"plan: {len(ds)} tiles x {len(names)} shifts ({', '.join(names)}) x severities {sevs} "
                        f"= {plan.planned} outputs into {out_dir}" + (f" (shard {shard_ij[0]}/{shard_ij[1]})" if shard_ij else ""))
             return
-        with click.progressbar(length=plan.planned, label="simulate", file=sys.stderr, show_pos=True, show_eta=True) as bar:
+        with Progress(plan.planned, "simulate") as bar:
             report = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, batch_size=batch_size, device=device,
                                   fmt=fmt, shard=shard_ij, progress=bar.update, workers=workers, force=force)
     except ShiftkitError as exc:
@@ -465,10 +499,18 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
         if cfg.device.startswith("cuda"):
             _device(cfg.device)
 
+        timer = Progress(cfg.steps, "pretrain", quiet=True)  # the rate and ETA; the lines are printed below
+
         def show(e):
+            if "loss" in e:
+                if timer.done == 0:
+                    timer.done = e["step"]  # a resumed run starts at its checkpoint
+                timer.update(1)
             if e["step"] % 10 == 0 or "knn_balanced_accuracy" in e:
                 knn = f" knn {e['knn_balanced_accuracy']:.3f}" if "knn_balanced_accuracy" in e else ""
-                click.echo(f"step {e['step']:>6} loss {e['loss']:.4f} lr {e['lr']:.2e} {e['images_per_s']:.1f} img/s{knn}", err=True)
+                eta = timer.eta_s()
+                click.echo(f"step {e['step']:>6} loss {e['loss']:.4f} lr {e['lr']:.2e} {e['images_per_s']:.1f} img/s{knn} "
+                           f"ETA {format_seconds(eta) if eta is not None else '…'}", err=True)
 
         summary = run_pretrain(cfg, resume=resume, progress=show)
     except TrainingDivergedError as exc:

@@ -86,7 +86,57 @@ def test_shifts_lists_registry_and_preview_writes_strip(tmp_path):
     res = runner.invoke(cli, ["preview", str(sample_path("stardist")), "--shift", "jpeg", "-o", str(out), "--size", "128"])
     assert res.exit_code == 0, res.output
     strip = read_image(out)
-    assert strip.shape == (128, 6 * 128 + 5 * 4, 3)
-    np.testing.assert_array_equal(strip[:, :128], read_image(sample_path("stardist"))[86:214, 186:314])
+    assert strip.shape == (128 + 18, 6 * 128 + 5 * 4, 3)  # an 18-px label band above the panels
+    np.testing.assert_array_equal(strip[18:, :128], read_image(sample_path("stardist"))[86:214, 186:314])
     res = runner.invoke(cli, ["preview", str(sample_path("stardist")), "--shift", "nope", "-o", str(out)])
     assert res.exit_code == 2 and "unknown name" in res.output
+
+
+def test_eta_ignores_start_up_and_follows_the_current_rate():
+    import io
+
+    from shiftkit.cli.progress import Progress
+
+    t = [0.0]
+    p = Progress(100, "x", file=io.StringIO(), clock=lambda: t[0], half_life_s=2.0)
+    t[0] = 30.0  # 30 s of start-up (loading a model) before the first item
+    p.update(1)
+    assert p.eta_s() is None  # no rate yet: nothing extrapolated from start-up
+    for _ in range(19):  # then 10 items per second
+        t[0] += 0.1
+        p.update(1)
+    assert abs(p.rate - 10.0) < 1e-6 and abs(p.eta_s() - 8.0) < 1e-6  # 80 left at 10/s; click would say ~120 s
+    for _ in range(40):  # the rate halves; after 8 s = 4 half-lives the gap has shrunk to 2^-4 of itself
+        t[0] += 0.2
+        p.update(1)
+    assert abs(p.rate - (5.0 + 5.0 * 0.5 ** 4)) < 1e-9 and abs(p.eta_s() - 40 / p.rate) < 1e-9
+
+
+def test_preview_labels_its_panels_and_blames_the_right_argument(tmp_path):
+    from shiftkit.data import read_image, sample_tiles_dir
+
+    tile = sorted(sample_tiles_dir().glob("*.png"))[0]
+    out = tmp_path / "strip.png"
+    res = CliRunner().invoke(cli, ["preview", str(tile), "--shift", "jpeg", "-o", str(out), "--size", "128"])
+    assert res.exit_code == 0, res.output
+    strip = read_image(out)
+    assert strip.shape[0] > 128 and strip.shape[1] == 6 * 128 + 5 * 4  # a label band above six panels
+    band = strip[: strip.shape[0] - 128]
+    for i in range(6):  # every panel has dark label text in its band
+        assert (band[:, i * 132 : i * 132 + 128] < 128).any()
+    res = CliRunner().invoke(cli, ["preview", str(tile), "--shift", "nope", "-o", str(out)])
+    assert res.exit_code == 2 and "--shift" in res.output and "IMAGE" not in res.output.split("Error:")[1]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    res = CliRunner().invoke(cli, ["preview", str(bad), "--shift", "jpeg", "-o", str(out)])
+    assert res.exit_code == 2 and "IMAGE" in res.output.split("Error:")[1]
+
+
+def test_an_early_failure_leaves_no_empty_output_folder(tmp_path):
+    res = CliRunner().invoke(cli, ["stress-test", "--model", "missing", "--out", str(tmp_path / "st")])
+    assert res.exit_code == 2 and not (tmp_path / "st").exists()
+    res = CliRunner().invoke(cli, ["stress-test", "--reference-model", "missing", "--out", str(tmp_path / "st2"),
+                                   "--shifts", "jpeg", "--severities", "1"])
+    assert res.exit_code == 2 and not (tmp_path / "st2").exists()
+    res = CliRunner().invoke(cli, ["simulate", str(tmp_path), str(tmp_path / "sim"), "--severity", "1"])
+    assert res.exit_code == 2 and not (tmp_path / "sim").exists()

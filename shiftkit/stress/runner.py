@@ -90,8 +90,6 @@ def run_stress_test(
 
     t0 = time.time()
     out = Path(out_dir)
-    (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    (out / "gallery").mkdir(exist_ok=True)
     ds = TileDataset(data if data is not None else sample_tiles_dir() / "manifest.csv")
     names = sorted({n for pat in shifts for n in list_shifts(pat)})
     images, recs, failed = [], [], []
@@ -115,10 +113,12 @@ def run_stress_test(
     sites = np.array([r.meta.get(site_column, "") for r in recs]) if site_column else np.array([""] * n)
     mpp = [r.mpp or 0.5 for r in recs]
 
-    enc = load_encoder(model, weights)
-    models = [(model, enc)]
+    models = [(model, load_encoder(model, weights))]
     if reference_model:
         models.append((reference_model, load_encoder(reference_model)))
+    # folders only once the data and the encoders are known good: an early failure leaves nothing behind
+    (out / "embeddings").mkdir(parents=True, exist_ok=True)
+    (out / "gallery").mkdir(exist_ok=True)
     records = []
     # k = 20, but below the smallest class (leave-one-out votes would otherwise be won by the other class)
     k = max(1, min(20, (min(np.unique(labels, return_counts=True)[1]) - 1) if has_labels else 20))
