@@ -232,7 +232,7 @@ def preview(image, shift_name, output, mpp, seed, size):
     click.echo(f"wrote {output}: clean + {shift_name} severities 1-5, labelled")
 
 
-def labelled_strip(panels: list, labels: list, gap: int = 4) -> "np.ndarray":
+def labelled_strip(panels: list, labels: list, gap: int = 4):
     """Panels side by side (uint8 ``(H, W, 3)``, white gaps) under a white band with each panel's label."""
     import cv2
     import numpy as np

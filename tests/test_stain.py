@@ -493,13 +493,13 @@ def test_uint8_lookup_equals_the_float_path(i0):
 @pytest.mark.parametrize("tissue_method", ["luminosity", "od"])
 def test_estimation_from_uint8_lookup_tables_equals_the_float_path(real_tile, method, tissue_method):
     """With the uint8 pixels at hand, the estimator reads OD and linear RGB from tables: the same estimate."""
-    from shiftkit.stain.estimate import _config, _estimate_batch
+    from shiftkit.stain.estimate import estimator_config, estimate_batch
 
     u8 = torch.from_numpy(np.stack([real_tile, real_tile[::-1].copy(), np.full_like(real_tile, 250)])).permute(0, 3, 1, 2).contiguous()
     x = u8 * (1.0 / 255.0)
-    cfg = _config(method, {"tissue_method": tissue_method})
-    a = _estimate_batch(x, cfg, None, "report")
-    b = _estimate_batch(x, cfg, None, "report", u8)
+    cfg = estimator_config(method, {"tissue_method": tissue_method})
+    a = estimate_batch(x, cfg, None, "report")
+    b = estimate_batch(x, cfg, None, "report", u8)
     assert a.status == b.status and a.status[:2] == ["ok", "ok"] and a.status[2] == "low-tissue"
     assert torch.equal(a.matrix, b.matrix) and torch.equal(a.max_concentrations, b.max_concentrations)
 

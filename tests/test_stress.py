@@ -21,7 +21,7 @@ from shiftkit.stress import read_records, run_stress_test
 @pytest.fixture
 def test_shifts():
     """Two test-only shifts, registered for one test and removed afterwards (the registry is global)."""
-    from shiftkit.shifts import registry
+    from shiftkit.shifts.registry import unregister_shift
 
     def boom(x, p):
         raise RuntimeError("kernel exploded")
@@ -34,7 +34,7 @@ def test_shifts():
         register_shift(spec)
     yield
     for spec in specs:
-        registry._SHIFTS.pop(spec.name)
+        unregister_shift(spec.name)
     assert not [n for n in list_shifts() if n.startswith("test-")]
 
 

@@ -264,8 +264,8 @@ def raise_heap_thresholds(chunk_bytes: int) -> None:
 
     glibc serves large blocks with mmap and trims the heap top once more than twice its mmap threshold is free;
     after an mmapped block is freed it raises that threshold to the block's size (its documented dynamic
-    threshold, up to 32 MiB). Without this, every chunk's first large temporaries come from fresh pages, and the
-    page faults cost about as much as the arithmetic (measured: ~1 µs per 4 KiB page on the 2-core CI machine).
+    threshold, up to 32 MiB). Without this, every chunk's first large temporaries come from fresh pages, whose
+    page faults cost about as much as the arithmetic (docs/benchmarks.md, "Where the time goes").
     One block of four chunk-sized tensors, allocated and freed once per process, sets the threshold accordingly.
     """
     size = min(4 * int(chunk_bytes), 32 << 20)

@@ -11,8 +11,8 @@ def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool
     """``torch.where(mask, a, b)`` for a boolean ``mask`` that broadcasts against ``a`` and ``b``.
 
     On CPU without autograd it is computed as the blend ``a·m + b·(1 − m)`` with ``m`` the mask as 0/1
-    floats, which is exact (``x·1 = x``, ``x·0 = 0``) and several times faster there than ``torch.where`` on a
-    boolean mask (measured 5× on 1.2 M elements, 2-core EPYC, torch 2.14). The blend needs finite ``a`` and
+    floats, which is exact (``x·1 = x``, ``x·0 = 0``) and faster there than ``torch.where`` on a boolean mask
+    (docs/benchmarks.md, "Where the time goes"). The blend needs finite ``a`` and
     ``b`` (an infinite or NaN value in the operand that is *not* selected would leak as NaN); callers use it on
     images, optical densities and clamped outputs. Elsewhere, and when gradients are needed, ``torch.where``.
     ``overwrite=True`` lets the blend reuse ``a``'s memory (the caller no longer needs ``a``).
@@ -114,8 +114,8 @@ def eigh3(a: torch.Tensor):
 def eigh_sym3(a: torch.Tensor, closed_form: bool | None = None):
     """``torch.linalg.eigh`` of ``(..., 3, 3)`` symmetric batches, by :func:`eigh3` off CPU.
 
-    On CPU LAPACK is the faster of the two for the batch sizes used here (41 µs against 1 ms for 8 matrices; the
-    closed form wins above about 5,000 matrices, 2-core EPYC, torch 2.14). On CUDA ``torch.linalg.eigh``
+    On CPU LAPACK is the faster of the two for the batch sizes used here (the closed form only wins for many
+    thousands of matrices; docs/benchmarks.md). On CUDA ``torch.linalg.eigh``
     synchronizes the device with the host (PyTorch documentation) and is a cuSOLVER call; the closed form is a
     few dozen elementwise kernels. ``closed_form`` forces either route (tests run the GPU route on CPU).
     """

@@ -1,98 +1,26 @@
-"""Reading and writing tiles (uint8 RGB at the boundary; see :mod:`shiftkit.core.image`)."""
+"""Reading and writing tiles (uint8 RGB at the boundary; see :mod:`shiftkit.core.image`). The readers live in
+:mod:`shiftkit.core.files` (lower layers read images too) and are re-exported here."""
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import cv2
 import numpy as np
 
-from ..core.errors import InvalidImageError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-PathLike = Union[str, os.PathLike]
-
-#: Default limit on the pixels of one plain image (64 MP), checked from the file header before decoding.
-#: ``SHIFTKIT_MAX_PIXELS`` in the environment changes the default; whole-slide images go through
-#: ``shiftkit tile``, which reads regions.
-DEFAULT_MAX_PIXELS = 64_000_000
-
-
-def default_max_pixels() -> int:
-    """The pixel limit in force: ``SHIFTKIT_MAX_PIXELS`` if set (a positive integer), else 64 MP."""
-    env = os.environ.get("SHIFTKIT_MAX_PIXELS", "").strip()
-    if env:
-        try:
-            value = int(float(env))
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise ValueError(f"`SHIFTKIT_MAX_PIXELS` is invalid: expected a positive integer, got {env!r}")
-        return value
-    return DEFAULT_MAX_PIXELS
-
-
-def image_size(path: PathLike) -> Optional[tuple]:
-    """``(width, height)`` from the file header (no pixel is decoded), or None when Pillow cannot parse it."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: the caller applies its own limit
-            with Image.open(path) as im:
-                return tuple(int(v) for v in im.size)
-    except Image.DecompressionBombError as exc:
-        nums = [int(v) for v in re.findall(r"\d+", str(exc))]
-        return (nums[0], 1) if nums else (1 << 31, 1)
-    except Exception:
-        return None
-
-
-class ImageReadError(InvalidImageError, OSError):
-    """A file could not be read as an 8-bit RGB image."""
-
-
-def read_image(path: PathLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
-    """Read an 8-bit RGB image as ``(H, W, 3)`` uint8.
-
-    RGBA with a fully opaque alpha is converted to RGB; anything else (missing, empty, corrupt, grayscale,
-    16-bit, translucent alpha, a dangling link, more than ``max_pixels`` pixels — default
-    :func:`default_max_pixels`, checked from the header before decoding) raises :class:`ImageReadError` naming the
-    file, what was expected and what came.
-    """
-    p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise ImageReadError(f"`{p}` is a dangling symbolic link: expected an existing image file, got a link to {os.readlink(p)!r}")
-    if not p.is_file():
-        raise ImageReadError(f"`{p}` cannot be read: expected an existing image file, got no such file")
-    if p.stat().st_size == 0:
-        raise ImageReadError(f"`{p}` cannot be read: expected an 8-bit RGB image, got an empty (0-byte) file")
-    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
-    size = image_size(p)
-    if size is not None and size[0] * size[1] > limit:
-        raise ImageReadError(f"`{p}` is too large: expected at most {limit:,} pixels (--max-pixels, SHIFTKIT_MAX_PIXELS; "
-                             f"cut large images with `shiftkit tile`), got {size[0]}x{size[1]} = {size[0] * size[1]:,}")
-    data = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ImageReadError(f"`{p}` cannot be decoded: expected a PNG/JPEG/TIFF 8-bit RGB image, got a corrupt or unsupported file")
-    if img.dtype != np.uint8:
-        raise ImageReadError(f"`{p}` has the wrong bit depth: expected 8-bit RGB, got {img.dtype}")
-    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
-        raise ImageReadError(f"`{p}` is grayscale: expected an 8-bit RGB image, got shape {img.shape}")
-    if img.shape[2] == 4:
-        if not (img[..., 3] == 255).all():
-            raise ImageReadError(f"`{p}` has a translucent alpha channel: expected RGB or opaque RGBA, got alpha min {int(img[..., 3].min())}")
-        img = img[..., :3]
-    if img.shape[2] != 3:
-        raise ImageReadError(f"`{p}` has {img.shape[2]} channels: expected 3 (RGB)")
-    return np.ascontiguousarray(img[..., ::-1])
+from ..core.files import (  # noqa: F401  (re-exported)
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    PathLike,
+    default_max_pixels,
+    image_size,
+    list_images,
+    read_image,
+)
 
 
 def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir: Optional[PathLike] = None) -> None:
@@ -121,15 +49,3 @@ def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def list_images(folder: PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted, by suffix; hidden names skipped).
-
-    Symbolic links with an image suffix are listed even when they dangle, so that a run reports them as
-    failures instead of skipping them without a word.
-    """
-    root = Path(folder)
-    it = root.rglob("*") if recursive else root.glob("*")
-    return sorted(p for p in it if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))

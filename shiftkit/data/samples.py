@@ -6,22 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import UnknownNameError
-from .io import list_images, read_image
-
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-_SAMPLES = {
-    "stardist": "stardist_histo.jpg",
-    "slideflow": "slideflow_norm_tile.jpg",
-    "wsidicom": "wsidicom_test_tile.png",
-}
-
-
-def sample_path(name: str) -> Path:
-    """Path of a bundled sample image: ``"stardist"`` (500×300), ``"slideflow"`` (299×299), ``"wsidicom"`` (240×240)."""
-    if name not in _SAMPLES:
-        raise UnknownNameError("name", name, _SAMPLES)
-    return SAMPLES_DIR / _SAMPLES[name]
+from ..core.files import SAMPLES_DIR, list_images, read_image, sample_path  # noqa: F401  (re-exported)
 
 
 def load_sample(name: str) -> np.ndarray:

@@ -6,9 +6,11 @@ Embeddings are ``(N, D)``; labels, sites and slides are ``(N,)``. Distances are 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import numpy as np
+
+from ..core.knn import balanced_accuracy, knn_predict  # noqa: F401  (re-exported)
 
 
 def _np(x) -> np.ndarray:
@@ -47,34 +49,6 @@ def paired_topk_retrieval(a, b, ks: Sequence[int] = (1, 3, 5, 10), chunk: int = 
         hit = ranks < k
         out[int(k)] = 0.5 * (hit[:n].mean() + hit[n:].mean())
     return out
-
-
-def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclude_same: Optional[tuple] = None) -> np.ndarray:
-    """Majority vote of the k nearest training samples (cosine on centred, L2-normalised features; ties → the
-    smallest label). ``exclude_same=(train_groups, test_groups)`` ignores neighbours of the same group (slide)."""
-    tr = _np(train).astype(np.float64)
-    mu = tr.mean(0, keepdims=True)
-    tr, te = _unit(tr - mu), _unit(_np(test).astype(np.float64) - mu)
-    y = _np(train_labels)
-    classes, yi = np.unique(y, return_inverse=True)
-    out = np.empty(te.shape[0], dtype=classes.dtype)
-    for s in range(0, te.shape[0], chunk):
-        sim = te[s : s + chunk] @ tr.T
-        if exclude_same is not None:
-            g_tr, g_te = (_np(g) for g in exclude_same)
-            sim[g_te[s : s + chunk, None] == g_tr[None]] = -np.inf
-        kk = min(k, tr.shape[0])
-        nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-        votes = np.zeros((nn.shape[0], len(classes)))
-        np.add.at(votes, (np.repeat(np.arange(nn.shape[0]), kk), yi[nn].ravel()), 1)
-        out[s : s + chunk] = classes[votes.argmax(1)]
-    return out
-
-
-def balanced_accuracy(y_true, y_pred) -> float:
-    """Mean per-class recall over the classes present in ``y_true``."""
-    y_true, y_pred = _np(y_true), _np(y_pred)
-    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
 
 
 def knn_balanced_accuracy(train, train_labels, test, test_labels, k: int = 20) -> float:

@@ -7,10 +7,11 @@ import math
 
 import torch
 
+from ..core.files import read_image, sample_path
 from ..functional import artifacts as A
 from ..functional import scanner as K
 from ..functional.augment import hed_jitter, perturb_stains
-from ..stain.estimate import _config, _estimate_batch
+from ..stain.estimate import estimator_config, estimate_batch
 from .registry import ShiftSpec, composite, direction, register_shift
 
 
@@ -33,7 +34,7 @@ def _signed_factor(key: str):
 
 
 def _hue_kernel(x, p):
-    est = _estimate_batch(x, _config("macenko", {}), None, "report")
+    est = estimate_batch(x, estimator_config("macenko", {}), None, "report")
     ones = torch.ones(x.shape[0], 2, device=x.device, dtype=x.dtype)
     return perturb_stains(x, est.matrix, ones, torch.zeros_like(ones), angle=p["angle"][:, None].expand(-1, 2).to(x),
                           azimuth=p["azimuth"].to(x), background_od=0.3)
@@ -230,10 +231,9 @@ _PROTOCOL_TARGETS = {}
 def _protocol_targets(device, dtype):
     """Macenko targets fitted once on the bundled real H&E images (three staining protocols)."""
     if "fitted" not in _PROTOCOL_TARGETS:
-        from ..data import load_sample
         from ..transforms.normalizer import StainNormalizer
 
-        norms = [StainNormalizer("macenko").fit(load_sample(n)) for n in ("slideflow", "stardist", "wsidicom")]
+        norms = [StainNormalizer("macenko").fit(read_image(sample_path(n))) for n in ("slideflow", "stardist", "wsidicom")]
         _PROTOCOL_TARGETS["fitted"] = (torch.stack([n.target_matrix for n in norms]),
                                        torch.stack([n.target_max_concentrations for n in norms]))
     m, c = _PROTOCOL_TARGETS["fitted"]
@@ -250,7 +250,7 @@ def _protocol_kernel(x, p):
 
     mats, maxc = _protocol_targets(x.device, x.dtype)
     idx = p["target"].long().to(x.device)
-    est = _estimate_batch(x, _config("macenko", {}), None, "report")
+    est = estimate_batch(x, estimator_config("macenko", {}), None, "report")
     y = normalize_stains(x, est.matrix, est.max_concentrations, mats[idx], maxc[idx])
     od, ody = rgb_to_od(x), rgb_to_od(y)
     f = p["fraction"].to(x).view(-1, 1, 1, 1)

@@ -358,12 +358,18 @@ def estimate_stains(
         >>> est.status
         ['ok']
     """
-    cfg = _config(method, options)
+    cfg = estimator_config(method, options)
     x, _ = to_batch(images, "images")
-    return _estimate_batch(x, cfg, _as_mask(mask, x), on_failure)
+    return estimate_batch(x, cfg, _as_mask(mask, x), on_failure)
 
 
-def _config(method: str, options: dict) -> EstimatorConfig:
+def estimator_config(method: str, options: dict) -> EstimatorConfig:
+    """An :class:`EstimatorConfig` for ``method`` with ``options``; unknown option names are an error naming them.
+
+    Args:
+        method: ``"macenko"`` or ``"vahadane"``.
+        options: keyword options of :func:`estimate_stains` (fields of :class:`EstimatorConfig`).
+    """
     unknown = set(options) - set(EstimatorConfig.__dataclass_fields__) - {"method"}
     if unknown:
         raise InvalidArgumentError(
@@ -373,8 +379,18 @@ def _config(method: str, options: dict) -> EstimatorConfig:
     return EstimatorConfig(method=method, **options)
 
 
-def _estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor], on_failure: str,
-                    u8: Optional[torch.Tensor] = None) -> StainEstimate:
+def estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.Tensor], on_failure: str,
+                   u8: Optional[torch.Tensor] = None) -> StainEstimate:
+    """Per-tile estimates of a validated float batch: the core of :func:`estimate_stains`, for callers that hold a
+    config and a ``(B, 3, H, W)`` tensor already (normalizers, transforms, shifts).
+
+    Args:
+        x: ``(B, 3, H, W)`` float in ``[0, 1]``.
+        cfg: the estimator configuration (:func:`estimator_config`).
+        mask: optional ``(B, 1, H, W)`` tissue weights replacing the configured rule.
+        on_failure: ``"report"`` or ``"raise"`` (:class:`StainEstimationError` if a tile is not ok).
+        u8: the same batch as uint8, if the caller has it (lookup tables instead of logarithms).
+    """
     if on_failure not in ("report", "raise"):
         raise UnknownNameError("on_failure", on_failure, ("report", "raise"))
     od, w = _flatten(x, cfg, mask, u8=u8)
@@ -397,7 +413,7 @@ def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", *, on
     """
     if on_failure not in ("report", "raise"):
         raise UnknownNameError("on_failure", on_failure, ("report", "raise"))
-    cfg = _config(method, options)
+    cfg = estimator_config(method, options)
     if isinstance(images, (torch.Tensor,)) or (hasattr(images, "ndim") and not isinstance(images, (list, tuple))):
         images = [images]
     if len(images) == 0:

@@ -31,9 +31,8 @@ LN10 = math.log(10.0)
 MACENKO_BETA_LN = 0.15 * LN10
 #: Smallest intensity used in the log: an 8-bit 0 is treated as 1/255 (as StainTools does).
 MIN_INTENSITY = 1.0 / 255.0
-#: log2(e): ``exp(x) = exp2(x·LOG2E)``. Kernels fold it into their small matrices, because ``torch.exp2``
-#: runs about 4× faster than ``torch.exp`` on CPU (measured 86 vs 371 µs on 1.2 M float32, 2-core EPYC,
-#: torch 2.14) at the same accuracy (exp2 ≤ 7e-8 relative; the folded factor adds rounding of the product).
+#: log2(e): ``exp(x) = exp2(x·LOG2E)``. Kernels fold it into their small matrices because ``torch.exp2`` is
+#: the cheaper call on CPU at the same accuracy (figures in docs/benchmarks.md, "Where the time goes").
 LOG2E = 1.4426950408889634
 
 _REFERENCES = {

@@ -379,7 +379,7 @@ def knn_monitor(backbone: nn.Module, images: torch.Tensor, labels: np.ndarray, s
                 k: int = 20) -> float:
     """Leave-one-out kNN balanced accuracy of ``backbone`` features (centred, L2-normalised cosine) on uint8
     ``images (N, 3, H, W)`` resized to ``size``. The backbone's train/eval mode is restored afterwards."""
-    from ..metrics.functional import balanced_accuracy, knn_predict
+    from ..core.knn import balanced_accuracy, knn_predict
     from ..models.encoders import Encoder
 
     was = backbone.training

@@ -7,33 +7,12 @@ at the boundary, keeping the caller's dtype and layout.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..core.errors import InvalidArgumentError
-from ..core.image import to_batch
-from .base import ShiftkitAugmentation, transform_from_dict
-
-
-def _as_transform(t: Union[ShiftkitAugmentation, dict]) -> ShiftkitAugmentation:
-    if isinstance(t, dict):
-        return transform_from_dict(t)
-    if not isinstance(t, ShiftkitAugmentation):
-        raise InvalidArgumentError(f"`transform` has the wrong type: expected a shiftkit transform or its to_dict(), got {type(t).__name__}")
-    return t
-
-
-def _apply(transform: ShiftkitAugmentation, image: Any, generator: torch.Generator) -> Any:
-    """One draw from ``generator``, applied by :meth:`ShiftkitAugmentation.augment` (the caller's format back;
-    8-bit input takes the lookup-table route)."""
-    if not isinstance(image, (np.ndarray, torch.Tensor)) or image.ndim not in (3, 4):
-        to_batch(image, "image")  # raises the image contract's error naming the argument
-    b = image.shape[0] if image.ndim == 4 else 1
-    h, w = image.shape[-3:-1] if isinstance(image, np.ndarray) else image.shape[-2:]
-    return transform.augment(image, params=transform.draw_parameters((b, 3, int(h), int(w)), generator))
+from .base import ShiftkitAugmentation, apply_to_image, as_transform
 
 
 def to_albumentations(transform: Union[ShiftkitAugmentation, dict], p: float = 1.0):
@@ -46,7 +25,7 @@ def to_albumentations(transform: Union[ShiftkitAugmentation, dict], p: float = 1
     """
     from .albumentations_adapter import AlbumentationsStainTransform
 
-    return AlbumentationsStainTransform(_as_transform(transform), p=p)
+    return AlbumentationsStainTransform(as_transform(transform), p=p)
 
 
 class TorchvisionStainTransform(nn.Module):
@@ -57,10 +36,10 @@ class TorchvisionStainTransform(nn.Module):
 
     def __init__(self, transform: Union[ShiftkitAugmentation, dict]):
         super().__init__()
-        self.transform = _as_transform(transform)
+        self.transform = as_transform(transform)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return _apply(self.transform, img, self.transform.generator)
+        return apply_to_image(self.transform, img, self.transform.generator)
 
     def extra_repr(self) -> str:
         return repr(self.transform)
@@ -68,4 +47,4 @@ class TorchvisionStainTransform(nn.Module):
 
 def to_torchvision(transform: Union[ShiftkitAugmentation, dict]) -> TorchvisionStainTransform:
     """Wrap ``transform`` for torchvision ``v2.Compose`` pipelines and Dataset workers."""
-    return TorchvisionStainTransform(_as_transform(transform))
+    return TorchvisionStainTransform(as_transform(transform))

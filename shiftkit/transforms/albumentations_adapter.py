@@ -8,8 +8,7 @@ import albumentations as A
 import torch
 
 from ..core.rng import derive_seed
-from .adapters import _apply, _as_transform
-from .base import ShiftkitAugmentation
+from .base import ShiftkitAugmentation, apply_to_image, as_transform
 
 
 class AlbumentationsStainTransform(A.ImageOnlyTransform):
@@ -22,7 +21,7 @@ class AlbumentationsStainTransform(A.ImageOnlyTransform):
 
     def __init__(self, transform: Union[ShiftkitAugmentation, dict], p: float = 1.0):
         super().__init__(p=p)
-        self.transform = _as_transform(transform)
+        self.transform = as_transform(transform)
 
     def get_params(self) -> dict:
         seed = int(self.random_generator.integers(0, 2**62))
@@ -32,7 +31,7 @@ class AlbumentationsStainTransform(A.ImageOnlyTransform):
         return {"torch_seed": seed}
 
     def apply(self, img, torch_seed: int = 0, **params):
-        return _apply(self.transform, img, torch.Generator().manual_seed(torch_seed))
+        return apply_to_image(self.transform, img, torch.Generator().manual_seed(torch_seed))
 
     def get_transform_init_args(self) -> dict:
         return {"transform": self.transform.to_dict()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -280,3 +280,23 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
         return f"{type(self).__name__}({args})"
+
+
+# ------------------------------------------------------------------ shared by the pipeline adapters
+def as_transform(t: Union["ShiftkitAugmentation", dict]) -> "ShiftkitAugmentation":
+    """``t`` itself, or the transform its :meth:`~ShiftkitAugmentation.to_dict` describes; anything else is an error."""
+    if isinstance(t, dict):
+        return transform_from_dict(t)
+    if not isinstance(t, ShiftkitAugmentation):
+        raise InvalidArgumentError(f"`transform` has the wrong type: expected a shiftkit transform or its to_dict(), got {type(t).__name__}")
+    return t
+
+
+def apply_to_image(transform: "ShiftkitAugmentation", image: Any, generator: torch.Generator) -> Any:
+    """One draw from ``generator``, applied by :meth:`ShiftkitAugmentation.augment` (the caller's format back;
+    8-bit input takes the lookup-table route)."""
+    if not isinstance(image, (np.ndarray, torch.Tensor)) or image.ndim not in (3, 4):
+        to_batch(image, "image")  # raises the image contract's error naming the argument
+    b = image.shape[0] if image.ndim == 4 else 1
+    h, w = image.shape[-3:-1] if isinstance(image, np.ndarray) else image.shape[-2:]
+    return transform.augment(image, params=transform.draw_parameters((b, 3, int(h), int(w)), generator))

@@ -22,8 +22,8 @@ from ..stain.estimate import (
     STATUS_OK,
     EstimatorConfig,
     StainEstimate,
-    _config,
-    _estimate_batch,
+    estimator_config,
+    estimate_batch,
     estimate_stains_pooled,
 )
 from ..stain.mask import srgb_to_linear
@@ -106,7 +106,7 @@ class StainNormalizer(nn.Module):
         self.clamp_concentrations = bool(clamp_concentrations)
         self.max_scale = float(max_scale)
         self.options = dict(options)
-        self.config = _config("vahadane" if method == "vahadane" else "macenko", self.options)
+        self.config = estimator_config("vahadane" if method == "vahadane" else "macenko", self.options)
         ref = reference_stain_matrix(self.config.reference)
         self.register_buffer("target_matrix", ref.clone())
         self.register_buffer("target_max_concentrations", torch.tensor(MACENKO_REFERENCE_MAX_CONCENTRATIONS))
@@ -216,7 +216,7 @@ class StainNormalizer(nn.Module):
                 y = reinhard_normalize(x, mean, safe_std, tm, ts, lab=lab)
             y = select(ok[:, None, None, None], y.to(x.dtype), x)  # both fallbacks: unchanged
         else:
-            y, code = self._apply_estimate(x, _estimate_batch(x, cfg, None, "report", u8), u8)
+            y, code = self._apply_estimate(x, estimate_batch(x, cfg, None, "report", u8), u8)
         return y, code  # from_batch maps any NaN to 0 as a last guard
 
     def _apply_estimate(self, x: torch.Tensor, est: StainEstimate, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 from ..core.rng import SeedLike
-from ..shifts.registry import REFERENCE_MPP, get_spec
+from ..core.shift_registry import REFERENCE_MPP, get_spec
 from .base import ShiftkitAugmentation, register_transform
 
 

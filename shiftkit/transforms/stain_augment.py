@@ -14,11 +14,12 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 
 from ..core.errors import InvalidArgumentError, UnknownNameError
+from ..core.files import list_images, read_image
 from ..core.image import to_batch
 from ..core.ops import select
 from ..core.rng import SeedLike
 from ..functional.augment import COLOR_SPACES, hed_jitter, perturb_stains, rgb_to_space, transfer_statistics
-from ..stain.estimate import EstimatorConfig, _config, _estimate_batch, estimate_stains_pooled
+from ..stain.estimate import EstimatorConfig, estimator_config, estimate_batch, estimate_stains_pooled
 from ..functional.stain import lab_companded, lab_moments, reinhard_from_companded
 from ..stain.mask import srgb_to_linear, tissue_mask
 from ..stain.model import rgb_to_od, uint8_lookup, validate_stain_matrix
@@ -54,8 +55,6 @@ def _read_folder(images: Any) -> Any:
     """``images`` as given, or the images of a folder (a path) as a list."""
     if not isinstance(images, (str, Path)):
         return images
-    from ..data import list_images, read_image  # data sits above transforms (DESIGN layers): imported at call time
-
     return [read_image(p) for p in list_images(images)]
 
 
@@ -166,7 +165,7 @@ class StainAugment(ShiftkitAugmentation):
         self.keep_residual = bool(keep_residual)
         self.augment_background = bool(augment_background)
         self.background_od = _check_background_od(background_od)
-        self.est_config = _config("vahadane" if method == "vahadane" else "macenko", dict(options))
+        self.est_config = estimator_config("vahadane" if method == "vahadane" else "macenko", dict(options))
         if method == "fixed":
             if matrix is None:
                 raise InvalidArgumentError("`matrix` is missing: expected a (2, 3) stain matrix for method='fixed', got None")
@@ -220,7 +219,7 @@ class StainAugment(ShiftkitAugmentation):
             mat = self.matrix.to(x).expand(x.shape[0], 2, 3)
             maxc = None
         else:
-            est = _estimate_batch(x, cfg, None, "report", uint8 if x.dtype == torch.float32 else None)
+            est = estimate_batch(x, cfg, None, "report", uint8 if x.dtype == torch.float32 else None)
             mat, maxc = est.matrix, est.max_concentrations
         beta = params["beta"].to(x)
         if self.beta_units == "relative":
