@@ -1,6 +1,7 @@
 """Stress test and report: metric sanity, encoder comparison, failures as records, report contents, browser."""
 
 import base64
+import json
 import html.parser
 import shutil
 import subprocess
@@ -153,10 +154,17 @@ def test_report_renders_in_headless_chromium_without_broken_images_or_script_err
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
     dom = subprocess.run([exe, *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'data-broken="0"' in dom and 'data-errors="0"' in dom, dom[-500:]
-    shot = tmp_path / "report.png"
-    subprocess.run([exe, *flags, "--window-size=1200,2400", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
-                   capture_output=True, timeout=120)
-    assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
+    for width in (1280, 420):  # a desktop and a phone: the headline is the first thing on both
+        shot = tmp_path / f"report-{width}.png"
+        subprocess.run([exe, *flags, f"--window-size={width},1600", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
+        import cv2
+        img = cv2.imread(str(shot))
+        assert img.shape[1] == width
+        # the headline box (light grey-blue background) is drawn within the first screen
+        box = (np.abs(img[:900].astype(int) - (250, 248, 246)).sum(-1) < 6).mean()
+        assert box > 0.05, (width, box)
 
 
 def test_reference_model_gives_corruption_error_and_the_report_shows_the_evaluated_model(tmp_path):
@@ -172,3 +180,42 @@ def test_reference_model_gives_corruption_error_and_the_report_shows_the_evaluat
     assert ce["gamma"] == pytest.approx(errs("tests.test_stress:structure_encoder", "gamma") / ref_err)
     page = build_report(tmp_path).read_text()
     assert "Robustness report: tests.test_stress:structure_encoder" in page and "mCE" in page
+
+
+def test_report_opens_with_a_headline_a_reader_gets_in_ten_seconds(tmp_path):
+    run_stress_test("default", None, tmp_path, shifts=["gamma", "stain-hue", "jpeg", "gaussian-defocus"], severities=[1, 3, 5])
+    page = build_report(tmp_path).read_text()
+    h = json.loads((tmp_path / "headline.json").read_text())
+    # what was measured (in words), the encoder and its caveat, worst families and shifts with numbers, not measured
+    assert page.index("id='headline'") < page.index("id='protocol'")
+    for field in ("headline-metric", "headline-encoder", "headline-families", "headline-shifts", "headline-not-measured"):
+        assert f"id='{field}'" in page, field
+    assert "cosine similarity" in h["metric"] and "not a pathology foundation model" in h["caveat"]
+    recs = [r for r in read_records(tmp_path) if r["metric"] == "cosine" and r["severity"] == 5]
+    lowest = min(recs, key=lambda r: r["value"])
+    assert h["worst_shifts"][0]["shift"] == lowest["shift"] and abs(h["worst_shifts"][0]["cosine"] - lowest["value"]) < 1e-12
+    fam_means = {}
+    for r in read_records(tmp_path):
+        if r["metric"] == "cosine" and r["severity"] >= 3 and r["value"] is not None:
+            fam_means.setdefault(r["family"], []).append(r["value"])
+    worst_family = min(fam_means, key=lambda f: np.mean(fam_means[f]))
+    assert h["worst_families"][0]["family"] == worst_family
+    assert f"{lowest['value']:.3f} [{lowest['ci_low']:.3f}, {lowest['ci_high']:.3f}]" in page  # CI at the value's precision
+    assert any("pair_id" in x for x in h["not_measured"]) and any("corruption error" in x for x in h["not_measured"])
+    assert '{"shiftkit"' not in page and "shiftkit " in page  # protocol rows in words, not raw JSON
+    md = (tmp_path / "summary.md").read_text()
+    assert "**Measured.**" in md and "cosine similarity" in md and "**Not measured.**" in md and "severity 5" in md
+
+
+def test_cli_computes_corruption_error_by_default_and_no_reference_skips_it(tmp_path):
+    from click.testing import CliRunner
+
+    from shiftkit.cli.main import cli
+
+    args = ["stress-test", "--shifts", "jpeg", "--severities", "5"]
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert any(r["metric"] == "ce" for r in read_records(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["reference_model"] == "random"
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--no-reference"]).exit_code == 0
+    assert not any(r["metric"] == "ce" for r in read_records(tmp_path / "b"))
+    assert "--no-reference" in (tmp_path / "b" / "report.html").read_text()
