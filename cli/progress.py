@@ -75,7 +75,10 @@ class Progress:
         parts = [f"{self.label}: {self.done}/{self.total}"]
         if self.rate is not None:
             parts.append(f"{self.rate:.1f}/s")
-        parts.append("ETA " + (format_seconds(eta) if eta is not None else "…"))
+        if self.total and self.done >= self.total:
+            parts.append("done")
+        else:
+            parts.append("ETA " + (format_seconds(eta) if eta is not None else "…"))
         return "  ".join(parts)
 
     def _show(self, now: float, final: bool = False) -> None:

@@ -7,6 +7,7 @@ from .stain import StainEstimate, estimate_stains, estimate_stains_pooled
 from .shifts import get_shift, list_shifts
 from .transforms import (
     RandomScanner,
+    ScannerTransfer,
     Shift,
     HEDJitter,
     StainAugment,
@@ -34,6 +35,7 @@ __all__ = [
     "fit_stain_statistics",
     "Shift",
     "RandomScanner",
+    "ScannerTransfer",
     "get_shift",
     "list_shifts",
 ]

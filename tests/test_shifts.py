@@ -25,6 +25,9 @@ DISTANCE = {
     "focal-tilt": "blur", "chromatic-aberration": "ssim", "jpeg2000": "ssim", "fading": "deltae",
     "color-profile": "deltae", "line-scan-stripes": "deltae", "stain-protocol": "deltae",
     "air-bubbles": "ssim", "tissue-fold": "deltae", "pen-ink": "deltae", "dust": "deltae", "threads": "ssim", "tears": "ssim",
+    # bundled learned transfers (colour only)
+    "scanner-transfer:scanners5-aperio-to-nz210": "deltae", "scanner-transfer:scanners5-aperio-to-leica": "deltae",
+    "scanner-transfer:scanners5-aperio-to-nz2": "deltae", "scanner-transfer:scanners5-aperio-to-3dhistech": "deltae",
 }
 
 

@@ -43,6 +43,19 @@ FACTORIES = {
         False,
     ),
 }
+def _transfer_profile():
+    """A bundled colour profile with an MTF and noise added, so that every part of the kernel runs."""
+    from shiftkit.shifts.transfer import PROFILES_DIR
+
+    prof = json.loads((PROFILES_DIR / "scanners5-aperio-to-nz2.json").read_text())
+    prof["mtf"] = {"gain": np.linspace(1.0, 0.4, 32).tolist(), "mpp": 0.5}
+    prof["noise"] = {"sigma": 0.01}
+    prof["parts"] = ["colour", "mtf", "noise"]
+    return prof
+
+
+FACTORIES["ScannerTransfer"] = (lambda seed, stats, **kw: shiftkit.ScannerTransfer(_transfer_profile(), strength_range=(0.3, 1.0),
+                                                                               seed=seed, **kw), True)
 # every registered shift, at severity 3 (shifts leave blank tiles blank only in some families: not tested here)
 for _name in shiftkit.list_shifts():
     FACTORIES[f"Shift[{_name}]"] = ((lambda n: lambda seed, stats, **kw: shiftkit.get_shift(n, 3, seed=seed, **kw))(_name), None)
@@ -118,7 +131,7 @@ def test_blank_and_black_tiles_no_nan(name, stats):
     x = torch.cat([torch.ones(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)])
     out = make(name, stats)(x)
     assert torch.isfinite(out).all()
-    if not (name.startswith("Shift[") or name == "RandomScanner"):  # stain transforms keep blank tiles blank
+    if not (name.startswith("Shift[") or name in ("RandomScanner", "ScannerTransfer")):  # stain transforms keep blank tiles blank
         assert (out[0] - 1).abs().max() < 2 / 255
 
 

@@ -11,11 +11,12 @@ import torch
 
 from .errors import InvalidArgumentError, UnknownNameError
 
-FAMILIES = ("stain", "optics", "illumination", "sensor", "isp", "storage", "tissue", "scanner")
+FAMILIES = ("stain", "optics", "illumination", "sensor", "isp", "storage", "tissue", "scanner", "scanner-transfer")
 #: The fixed physical order of the acquisition chain (REFERENCES B3) in which composites apply components.
 PHYSICAL_ORDER = ("stain", "tissue", "optics", "sensor", "isp", "stitching", "storage")
 _DEFAULT_STAGE = {"stain": "stain", "tissue": "tissue", "optics": "optics", "illumination": "optics",
-                  "sensor": "sensor", "isp": "isp", "storage": "storage", "scanner": "storage"}
+                  "sensor": "sensor", "isp": "isp", "storage": "storage", "scanner": "storage",
+                  "scanner-transfer": "storage"}
 #: Pixel-valued severities are given at this resolution and rescaled to the tile's µm/px.
 REFERENCE_MPP = 0.5
 
@@ -92,8 +93,25 @@ def unregister_shift(name: str) -> ShiftSpec:
     return _SHIFTS.pop(name)
 
 
+#: Resolvers of parametrised names (``"scanner-transfer:<profile>"``): prefix → ``fn(name) -> ShiftSpec or None``.
+_RESOLVERS: Dict[str, Callable] = {}
+
+
+def register_resolver(prefix: str, resolve: Callable) -> None:
+    """Let names starting with ``prefix`` be built on first use (e.g. a profile given as a JSON path)."""
+    _RESOLVERS[prefix] = resolve
+
+
 def get_spec(name: str) -> ShiftSpec:
+    """The registered shift ``name``; a parametrised name (``"scanner-transfer:<profile or JSON path>"``) is resolved
+    and registered on first use."""
     if name not in _SHIFTS:
+        for prefix, resolve in _RESOLVERS.items():
+            if str(name).startswith(prefix):
+                spec = resolve(name)
+                if spec is not None:
+                    _SHIFTS.setdefault(spec.name, spec)
+                    return _SHIFTS[spec.name]
         raise UnknownNameError("shift", name, _SHIFTS)
     return _SHIFTS[name]
 

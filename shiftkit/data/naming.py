@@ -95,6 +95,22 @@ def plan_output_names(keys: Sequence[str], suffix: Optional[str]) -> List[Option
     return [names.get(i) for i in range(len(keys))]
 
 
+def shift_folder(shift: str) -> str:
+    """The output folder of a shift name: the name itself when it is a plain kebab-case name; a parametrised name
+    (``scanner-transfer:<profile or JSON path>``) becomes ``scanner-transfer_<profile stem>`` (plus 8 hex digits of
+    the full name when it was a path), with no ``:`` or ``/``."""
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9._-]+", shift):
+        return shift
+    prefix, _, ref = shift.partition(":")
+    stem = PurePosixPath(ref.replace("\\", "/")).stem if ref else ""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{prefix}_{stem}").strip("._") or "shift"
+    if "/" in ref or "\\" in ref or ref.lower().endswith(".json"):
+        safe += "-" + hashlib.sha1(shift.encode("utf-8")).hexdigest()[:8]
+    return safe
+
+
 def ensure_inside(out_dir: PathLike, path: PathLike) -> Path:
     """Return ``path`` if it resolves inside ``out_dir``, else raise :class:`UnsafeOutputError`."""
     root = Path(out_dir).resolve()
@@ -110,4 +126,4 @@ def overlaps(a: PathLike, b: PathLike) -> bool:
     return ra == rb or rb in ra.parents
 
 
-__all__ = ["EXTERNAL", "UnsafeOutputError", "source_key", "plan_output_names", "ensure_inside", "overlaps"]
+__all__ = ["EXTERNAL", "UnsafeOutputError", "source_key", "plan_output_names", "shift_folder", "ensure_inside", "overlaps"]

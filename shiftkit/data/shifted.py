@@ -24,7 +24,7 @@ import torch
 from ..core.errors import InvalidArgumentError
 from ..core.rng import derive_seed
 from .io import IMAGE_SUFFIXES, list_images, read_image, write_image
-from .naming import ensure_inside, overlaps, plan_output_names, source_key
+from .naming import ensure_inside, overlaps, plan_output_names, shift_folder, source_key
 
 MANIFEST_COLUMNS = ("path", "label", "site", "scanner", "slide", "patient", "mpp", "pair_id", "condition")
 
@@ -359,7 +359,7 @@ def simulate(
     sources = {str(rec.path.resolve()) for rec in ds.records if not rec.error}
 
     def out_rel(name, sev, rec):
-        return (Path(name) / str(sev) / name_of[id(rec)]).as_posix()
+        return (Path(shift_folder(name)) / str(sev) / name_of[id(rec)]).as_posix()
 
     done: Dict[str, dict] = {}  # output -> last journal entry of an earlier run
     if journal_path.exists():

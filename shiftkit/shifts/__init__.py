@@ -1,6 +1,7 @@
 """Named scanner and slide-preparation shifts with calibrated severities (see docs/shifts.md)."""
 
 from . import builtin  # noqa: F401  (registers the built-in shifts)
+from . import transfer  # noqa: F401  (registers the bundled scanner-transfer profiles)
 from .registry import FAMILIES, REFERENCE_MPP, ShiftSpec, get_spec, list_shifts, register_shift
 
 

@@ -4,6 +4,7 @@ from .adapters import TorchvisionStainTransform, to_albumentations, to_torchvisi
 from .base import ShiftkitAugmentation, list_transforms, register_transform, transform_from_dict
 from .normalizer import StainNormalizer
 from .random_scanner import RandomScanner
+from .scanner_transfer import ScannerTransfer, ScannerTransferError
 from .shift import Shift
 from .stain_augment import (
     HED_PRESETS,
@@ -23,6 +24,8 @@ __all__ = [
     "StainNormalizer",
     "Shift",
     "RandomScanner",
+    "ScannerTransfer",
+    "ScannerTransferError",
     "StainAugment",
     "HEDJitter",
     "StainTemplateSample",

@@ -1,0 +1,204 @@
+"""Scanner transfer: the pure pieces of a transfer learned from registered pairs (see :class:`~shiftkit.ScannerTransfer`).
+
+Parts, in physical order:
+
+- **colour**: a separable polynomial map in sRGB or optical density, ``y = W^T φ(x)`` with
+  ``φ(x) = [1, x_R, x_G, x_B, x_R², …, x_B^d]`` (degree 1 is the full 3×4 affine map; degree 2–3 add a
+  per-channel tone curve), fitted by tissue-weighted ridge least squares on 8×8 block means;
+- **mtf**: a relative modulation transfer function ``g(f) = sqrt(P_dst(f) / P_src(f))`` from the radially averaged
+  power spectra of the pairs (Hann-windowed grayscale), applied as a radial FFT filter;
+- **noise**: additive Gaussian noise whose σ is the extra noise of the destination (Immerkær's estimate);
+- **jpeg**: JPEG re-encoding at a given quality (applied by :func:`shiftkit.functional.scanner.jpeg`).
+
+A per-sample ``strength`` s ∈ [0, 1] interpolates every part from identity (0) to the fitted transfer (1): colour
+``x + s·(map(x) − x)``, MTF ``g(f)^s``, noise ``s·σ``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from ..core.errors import InvalidArgumentError
+
+SPACES = ("srgb", "od")
+#: Radial frequency bins of the MTF, over [0, 0.5] cycles per pixel.
+MTF_BINS = 32
+
+
+# ----------------------------------------------------------------------------------------------- colour
+def colour_features(x: torch.Tensor, space: str, degree: int) -> torch.Tensor:
+    """``φ(x)``: ``(N, 1 + 3·degree)`` features of ``(N, 3)`` values in ``[0, 1]`` (sRGB) for a colour map."""
+    if space not in SPACES:
+        raise InvalidArgumentError(f"`space` is invalid: expected one of {SPACES}, got {space!r}")
+    v = x.double()
+    if space == "od":
+        v = -torch.log(v.clamp_min(1.0 / 255.0))
+    cols = [torch.ones_like(v[:, :1])] + [v ** d for d in range(1, degree + 1)]
+    return torch.cat(cols, dim=1)
+
+
+def _from_space(y: torch.Tensor, space: str) -> torch.Tensor:
+    return torch.exp(-y) if space == "od" else y
+
+
+def _to_space(x: torch.Tensor, space: str) -> torch.Tensor:
+    return -torch.log(x.double().clamp_min(1.0 / 255.0)) if space == "od" else x.double()
+
+
+def fit_colour_map(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, space: str, degree: int,
+                   ridge: float = 1e-3) -> np.ndarray:
+    """Tissue-weighted ridge least squares for the colour map.
+
+    Args:
+        src: ``(N, 3)`` source colours in ``[0, 1]``.
+        dst: ``(N, 3)`` destination colours in ``[0, 1]``.
+        weight: ``(N,)`` non-negative weights (tissue).
+        space: ``"srgb"`` or ``"od"``.
+        degree: polynomial degree per channel (1 = affine).
+        ridge: ridge penalty on the non-constant coefficients, relative to the weighted count.
+
+    Returns:
+        ``W`` ``(1 + 3·degree, 3)``.
+    """
+    x = colour_features(torch.from_numpy(np.asarray(src, np.float64)), space, degree).numpy()
+    y = _to_space(torch.from_numpy(np.asarray(dst, np.float64)), space).numpy()
+    w = np.asarray(weight, np.float64)
+    if w.sum() <= 0:
+        raise InvalidArgumentError("`weight` is all zero: expected tissue in at least one pair, got none")
+    xw = x * w[:, None]
+    reg = ridge * w.sum() * np.eye(x.shape[1])
+    reg[0, 0] = 0.0
+    return np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+
+
+def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, degree: int,
+                     strength: torch.Tensor) -> torch.Tensor:
+    """Apply a fitted colour map to ``(B, 3, H, W)`` in ``[0, 1]`` with per-sample ``strength`` ``(B,)``."""
+    b, c, h, w = images.shape
+    flat = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    y = _from_space(colour_features(flat, space, degree) @ weights.double().to(images.device), space)
+    mapped = y.to(images.dtype).reshape(b, h, w, 3).permute(0, 3, 1, 2)
+    s = strength.to(images).view(-1, 1, 1, 1)
+    return (images + s * (mapped - images)).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def pair_offset(src: np.ndarray, dst: np.ndarray) -> Tuple[float, float, float]:
+    """``(dx, dy, peak)``: the translation of ``dst`` relative to ``src`` by phase correlation (OpenCV, Hann
+    window) and the correlation peak (1 = identical up to a shift; low = different content)."""
+    gs = cv2.cvtColor(np.ascontiguousarray(src), cv2.COLOR_RGB2GRAY).astype(np.float64)
+    gd = cv2.cvtColor(np.ascontiguousarray(dst), cv2.COLOR_RGB2GRAY).astype(np.float64)
+    win = cv2.createHanningWindow((gs.shape[1], gs.shape[0]), cv2.CV_64F)
+    (dx, dy), peak = cv2.phaseCorrelate(gs, gd, win)
+    return float(dx), float(dy), float(peak)
+
+
+def block_means(image: np.ndarray, block: int = 8) -> np.ndarray:
+    """Area-averaged ``block × block`` means of ``(H, W, 3)`` uint8, as floats in ``[0, 1]``."""
+    h, w = (image.shape[0] // block) * block, (image.shape[1] // block) * block
+    x = np.ascontiguousarray(image[:h, :w], dtype=np.float64) / 255.0
+    return cv2.resize(x, (w // block, h // block), interpolation=cv2.INTER_AREA)
+
+
+# ----------------------------------------------------------------------------------------------- sharpness
+def radial_power(image: np.ndarray, bins: int = MTF_BINS) -> np.ndarray:
+    """Radially averaged power spectrum of a Hann-windowed grayscale ``(H, W, 3)`` uint8 image, ``(bins,)`` over
+    [0, 0.5] cycles per pixel."""
+    g = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
+    g = g - g.mean()
+    win = np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1]))
+    p = np.abs(np.fft.rfft2(g * win)) ** 2
+    fy = np.fft.fftfreq(g.shape[0])[:, None]
+    fx = np.fft.rfftfreq(g.shape[1])[None, :]
+    r = np.sqrt(fx ** 2 + fy ** 2)
+    idx = np.clip((r / 0.5 * bins).astype(int), 0, bins)
+    total = np.bincount(idx.ravel(), weights=p.ravel(), minlength=bins + 1)[:bins]
+    count = np.bincount(idx.ravel(), minlength=bins + 1)[:bins]
+    return total / np.maximum(count, 1)
+
+
+def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray], max_gain: float = 1.5) -> np.ndarray:
+    """``g(f)``: the geometric mean over pairs of ``sqrt(P_dst / P_src)`` per radial bin, ``g(0) = 1``, clipped to
+    ``[0, max_gain]`` and made smooth by a 3-bin running median."""
+    ratios = [np.sqrt(np.maximum(d, 1e-20) / np.maximum(s, 1e-20)) for s, d in zip(src_power, dst_power)]
+    g = np.exp(np.mean(np.log(np.maximum(np.stack(ratios), 1e-6)), axis=0))
+    g[0] = 1.0
+    g = np.clip(g, 0.0, max_gain)
+    padded = np.concatenate([g[:1], g, g[-1:]])
+    smooth = np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+    smooth[0] = 1.0
+    return smooth
+
+
+def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Filter ``(B, 3, H, W)`` by the radial gain ``gain`` ``(K,)`` (bins over [0, 0.5] cycles/px) raised to the
+    per-sample ``strength`` ``(B,)``; linear interpolation between bin centres; the mean (f = 0) is kept."""
+    b, c, h, w = images.shape
+    x = images.float()
+    fy = torch.fft.fftfreq(h, device=x.device)[:, None]
+    fx = torch.fft.rfftfreq(w, device=x.device)[None, :]
+    r = torch.sqrt(fx ** 2 + fy ** 2).clamp(max=0.5)
+    k = gain.shape[0]
+    pos = (r / 0.5 * k - 0.5).clamp(0, k - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=k - 1)
+    t = pos - lo.float()
+    g = gain.float().to(x.device)
+    gf = (g[lo] * (1 - t) + g[hi] * t).clamp_min(1e-6)  # (h, w//2+1)
+    s = strength.float().to(x.device).view(-1, 1, 1, 1)
+    filt = torch.exp(s * torch.log(gf)[None, None])
+    spec = torch.fft.rfft2(x) * filt
+    return torch.fft.irfft2(spec, s=(h, w)).clamp(0.0, 1.0).to(images.dtype)
+
+
+def resample_gain(gain: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:
+    """The gain profile of a transfer fitted at ``fit_mpp`` µm/px, for tiles at ``mpp``: a frequency of f cycles/px
+    at ``mpp`` is f·fit_mpp/mpp cycles/px at the fit's resolution. Frequencies beyond the fit's Nyquist keep its last
+    value."""
+    k = len(gain)
+    centres = (np.arange(k) + 0.5) / k * 0.5
+    return np.interp(np.clip(centres * fit_mpp / mpp, 0, 0.5), centres, gain)
+
+
+# ----------------------------------------------------------------------------------------------- noise
+def noise_sigma(image: np.ndarray) -> float:
+    """σ of additive white noise in ``[0, 1]`` units, by Immerkær's estimator (Computer Vision and Image
+    Understanding 64(2), 1996): the mean absolute response of the Laplacian-difference mask
+    ``[[1, −2, 1], [−2, 4, −2], [1, −2, 1]]`` times √(π/2)/6, on the grayscale image."""
+    g = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
+    if min(g.shape) < 3:
+        return 0.0
+    m = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
+    r = cv2.filter2D(g, cv2.CV_64F, m)[1:-1, 1:-1]
+    return float(math.sqrt(math.pi / 2) / 6 * np.abs(r).mean())
+
+
+def add_noise(images: torch.Tensor, sigma: float, strength: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise ``N(0, (s·σ)²)`` per pixel, each sample from its own seed (drawn on CPU: the same on any
+    device)."""
+    if sigma <= 0:
+        return images
+    noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds.tolist()]).to(images)
+    return (images + noise * (sigma * strength.to(images).view(-1, 1, 1, 1))).clamp(0.0, 1.0)
+
+
+def blockiness(image: np.ndarray) -> float:
+    """Mean absolute horizontal+vertical gradient on 8-px JPEG block borders over that inside blocks (≈ 1: no
+    block structure; JPEG at low quality: clearly above 1)."""
+    g = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float64)
+    dx = np.abs(np.diff(g, axis=1))
+    dy = np.abs(np.diff(g, axis=0))
+    bx = dx[:, 7::8].mean() if dx.shape[1] > 8 else 0.0
+    by = dy[7::8, :].mean() if dy.shape[0] > 8 else 0.0
+    inside = (np.delete(dx, np.s_[7::8], axis=1).mean() + np.delete(dy, np.s_[7::8], axis=0).mean()) / 2
+    return float((bx + by) / 2 / max(inside, 1e-9))
+
+
+__all__ = ["SPACES", "MTF_BINS", "colour_features", "fit_colour_map", "apply_colour_map", "pair_offset", "block_means",
+           "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "noise_sigma", "add_noise", "blockiness"]

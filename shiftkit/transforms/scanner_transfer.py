@@ -1,0 +1,475 @@
+"""``ScannerTransfer``: a real scanner change learned from registered pairs (or, weaker, two unpaired sets).
+
+See :mod:`shiftkit.functional.transfer` for the parts and docs/real_scanner_shift.md for how to fit your own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..core.errors import InvalidArgumentError, InvalidImageError, ShiftkitError
+from ..core.image import to_batch
+from ..core.rng import SeedLike
+from ..functional import transfer as T
+from ..functional.scanner import jpeg as jpeg_kernel
+from .base import ShiftkitAugmentation, check_range, register_transform
+
+PARTS = ("colour", "mtf", "noise", "jpeg")
+PROFILE_FORMAT = "shiftkit-scanner-transfer/1"
+#: Colour-map candidates compared by cross-validation: (space, degree per channel); degree 1 is the 3x4 affine map.
+COLOUR_CANDIDATES = (("srgb", 1), ("srgb", 2), ("srgb", 3), ("od", 1), ("od", 2), ("od", 3))
+
+
+class ScannerTransferError(ShiftkitError, ValueError):
+    """A transfer cannot be fitted from the data given (the message says why)."""
+
+
+def _uint8_list(images: Any, arg: str) -> List[np.ndarray]:
+    """Images of any contract format (a batch, or a sequence of single images of any sizes) as uint8 HWC arrays."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        items = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    out = []
+    for i, img in enumerate(items):
+        x, _ = to_batch(img, f"{arg}[{i}]")
+        out.append((x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+    return out
+
+
+def _tissue_fraction(img: np.ndarray) -> float:
+    from ..stain.mask import tissue_mask
+
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    return float(tissue_mask(x).mean())
+
+
+def _lab(x: np.ndarray) -> np.ndarray:
+    from skimage.color import rgb2lab
+
+    return rgb2lab(np.clip(x, 0, 1))
+
+
+def _delta_e(a: np.ndarray, b: np.ndarray, tissue: np.ndarray) -> float:
+    """Mean CIEDE2000 over tissue blocks (the metric of shared/eval/score_pairs.py on block means)."""
+    from skimage.color import deltaE_ciede2000
+
+    if not tissue.any():
+        return float("nan")
+    return float(deltaE_ciede2000(_lab(a), _lab(b))[tissue].mean())
+
+
+def _laplacian_var(img: np.ndarray) -> float:
+    import cv2
+
+    return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var())
+
+
+def _folds(groups: Sequence[Any], n: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-group-out when there are several groups (slides, spatial blocks), else 5-fold over pairs."""
+    g = np.asarray([str(x) for x in groups]) if groups is not None else None
+    if g is not None and len(set(g)) >= 2:
+        return [(np.where(g != v)[0], np.where(g == v)[0]) for v in sorted(set(g))]
+    k = min(5, n)
+    idx = np.arange(n)
+    return [(idx[idx % k != f], idx[idx % k == f]) for f in range(k)] if k >= 2 else []
+
+
+@register_transform
+class ScannerTransfer(ShiftkitAugmentation):
+    """A learned scanner change as an augmentation: colour map → relative MTF → noise → JPEG, in physical order
+    (optics, sensor, ISP, storage: the MTF and noise act before the colour map, JPEG last).
+
+    ``ScannerTransfer()`` is the identity; :meth:`fit` learns one from registered pairs and :meth:`fit_unpaired`
+    from two unpaired sets. Called on a float ``(B, 3, H, W)`` tensor in ``[0, 1]`` it returns the same shape,
+    dtype and device, clamped to ``[0, 1]``; a per-sample ``strength`` drawn from ``strength_range`` interpolates
+    from identity (0) to the full transfer (1). ``.augment()`` takes numpy uint8 tiles like every shiftkit
+    augmentation. The reverse direction (B → A, normalization towards A) is ``ScannerTransfer.fit(dst, src)``.
+
+    Args:
+        profile: a fitted profile (the dict :meth:`fit` builds, or a path to its JSON); ``None`` is the identity.
+        strength_range: range of the per-sample strength in ``[0, 1]``.
+        mpp: µm per pixel of the tiles this transfer is applied to (default: the profile's); the MTF is rescaled
+            to it, and a ratio to the fit's µm/px outside ``[0.5, 2]`` is refused.
+        p: probability per sample.
+        same_on_batch: one draw for the whole batch.
+        keepdim: keep a ``(3, H, W)`` input's rank.
+        seed: an int seed or a ``torch.Generator`` (see :class:`~shiftkit.transforms.base.ShiftkitAugmentation`).
+    """
+
+    def __init__(self, profile: Union[None, dict, str, Path] = None, strength_range: Sequence[float] = (1.0, 1.0),
+                 mpp: Optional[float] = None, p: float = 1.0, same_on_batch: bool = False, keepdim: bool = False,
+                 seed: SeedLike = None):
+        super().__init__(p=p, same_on_batch=same_on_batch, keepdim=keepdim, seed=seed)
+        if isinstance(profile, (str, Path)):
+            profile = self.read_profile(profile)
+        self.profile = _check_profile(profile if profile is not None else {"format": PROFILE_FORMAT, "parts": []})
+        self.strength_range = check_range("strength_range", strength_range, 0.0, 1.0)
+        fit_mpp = self.profile.get("mtf", {}).get("mpp")
+        self.mpp = float(mpp) if mpp is not None else fit_mpp
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise InvalidArgumentError(f"`mpp` is invalid: expected a positive number of µm per pixel, got {mpp!r}")
+        gain = None
+        if "mtf" in self.profile["parts"]:
+            gain = np.asarray(self.profile["mtf"]["gain"], np.float64)
+            if fit_mpp is not None and self.mpp is not None and self.mpp != fit_mpp:
+                ratio = self.mpp / fit_mpp
+                if not 0.5 <= ratio <= 2.0:
+                    raise InvalidArgumentError(f"`mpp` is too far from the fit's: expected within 0.5-2x of {fit_mpp} µm/px "
+                                               f"(the MTF cannot be extrapolated further), got {self.mpp}")
+                gain = T.resample_gain(gain, fit_mpp, self.mpp)
+        self._gain = None if gain is None else torch.tensor(gain, dtype=torch.float32)
+        self._weights = (torch.tensor(self.profile["colour"]["weights"], dtype=torch.float64)
+                         if "colour" in self.profile["parts"] else None)
+        self._config.update(profile=self.profile, strength_range=list(self.strength_range), mpp=mpp)
+
+    # ------------------------------------------------------------------ profile IO
+    @staticmethod
+    def read_profile(path: Union[str, Path]) -> dict:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidArgumentError(f"`profile` {p} cannot be read: expected a scanner-transfer JSON file, got "
+                                       f"{type(exc).__name__}: {exc}") from None
+        return data
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the profile as JSON (no pickle): parts, fitted values, the fit's data summary, µm/px, residuals."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(self.profile, indent=2))
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: Union[str, Path], **kwargs: Any) -> "ScannerTransfer":
+        """A transfer from a JSON profile written by :meth:`save` (keyword arguments as for the constructor)."""
+        return cls(cls.read_profile(path), **kwargs)
+
+    @property
+    def parts(self) -> List[str]:
+        return list(self.profile["parts"])
+
+    # ------------------------------------------------------------------ augmentation
+    def sample(self, batch: int) -> Dict[str, torch.Tensor]:
+        strength = self._u(self.strength_range, (), batch)
+        seeds = torch.randint(0, 2 ** 31 - 1, (1 if self.same_on_batch else batch,), generator=self.generator)
+        return {"strength": strength, "seed": seeds.expand(batch).clone()}
+
+    def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        s = params["strength"]
+        y = x
+        if self._gain is not None:
+            y = T.mtf_filter(y, self._gain, s)
+        if "noise" in self.profile["parts"]:
+            y = T.add_noise(y, float(self.profile["noise"]["sigma"]), s, params["seed"])
+        if self._weights is not None:
+            c = self.profile["colour"]
+            y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s)
+        if "jpeg" in self.profile["parts"]:
+            q = 100.0 - s.to(torch.float32) * (100.0 - float(self.profile["jpeg"]["quality"]))
+            y = jpeg_kernel(y, q)
+        return y.clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, src_images: Any, dst_images: Any, *, parts: Sequence[str] = PARTS, max_shift_px: float = 16.0,
+            min_peak: float = 0.05, slides: Optional[Sequence[Any]] = None, mpp: Optional[float] = None,
+            name: str = "", held_out: bool = False, source: str = "", ridge: float = 1e-3,
+            jpeg_quality: Optional[float] = None, **kwargs: Any) -> "ScannerTransfer":
+        """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
+        pairs, pair by pair the same size.
+
+        Each pair's offset is measured by phase correlation; pairs further apart than ``max_shift_px``, with a
+        correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
+        and counted in ``profile["fit"]["refused"]``). The colour map (space and degree) is chosen by
+        cross-validation over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of
+        8×8 block means over tissue; a map whose cross-validated residual is not below identity's is an error.
+
+        Args:
+            src_images: images of scanner A (a batch, or a sequence of images of any sizes).
+            dst_images: the same fields on scanner B, in the same order.
+            parts: the parts to fit, of ``("colour", "mtf", "noise", "jpeg")``.
+            max_shift_px: largest accepted misregistration, in pixels.
+            min_peak: smallest accepted phase-correlation peak.
+            slides: optional slide id per pair (cross-validation groups).
+            mpp: µm per pixel of the pairs (recorded; the MTF is rescaled when applied at another resolution).
+            name: the profile's name.
+            held_out: flag the profile as held-out (evaluation only; never a training view).
+            source: where the pairs come from (recorded in the profile).
+            ridge: ridge penalty of the colour fit.
+            jpeg_quality: quality of the destination's JPEG compression when known (JPEG cannot be measured from
+                decoded pixels reliably; without it the part is reported as not fitted).
+            kwargs: constructor arguments of the returned transform (``strength_range``, ``p``, ``seed``, ...).
+
+        Returns:
+            A fitted :class:`ScannerTransfer`.
+
+        Raises:
+            ScannerTransferError: no usable pair, or a fit no better than identity.
+        """
+        parts = _check_parts(parts)
+        src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
+        if len(src) != len(dst):
+            raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
+        if slides is not None and len(slides) != len(src):
+            raise InvalidArgumentError(f"`slides` has the wrong length: expected one id per pair ({len(src)}), got {len(slides)}")
+        for i, (a, b) in enumerate(zip(src, dst)):
+            if a.shape != b.shape:
+                raise InvalidImageError(f"pair {i} has two sizes: expected the same size for a registered pair, got "
+                                        f"{a.shape[:2]} and {b.shape[:2]} (crop both to their common size first)")
+        used, refused, offsets = _screen_pairs(src, dst, max_shift_px, min_peak)
+        if not used:
+            raise ScannerTransferError(f"no usable pair: expected registered H&E pairs with tissue, got {len(src)} pairs, all "
+                                       f"refused ({_reasons(refused)})")
+        groups = [slides[i] for i in used] if slides is not None else None
+        s_used, d_used = [src[i] for i in used], [dst[i] for i in used]
+        profile = {"format": PROFILE_FORMAT, "version": 1, "name": name, "held_out": bool(held_out), "parts": [],
+                   "fit": {"paired": True, "pairs": len(src), "used": len(used), "refused": refused, "source": source,
+                           "mpp": mpp, "offsets_px": offsets, "slides": sorted({str(g) for g in groups}) if groups else None,
+                           "sizes": sorted({f"{a.shape[1]}x{a.shape[0]}" for a in s_used})}}
+        if "colour" in parts:
+            profile["colour"], profile["fit"]["colour"] = _fit_colour(s_used, d_used, groups, ridge)
+            profile["parts"].append("colour")
+        if "mtf" in parts:
+            # measured against the colour-mapped sources: the colour map changes contrast too, and the two together
+            # must give the destination's spectrum
+            mapped = s_used
+            if "colour" in profile["parts"]:
+                c = profile["colour"]
+                w = torch.tensor(c["weights"], dtype=torch.float64)
+                mapped = [(T.apply_colour_map(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255, w, c["space"],
+                                              int(c["degree"]), torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
+                          for x in s_used]
+            mtf, report = _fit_mtf(mapped, d_used, groups, mpp)
+            profile["fit"]["mtf"] = report
+            if mtf is not None:
+                profile["mtf"] = mtf
+                profile["parts"].append("mtf")
+        if "noise" in parts:
+            sigma, report = _fit_noise(s_used, d_used)
+            profile["fit"]["noise"] = report
+            if sigma > 0:
+                profile["noise"] = {"sigma": sigma}
+                profile["parts"].append("noise")
+        if "jpeg" in parts:
+            profile["fit"]["jpeg"] = {"blockiness_src": float(np.median([T.blockiness(a) for a in s_used])),
+                                      "blockiness_dst": float(np.median([T.blockiness(b) for b in d_used])),
+                                      "quality": jpeg_quality}
+            if jpeg_quality is not None:
+                profile["jpeg"] = {"quality": float(check_range("jpeg_quality", (jpeg_quality, jpeg_quality), 1, 100)[0])}
+                profile["parts"].append("jpeg")
+        profile["parts"] = [p for p in PARTS if p in profile["parts"]]
+        return cls(profile, mpp=mpp, **kwargs)
+
+    @classmethod
+    def fit_unpaired(cls, src_images: Any, dst_images: Any, *, parts: Sequence[str] = ("colour", "mtf", "noise"),
+                     mpp: Optional[float] = None, name: str = "", held_out: bool = False, source: str = "",
+                     **kwargs: Any) -> "ScannerTransfer":
+        """The weaker option: a transfer from two *unpaired* sets of similar tissue (stain and sharpness statistics
+        only). The colour map is the affine map that moves the source's tissue colour mean and covariance onto the
+        destination's (a Monge map between Gaussians in sRGB); the MTF is the ratio of the sets' mean power
+        spectra; noise as in :meth:`fit`.
+
+        Args:
+            src_images: images of scanner A.
+            dst_images: images of similar tissue on scanner B (any number, not the same fields).
+            parts: the parts to fit, of ``("colour", "mtf", "noise")``.
+            mpp: µm per pixel of both sets.
+            name: the profile's name.
+            held_out: flag the profile as held-out.
+            source: where the images come from.
+            kwargs: constructor arguments of the returned transform.
+
+        Returns:
+            A fitted :class:`ScannerTransfer`.
+        """
+        parts = _check_parts(parts)
+        if "jpeg" in parts:
+            raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
+        src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
+        profile = {"format": PROFILE_FORMAT, "version": 1, "name": name, "held_out": bool(held_out), "parts": [],
+                   "fit": {"paired": False, "src_images": len(src), "dst_images": len(dst), "source": source, "mpp": mpp}}
+        if "colour" in parts:
+            a = np.concatenate([T.block_means(x).reshape(-1, 3) for x in src])
+            b = np.concatenate([T.block_means(x).reshape(-1, 3) for x in dst])
+            ta, tb = _lab(a[None])[0, :, 0] < 85, _lab(b[None])[0, :, 0] < 85
+            if ta.sum() < 16 or tb.sum() < 16:
+                raise ScannerTransferError("too little tissue: expected tissue blocks (L* < 85) in both sets, got "
+                                           f"{int(ta.sum())} and {int(tb.sum())}")
+            profile["colour"] = _gaussian_map(a[ta], b[tb])
+            profile["parts"].append("colour")
+        if "mtf" in parts:
+            ps = np.mean([T.radial_power(x) for x in src], axis=0)
+            pd = np.mean([T.radial_power(x) for x in dst], axis=0)
+            profile["mtf"] = {"gain": T.relative_mtf([ps], [pd]).tolist(), "mpp": mpp}
+            profile["parts"].append("mtf")
+        if "noise" in parts:
+            sigma = max(0.0, float(np.median([T.noise_sigma(x) for x in dst]) - np.median([T.noise_sigma(x) for x in src])))
+            profile["fit"]["noise"] = {"sigma": sigma}
+            if sigma > 1e-3:
+                profile["noise"] = {"sigma": sigma}
+                profile["parts"].append("noise")
+        profile["parts"] = [p for p in PARTS if p in profile["parts"]]
+        return cls(profile, mpp=mpp, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_parts(parts: Sequence[str]) -> Tuple[str, ...]:
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise InvalidArgumentError(f"`parts` is invalid: expected a non-empty subset of {PARTS}, got {list(parts)}")
+    return tuple(parts)
+
+
+def _check_profile(profile: Any) -> dict:
+    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
+        got = profile.get("format") if isinstance(profile, dict) else type(profile).__name__
+        raise InvalidArgumentError(f"`profile` is not a scanner-transfer profile: expected format {PROFILE_FORMAT!r}, got {got!r}")
+    parts = profile.get("parts", [])
+    for p in parts:
+        if p not in PARTS or p not in profile:
+            raise InvalidArgumentError(f"`profile` part {p!r} is missing or unknown: expected its values for parts {PARTS}")
+    if "colour" in parts:
+        c = profile["colour"]
+        w = np.asarray(c.get("weights"), np.float64)
+        if c.get("space") not in T.SPACES or w.shape != (1 + 3 * int(c.get("degree", 0)), 3) or not np.isfinite(w).all():
+            raise InvalidArgumentError("`profile` colour part is invalid: expected space, degree and a finite (1+3·degree, 3) weight table")
+    if "mtf" in parts:
+        g = np.asarray(profile["mtf"].get("gain"), np.float64)
+        if g.ndim != 1 or len(g) < 2 or not np.isfinite(g).all() or (g < 0).any():
+            raise InvalidArgumentError("`profile` mtf part is invalid: expected a finite non-negative radial gain")
+    return profile
+
+
+def _reasons(refused: List[dict]) -> str:
+    counts: Dict[str, int] = {}
+    for r in refused:
+        key = r["reason"].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def _screen_pairs(src, dst, max_shift_px, min_peak):
+    from ..stain import estimate_stains
+
+    used, refused, offsets = [], [], []
+    for i, (a, b) in enumerate(zip(src, dst)):
+        dx, dy, peak = T.pair_offset(a, b)
+        offsets.append([round(dx, 2), round(dy, 2), round(peak, 3)])
+        shift = math.hypot(dx, dy)
+        if min(_tissue_fraction(a), _tissue_fraction(b)) < 0.05:
+            refused.append({"pair": i, "reason": "background only: less than 5 % tissue"})
+        elif shift > max_shift_px:
+            refused.append({"pair": i, "reason": f"misregistered: offset {shift:.1f} px > max_shift_px {max_shift_px}"})
+        elif peak < min_peak:
+            refused.append({"pair": i, "reason": f"not the same field: phase-correlation peak {peak:.3f} < {min_peak}"})
+        else:
+            status = estimate_stains(np.stack([a, b]), "macenko").status
+            if any(s == "degenerate" for s in status):
+                refused.append({"pair": i, "reason": "not H&E: the stain estimate is degenerate (IHC, ink or no stain)"})
+            else:
+                used.append(i)
+    return used, refused, offsets
+
+
+def _blocks(images):
+    bm = [T.block_means(x) for x in images]
+    return bm
+
+
+def _fit_colour(src, dst, groups, ridge):
+    sb, db = _blocks(src), _blocks(dst)
+    tis = [_lab(d)[..., 0] < 85 for d in db]
+    flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
+    wflat = lambda idx: np.concatenate([tis[i].reshape(-1) for i in idx]).astype(np.float64)  # noqa: E731
+    folds = _folds(groups, len(src))
+    scores = {}
+    identity = []
+    for tr, te in folds:
+        identity += [_delta_e(sb[i], db[i], tis[i]) for i in te]
+    for space, degree in COLOUR_CANDIDATES:
+        res = []
+        for tr, te in folds:
+            if wflat(tr).sum() <= 0:
+                continue
+            w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge)
+            for i in te:
+                pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
+                                          degree, torch.ones(1))[0].permute(1, 2, 0).numpy()
+                res.append(_delta_e(pred, db[i], tis[i]))
+        scores[f"{space}-{degree}"] = float(np.nanmean(res)) if res else float("nan")
+    before = float(np.nanmean(identity)) if identity else float("nan")
+    valid = {k: v for k, v in scores.items() if math.isfinite(v)}
+    if valid:
+        best = min(valid, key=valid.get)
+        if valid[best] >= before:
+            raise ScannerTransferError(f"the colour fit is no better than identity: expected a cross-validated CIEDE2000 "
+                                       f"below identity's {before:.2f}, got {valid[best]:.2f} (are the pairs the same fields, "
+                                       "on two different scanners?)")
+    else:  # too few pairs to cross-validate: the affine map
+        best = "srgb-1"
+    space, degree = best.split("-")[0], int(best.split("-")[1])
+    allidx = list(range(len(src)))
+    w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge)
+    report = {"cv_folds": len(folds), "cv_delta_e2000": scores, "identity_delta_e2000": before, "chosen": best,
+              "cv_delta_e2000_after": valid.get(best) if valid else None}
+    return {"space": space, "degree": degree, "weights": w.tolist()}, report
+
+
+def _fit_mtf(src, dst, groups, mpp):
+    rich = [i for i, (a, b) in enumerate(zip(src, dst)) if min(_tissue_fraction(a), _tissue_fraction(b)) >= 0.3]
+    if not rich:
+        return None, {"fitted": False, "reason": "no pair with at least 30 % tissue"}
+    ps = [T.radial_power(src[i]) for i in rich]
+    pd = [T.radial_power(dst[i]) for i in rich]
+    gain = T.relative_mtf(ps, pd)
+    before = float(np.median([_laplacian_var(src[i]) / max(_laplacian_var(dst[i]), 1e-9) for i in rich]))
+    after = []
+    g_rich = [groups[i] for i in rich] if groups is not None else None
+    for tr, te in _folds(g_rich, len(rich)):
+        gtr = torch.tensor(T.relative_mtf([ps[j] for j in tr], [pd[j] for j in tr]), dtype=torch.float32)
+        for j in te:
+            x = torch.from_numpy(src[rich[j]]).permute(2, 0, 1)[None].float() / 255
+            y = (T.mtf_filter(x, gtr, torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
+            after.append(_laplacian_var(y) / max(_laplacian_var(dst[rich[j]]), 1e-9))
+    return {"gain": gain.tolist(), "mpp": mpp}, {"fitted": True, "pairs": len(rich),
+                                                   "sharpness_ratio_before": before,
+                                                   "sharpness_ratio_after_cv": float(np.median(after)) if after else None}
+
+
+def _fit_noise(src, dst):
+    diffs = [T.noise_sigma(b) - T.noise_sigma(a) for a, b in zip(src, dst)]
+    sigma = float(np.median(diffs))
+    return (sigma if sigma > 1e-3 else 0.0), {"sigma_extra_median": sigma, "fitted": sigma > 1e-3}
+
+
+def _gaussian_map(a: np.ndarray, b: np.ndarray) -> dict:
+    """The affine map moving N(μa, Σa) onto N(μb, Σb) (Monge map), as a degree-1 sRGB colour map."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a.T) + 1e-6 * np.eye(3), np.cov(b.T) + 1e-6 * np.eye(3)
+
+    def sqrtm(m):
+        vals, vecs = np.linalg.eigh(m)
+        return vecs @ np.diag(np.sqrt(np.maximum(vals, 0))) @ vecs.T
+
+    ra = sqrtm(ca)
+    ra_inv = np.linalg.inv(ra)
+    m = ra_inv @ sqrtm(ra @ cb @ ra) @ ra_inv  # y = μb + M (x − μa)
+    w = np.zeros((4, 3))
+    w[0] = mu_b - m @ mu_a
+    w[1:] = m.T
+    return {"space": "srgb", "degree": 1, "weights": w.tolist()}
+
+
+__all__ = ["ScannerTransfer", "ScannerTransferError", "PARTS", "PROFILE_FORMAT", "COLOUR_CANDIDATES"]
