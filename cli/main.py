@@ -70,13 +70,20 @@ def cli():
 @click.option("--on-failure", type=click.Choice(["reference", "identity", "raise"]), default="reference", show_default=True,
               help="What to do with tiles whose stains cannot be estimated (blank, too little tissue, not H&E); "
                    "'raise' fails those tiles alone (listed), the others are written.")
+@click.option("--source-level", type=click.Choice(["tile", "slide", "folder"]), default="tile", show_default=True,
+              help="Where each tile's source stains are estimated: per tile; pooled per slide (the manifest's slide "
+                   "column, else the immediate subfolder); or pooled over all of SRC (one scanner or cohort).")
 @click.option("--in-place", is_flag=True, help="Replace the images in SRC with their normalized versions (no OUT; "
               "each file keeps its name and format). The only way to write into SRC.")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_place, max_pixels, as_json):
-    """Stain-normalize SRC (an image or a folder, searched recursively) into OUT, mirroring file names.
+def normalize(src, out, method, target, device, batch_size, fmt, on_failure, source_level, in_place, max_pixels, as_json):
+    """Stain-normalize SRC (an image, a folder searched recursively, or a CSV manifest with a path column) into OUT,
+    mirroring file names.
+
+    --source-level slide or folder estimates the source stains once from all tiles of a slide (or of SRC), from a
+    bounded pixel sample, and applies that estimate to each; tiles with too little tissue keep their own fallback.
 
     Output names are derived from the input paths; two inputs that would give one name (a.png, a.jpg) both keep
     their suffix (a.png.png, a.jpg.png). OUT must not be SRC or lie inside it; use --in-place to replace the
@@ -84,7 +91,9 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_
     complete. Outputs are written atomically; OUT/normalize.json lists every output and failure. Exit code 1 if
     any input failed, 0 otherwise.
     """
+    from shiftkit.core.errors import ShiftkitError
     from shiftkit.data.naming import overlaps
+    from shiftkit.stain import STATUS_NAMES
     from shiftkit.data.runner import collect_inputs, map_images, plan_outputs
 
     if in_place:
@@ -96,7 +105,15 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_
         fmt = "same"
     elif out is None:
         raise click.UsageError("missing argument OUT: expected an output folder (or --in-place to replace the images in SRC)")
-    root, files = collect_inputs(src)
+    slide_of = {}
+    if Path(src).suffix.lower() == ".csv":
+        from shiftkit.data.shifted import TileDataset
+
+        ds = TileDataset(src)
+        root, files = ds.root, [r.path for r in ds.records if not r.error]
+        slide_of = {r.path: r.meta.get("slide", "") for r in ds.records}
+    else:
+        root, files = collect_inputs(src)
     out = root if in_place else Path(out)
     if not in_place and (overlaps(out, root) if Path(src).is_dir() else out.resolve() == root.resolve() and fmt == "same"):
         raise click.BadParameter(f"expected a folder outside the input {str(src)!r}, got {str(out)!r}: writing there would "
@@ -108,16 +125,38 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, in_
     norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure).to(device)
     norm.on_failure = on_failure
     jobs, dups = plan_outputs(files, root, out, fmt)
+    groups: dict = {}
+    for job in jobs:
+        if source_level == "slide":
+            key = slide_of.get(job[0]) or (Path(job[0]).relative_to(root).parts[0] if len(Path(job[0]).relative_to(root).parts) > 1 else "")
+        else:
+            key = ""
+        groups.setdefault(key, []).append(job)
+    from shiftkit.data.runner import RunReport
 
-    def fn(batch):
-        out_b, status = norm.normalize(batch, return_status=True)
-        return out_b, status
+    report, pooled_info = RunReport(), []
+    with Progress(len(files), f"normalize ({norm.method}, source {source_level})") as bar:
+        for key, group in groups.items():
+            source = "tile"
+            if source_level != "tile":
+                try:
+                    source, _ = norm.pooled_source_from_files([j[0] for j in group])
+                    status = STATUS_NAMES[int(source.status_code[0])]
+                except ShiftkitError as exc:
+                    source, status = "tile", f"no pooled source ({exc}); per-tile estimates used"
+                pooled_info.append({"group": key or ".", "tiles": len(group), "status": status})
 
-    with Progress(len(files), f"normalize ({norm.method})") as bar:
-        report = map_images(jobs, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
-                            in_place=in_place, max_pixels=max_pixels)
+            def fn(batch, source=source):
+                out_b, status = norm.normalize(batch, source=source, return_status=True)
+                return out_b, status
+
+            part = map_images(group, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
+                              in_place=in_place, max_pixels=max_pixels)
+            report.written += part.written
+            report.failed += part.failed
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
-    summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place, **report.to_dict(),
+    summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place,
+               "source_level": source_level, "pooled_sources": pooled_info, **report.to_dict(),
                "outputs": [{"source": str(p), "output": str(o), "status": st} for p, o, st in report.written]}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".normalize.json.tmp"

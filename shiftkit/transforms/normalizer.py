@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -43,6 +44,32 @@ def _lab_statistics(x: torch.Tensor, cfg: EstimatorConfig, lab: Optional[torch.T
     lab = (rgb_to_lab(x) if lab is None else lab).flatten(2)
     mean, std = weighted_mean_std(lab, w, eps=1e-6)
     return mean, std, w.sum(-1), torch.full_like(w[:, 0], w.shape[-1])
+
+
+#: Pixels a pooled source estimate reads at most (a deterministic raster-order stride over all images).
+POOLED_MAX_PIXELS = 2_000_000
+
+
+@dataclass
+class LabStatistics:
+    """Pooled tissue-masked CIELAB statistics of a set of images (Reinhard's pooled source): ``mean`` and ``std``
+    ``(1, 3)``, ``status_code`` ``(1,)`` (``ok`` or ``low-tissue``/``degenerate``)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    status_code: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def _strided_pixels(images: Sequence[Any], max_pixels: int) -> list:
+    """Each image as a ``(1, 3, 1, n)`` strip of every k-th pixel in raster order, with one stride k over all images
+    so that at most ``max_pixels`` are kept (deterministic; a whole slide's tiles fit in memory)."""
+    batches = [to_batch(img, f"images[{i}]")[0] for i, img in enumerate(images)]
+    total = sum(int(x.shape[0] * x.shape[-2] * x.shape[-1]) for x in batches)
+    step = max(1, math.ceil(total / int(max_pixels)))
+    return [x.permute(1, 0, 2, 3).reshape(3, -1)[:, ::step].reshape(1, 3, 1, -1) for x in batches]
 
 
 class StainNormalizer(nn.Module):
@@ -166,16 +193,33 @@ class StainNormalizer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ applying
-    def normalize(self, images: Any, return_status: bool = False):
+    def normalize(self, images: Any, *, source: Union[str, StainEstimate, LabStatistics] = "tile", return_status: bool = False):
         """Normalize ``images``; with ``return_status=True`` also return the per-tile status names.
+
+        Args:
+            images: images in any format of the image contract (a batch, or one image).
+            source: where each tile's *source* stains come from. ``"tile"``: its own estimate (default).
+                ``"pooled"``: one estimate from the tissue of all ``images`` (:meth:`pooled_source`, a bounded
+                deterministic pixel sample), applied to each — the right choice for tiles of one slide or one
+                scanner. A :class:`~shiftkit.StainEstimate` with ``B = 1`` (e.g. from :meth:`pooled_source` or
+                :func:`~shiftkit.estimate_stains_pooled`) or, for Reinhard, :class:`LabStatistics`: reuse a slide's
+                estimate across calls. In pooled modes a tile with too little tissue keeps its own status and
+                fallback; every other tile takes the pooled source and its status.
+            return_status: also return the per-tile status names.
 
         On CPU a batch is converted, normalized and written back in cache-sized chunks of tiles
         (:func:`shiftkit.core.image.map_batch`); tiles are independent, so the result is the same as in one go.
         """
+        if isinstance(source, str):
+            if source not in ("tile", "pooled"):
+                raise UnknownNameError("source", source, ("tile", "pooled"))
+            pooled = None if source == "tile" else self.pooled_source(images)
+        else:
+            pooled = self._check_source(source)
         codes = []
 
         def run(x, lo, hi, u8):
-            y, code = self._normalize_chunk(x, u8) if x.shape[0] else (x, torch.zeros(0, dtype=torch.int8, device=x.device))
+            y, code = self._normalize_chunk(x, u8, pooled) if x.shape[0] else (x, torch.zeros(0, dtype=torch.int8, device=x.device))
             codes.append(code)
             return y
 
@@ -186,11 +230,70 @@ class StainNormalizer(nn.Module):
             raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
         return (out, [STATUS_NAMES[int(c)] for c in code.tolist()]) if return_status else out
 
+    def pooled_source(self, images: Any, max_pixels: int = POOLED_MAX_PIXELS) -> Union[StainEstimate, LabStatistics]:
+        """The pooled source of ``images`` (a batch, or a sequence of images of any sizes, e.g. all tiles of a slide):
+        a :class:`~shiftkit.StainEstimate` with ``B = 1`` (Macenko/Vahadane) or :class:`LabStatistics` (Reinhard),
+        from a deterministic sample of at most ``max_pixels`` pixels in raster order.
+
+        Args:
+            images: the images to pool.
+            max_pixels: largest number of pixels read (one stride over all images).
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidArgumentError("`images` is empty: expected at least one image to pool, got 0 images")
+        strips = _strided_pixels(items, max_pixels)
+        if self.method != "reinhard":
+            return estimate_stains_pooled(strips, self.config.method, **self.options)
+        x = torch.cat(strips, dim=-1)
+        mean, std, n_tissue, n = _lab_statistics(x, self.config)
+        cfg = self.config
+        enough = bool(n_tissue[0] >= cfg.min_tissue_pixels) and bool(n_tissue[0] / n[0] >= cfg.min_tissue_fraction)
+        flat = bool((std < _MIN_LAB_STD).any())
+        code = STATUS_OK if enough and not flat else (STATUS_LOW_TISSUE if not enough else STATUS_DEGENERATE)
+        return LabStatistics(mean, std, torch.tensor([code], dtype=torch.int8))
+
+    def pooled_source_from_files(self, paths: Sequence[Union[str, os.PathLike]], max_pixels: int = POOLED_MAX_PIXELS):
+        """:meth:`pooled_source` of image files, read one at a time (the stride comes from the headers, so memory
+        holds one image and the sample). Returns ``(source, failures)`` with ``failures`` a list of
+        ``(path, reason)`` for files that could not be read (they are left out of the pool).
+
+        Args:
+            paths: image files (e.g. every tile of one slide).
+            max_pixels: largest number of pixels read over all files.
+        """
+        from ..core.files import image_size, read_image
+
+        sizes = [image_size(p) for p in paths]
+        total = sum(w * h for w, h in (s for s in sizes if s is not None)) or 1
+        step = max(1, math.ceil(total / int(max_pixels)))
+        strips, failures = [], []
+        for p in paths:
+            try:
+                x = torch.from_numpy(read_image(p)).reshape(1, -1, 3)[:, ::step]
+                strips.append(x.permute(2, 0, 1)[None].float().div(255))
+            except Exception as exc:  # listed by the caller; the pool is made of the readable files
+                failures.append((p, str(exc)))
+        if not strips:
+            raise InvalidArgumentError(f"`paths` has no readable image to pool: expected image files, got {len(paths)} failures")
+        return self.pooled_source(strips, max_pixels=max_pixels * 2), failures
+
+    def _check_source(self, source: Any) -> Union[StainEstimate, LabStatistics]:
+        want = LabStatistics if self.method == "reinhard" else StainEstimate
+        if not isinstance(source, want) or len(source) != 1:
+            got = f"{type(source).__name__}" + (f" with B = {len(source)}" if hasattr(source, "__len__") else "")
+            raise InvalidArgumentError(f"`source` is invalid: expected 'tile', 'pooled' or a {want.__name__} with B = 1 "
+                                       f"for method {self.method!r}, got {got}")
+        return source
+
     def forward(self, images: Any) -> Any:
         return self.normalize(images)
 
-    def _normalize_chunk(self, x: torch.Tensor, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalize_chunk(self, x: torch.Tensor, u8: Optional[torch.Tensor] = None,
+                         pooled: Union[None, StainEstimate, LabStatistics] = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
+        if pooled is not None and self.method != "reinhard":
+            return self._normalize_pooled(x, u8, pooled)
         if self.method == "reinhard":
             if not bool(self.fitted):
                 raise InvalidArgumentError("`StainNormalizer('reinhard')` is not fitted: expected a call to .fit(target) first, got none")
@@ -207,6 +310,11 @@ class StainNormalizer(nn.Module):
             enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
             flat = (std < _MIN_LAB_STD).any(-1)
             code = torch.where(~enough, STATUS_LOW_TISSUE, torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
+            if pooled is not None:  # tiles with tissue take the pooled statistics and status
+                pm, ps = pooled.mean.to(mean), pooled.std.to(std)
+                mean = torch.where(enough[:, None], pm.expand_as(mean), mean)
+                std = torch.where(enough[:, None], ps.expand_as(std), std)
+                code = torch.where(enough, pooled.status_code.to(code.device).expand_as(code), code)
             ok = code == STATUS_OK
             safe_std = torch.where(ok[:, None], std, torch.ones_like(std))
             tm, ts = self.target_mean.to(x.device), self.target_std.to(x.device)
@@ -218,6 +326,25 @@ class StainNormalizer(nn.Module):
         else:
             y, code = self._apply_estimate(x, estimate_batch(x, cfg, None, "report", u8), u8)
         return y, code  # from_batch maps any NaN to 0 as a last guard
+
+    def _normalize_pooled(self, x: torch.Tensor, u8: Optional[torch.Tensor], pooled: StainEstimate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles with enough tissue take the pooled estimate (and its status); the others their own estimate."""
+        cfg = self.config
+        w = cfg.tissue_weights(x).flatten(1)
+        n_tissue, n = w.sum(-1), w.shape[-1]
+        enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
+        b = x.shape[0]
+        p = pooled.to(x.device)
+        est = StainEstimate(matrix=p.matrix.to(x.dtype).expand(b, 2, 3).clone(),
+                            max_concentrations=p.max_concentrations.to(x.dtype).expand(b, 2).clone(),
+                            tissue_fraction=(n_tissue / n).to(x.dtype),
+                            status_code=p.status_code.to(torch.int8).expand(b).clone())
+        low = (~enough).nonzero().flatten()
+        if low.numel():  # their own per-tile status and fallback
+            own = estimate_batch(x[low], cfg, None, "report", None if u8 is None else u8[low])
+            est.matrix[low], est.max_concentrations[low] = own.matrix.to(x.dtype), own.max_concentrations.to(x.dtype)
+            est.status_code[low] = own.status_code
+        return self._apply_estimate(x, est, u8)
 
     def _apply_estimate(self, x: torch.Tensor, est: StainEstimate, u8: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalize the float batch ``x`` given its per-tile estimate (Macenko/Vahadane); ``u8``, the same tiles
