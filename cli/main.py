@@ -427,6 +427,194 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels):
     sys.exit(1 if report.failed else 0)
 
 
+@cli.command("fit-scanner")
+@click.option("--pairs", "pairs_csv", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns src,dst (registered pairs; paths relative to the CSV) and optional slide.")
+@click.option("--src", "src_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of scanner-A images (with --dst and --match instead of --pairs).")
+@click.option("--dst", "dst_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of scanner-B images of the same fields.")
+@click.option("--match", default=r"(.*)", show_default=True,
+              help="Regular expression whose first group is a file's id; files of --src and --dst with equal ids pair.")
+@click.option("--slide-regex", default=None, help="Regular expression whose first group is the slide id of a --src file "
+              "(cross-validation groups), e.g. '^A(\\d\\d)'.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile JSON to write.")
+@click.option("--parts", default="colour,mtf,noise,jpeg", show_default=True, help="Comma-separated parts to fit.")
+@click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
+@click.option("--max-shift", default=16.0, show_default=True, type=float, help="Largest accepted misregistration (px).")
+@click.option("--mpp", default=None, type=float, help="µm per pixel of the pairs (the MTF is rescaled when applied elsewhere).")
+@click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG, when known.")
+@click.option("--name", default=None, help="Profile name (default: the output file's stem).")
+@click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Largest image accepted, in pixels.")
+def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
+                held_out, max_pixels):
+    """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
+    scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
+
+    Beside the profile it writes PROFILE.report.md (pairs used and refused with reasons, cross-validated residual
+    CIEDE2000 and sharpness before and after each part) and PROFILE.report.png (the colour map and the MTF ratio).
+    Pairs that cannot be read or differ in size are listed and skipped; exit code 1 if any was.
+    """
+    import csv
+    import re
+
+    from shiftkit import ScannerTransfer
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data import list_images, read_image
+
+    parts_t = tuple(x.strip() for x in parts.split(",") if x.strip())
+    rows, failed = [], []
+    if pairs_csv is not None:
+        if src_dir or dst_dir:
+            raise click.UsageError("give --pairs or --src/--dst, not both")
+        with open(pairs_csv, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not {"src", "dst"} <= set(reader.fieldnames or []):
+                raise click.BadParameter(f"expected columns src,dst, got {reader.fieldnames}", param_hint="--pairs")
+            for line, r in enumerate(reader, start=2):
+                a, b = (Path(r[k]) if Path(r[k]).is_absolute() else pairs_csv.parent / r[k] for k in ("src", "dst"))
+                rows.append((a, b, r.get("slide") or None, f"line {line}"))
+    elif src_dir and dst_dir:
+        try:
+            rx = re.compile(match)
+            srx = re.compile(slide_regex) if slide_regex else None
+        except re.error as exc:
+            raise click.BadParameter(f"expected a regular expression, got {exc}", param_hint="--match/--slide-regex")
+
+        def ident(p):
+            m = rx.search(p.stem)
+            return (m.group(1) if m.groups() else m.group(0)) if m else None
+
+        if unpaired:
+            rows = [(a, None, None, a.name) for a in list_images(src_dir)] + [(None, b, None, b.name) for b in list_images(dst_dir)]
+        else:
+            dst_by_id = {ident(b): b for b in list_images(dst_dir) if ident(b) is not None}
+            for a in list_images(src_dir):
+                i = ident(a)
+                if i is None or i not in dst_by_id:
+                    failed.append((str(a), f"no --dst file with the same id ({i!r})"))
+                    continue
+                sm = srx.search(a.stem) if srx else None
+                rows.append((a, dst_by_id[i], (sm.group(1) if sm and sm.groups() else None), i))
+    else:
+        raise click.UsageError("give --pairs CSV, or --src DIR and --dst DIR")
+    src_imgs, dst_imgs, slides = [], [], []
+    for a, b, slide, where in rows:
+        try:
+            ia = read_image(a, max_pixels=max_pixels) if a is not None else None
+            ib = read_image(b, max_pixels=max_pixels) if b is not None else None
+        except ShiftkitError as exc:
+            failed.append((where, str(exc)))
+            continue
+        if ia is not None and ib is not None and ia.shape != ib.shape:
+            failed.append((where, f"the pair differs in size: {ia.shape[1]}x{ia.shape[0]} and {ib.shape[1]}x{ib.shape[0]} "
+                                  "(crop both to their common size)"))
+            continue
+        if ia is not None:
+            src_imgs.append(ia)
+        if ib is not None:
+            dst_imgs.append(ib)
+        slides.append(slide)
+    if not src_imgs or not dst_imgs:
+        for w, reason in failed:
+            click.echo(f"  FAILED {w}: {reason}", err=True)
+        raise click.UsageError("no usable pair: every pair failed to read or match (listed above)")
+    use_slides = slides if all(slides) and len(set(slides)) > 1 else None
+    try:
+        if unpaired:
+            t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
+                                             held_out=held_out, source=str(src_dir) + " -> " + str(dst_dir))
+        else:
+            t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
+                                    name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
+                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"))
+    except ShiftkitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    t.profile["fit"]["failed_inputs"] = [{"input": w, "reason": r} for w, r in failed]
+    t.save(output)
+    report = scanner_fit_report(t.profile)
+    output.with_name(output.stem + ".report.md").write_text(report)
+    scanner_fit_figure(t.profile, output.with_name(output.stem + ".report.png"))
+    click.echo(report)
+    for w, reason in failed:
+        click.echo(f"  FAILED {w}: {reason}", err=True)
+    click.echo(f"wrote {output} (use it as --shift scanner-transfer:{output})")
+    sys.exit(1 if failed else 0)
+
+
+def scanner_fit_report(profile: dict) -> str:
+    """The fit report of a scanner-transfer profile, as Markdown."""
+    fit = profile["fit"]
+    lines = [f"# Scanner transfer {profile.get('name', '')}", "",
+             f"Parts fitted: {', '.join(profile['parts']) or 'none'}; {'held-out' if profile.get('held_out') else 'train'} "
+             f"profile; µm/px {fit.get('mpp') or 'not given'}.", ""]
+    if fit.get("paired"):
+        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds over pairs)'}.", ""]
+        for r in fit.get("refused", []):
+            lines.append(f"- refused pair {r['pair']}: {r['reason']}")
+    else:
+        lines += [f"Unpaired: {fit.get('src_images')} source and {fit.get('dst_images')} destination images.", ""]
+    for r in fit.get("failed_inputs", []):
+        lines.append(f"- failed input {r['input']}: {r['reason']}")
+    c = fit.get("colour")
+    if c:
+        lines += ["", "Colour (cross-validated mean CIEDE2000 of 8x8 block means over tissue):", "",
+                  "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
+        lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
+    m = fit.get("mtf")
+    if m:
+        lines += ["", f"MTF: {'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
+        if m.get("fitted"):
+            lines.append(f"Sharpness (Laplacian variance of source / destination): before {m['sharpness_ratio_before']:.2f}, "
+                         f"after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
+    n = fit.get("noise")
+    if n:
+        lines += ["", f"Noise: extra σ of the destination {n.get('sigma_extra_median', n.get('sigma', 0)):.4f} "
+                      f"({'added' if 'noise' in profile['parts'] else 'not added: no extra noise'})."]
+    j = fit.get("jpeg")
+    if j:
+        lines += ["", f"JPEG: blockiness source {j['blockiness_src']:.3f}, destination {j['blockiness_dst']:.3f}; "
+                      + (f"quality {j['quality']} applied." if j.get("quality") else "not applied (give --jpeg-quality when known).")]
+    return "\n".join(lines) + "\n"
+
+
+def scanner_fit_figure(profile: dict, path: Path) -> None:
+    """The colour map on a grey ramp (each output channel) and the MTF ratio against frequency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from shiftkit import ScannerTransfer
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    ramp = torch.linspace(0, 1, 64)
+    x = ramp.view(1, 1, 1, -1).expand(1, 3, 1, 64).contiguous()
+    colour_only = {**profile, "parts": [p for p in profile["parts"] if p == "colour"]}
+    y = ScannerTransfer(colour_only, seed=0)(x)[0, :, 0]
+    for ch, col in zip(range(3), ("tab:red", "tab:green", "tab:blue")):
+        axes[0].plot(ramp, y[ch], color=col, label="RGB"[ch])
+    axes[0].plot([0, 1], [0, 1], "k:", lw=0.8, label="identity")
+    axes[0].set(xlabel="input grey level", ylabel="output", title="colour map on a grey ramp")
+    axes[0].legend(fontsize=8)
+    if "mtf" in profile:
+        g = profile["mtf"]["gain"]
+        f = [(i + 0.5) / len(g) * 0.5 for i in range(len(g))]
+        mpp = profile["mtf"].get("mpp")
+        axes[1].plot([v / mpp for v in f] if mpp else f, g)
+        axes[1].axhline(1.0, color="k", lw=0.8, ls=":")
+        axes[1].set(xlabel="cycles/µm" if mpp else "cycles/px", ylabel="gain", title="relative MTF (B / A)")
+    else:
+        axes[1].text(0.5, 0.5, "no MTF part", ha="center", va="center")
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @cli.command("stress-test")
 @click.option("--model", default="default", show_default=True,
               help="Encoder spec: default (bundled), random, timm:NAME, a `shiftkit pretrain` run folder, a TorchScript "

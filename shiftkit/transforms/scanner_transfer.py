@@ -251,7 +251,7 @@ class ScannerTransfer(ShiftkitAugmentation):
                 mapped = [(T.apply_colour_map(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255, w, c["space"],
                                               int(c["degree"]), torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
                           for x in s_used]
-            mtf, report = _fit_mtf(mapped, d_used, groups, mpp)
+            mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used)
             profile["fit"]["mtf"] = report
             if mtf is not None:
                 profile["mtf"] = mtf
@@ -427,14 +427,15 @@ def _fit_colour(src, dst, groups, ridge):
     return {"space": space, "degree": degree, "weights": w.tolist()}, report
 
 
-def _fit_mtf(src, dst, groups, mpp):
+def _fit_mtf(src, dst, groups, mpp, raw=None):
     rich = [i for i, (a, b) in enumerate(zip(src, dst)) if min(_tissue_fraction(a), _tissue_fraction(b)) >= 0.3]
     if not rich:
         return None, {"fitted": False, "reason": "no pair with at least 30 % tissue"}
     ps = [T.radial_power(src[i]) for i in rich]
     pd = [T.radial_power(dst[i]) for i in rich]
     gain = T.relative_mtf(ps, pd)
-    before = float(np.median([_laplacian_var(src[i]) / max(_laplacian_var(dst[i]), 1e-9) for i in rich]))
+    raw = src if raw is None else raw  # "before" is the unmodified source's sharpness
+    before = float(np.median([_laplacian_var(raw[i]) / max(_laplacian_var(dst[i]), 1e-9) for i in rich]))
     after = []
     g_rich = [groups[i] for i in rich] if groups is not None else None
     for tr, te in _folds(g_rich, len(rich)):
