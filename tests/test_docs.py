@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = ["normalization.md", "augmentation.md", "transforms/stain_augment.md", "shifts.md", "simulate.md", "pretraining.md"]
+GUIDES = ["normalization.md", "augmentation.md", "transforms/stain_augment.md", "shifts.md", "simulate.md", "pretraining.md",
+          "real_scanner_shift.md"]
 PRELUDE = """
 import numpy as np, torch
 from shiftkit.data import load_sample_tiles

@@ -1,6 +1,6 @@
 """Scanner transfer: the pure pieces of a transfer learned from registered pairs (see :class:`~shiftkit.ScannerTransfer`).
 
-Parts, in physical order:
+Parts, in the order they are fitted and applied:
 
 - **colour**: a separable polynomial map in sRGB or optical density, ``y = W^T φ(x)`` with
   ``φ(x) = [1, x_R, x_G, x_B, x_R², …, x_B^d]`` (degree 1 is the full 3×4 affine map; degree 2–3 add a
@@ -78,13 +78,32 @@ def fit_colour_map(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, space: 
 
 def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, degree: int,
                      strength: torch.Tensor) -> torch.Tensor:
-    """Apply a fitted colour map to ``(B, 3, H, W)`` in ``[0, 1]`` with per-sample ``strength`` ``(B,)``."""
-    b, c, h, w = images.shape
-    flat = images.permute(0, 2, 3, 1).reshape(-1, 3)
-    y = _from_space(colour_features(flat, space, degree) @ weights.double().to(images.device), space)
-    mapped = y.to(images.dtype).reshape(b, h, w, 3).permute(0, 3, 1, 2)
-    s = strength.to(images).view(-1, 1, 1, 1)
-    return (images + s * (mapped - images)).clamp(0.0, 1.0)
+    """Apply a fitted colour map to ``(B, 3, H, W)`` in ``[0, 1]`` with per-sample ``strength`` ``(B,)``.
+
+    The map is separable per input channel, so it runs as one ``(3·degree) → 3`` channel mix of the power planes
+    in float32 (float64 inputs stay float64); the result equals :func:`colour_features` ``@ weights`` up to
+    float32 rounding.
+    """
+    dt = torch.float64 if images.dtype == torch.float64 else torch.float32
+    v = images.to(dt)
+    if space == "od":
+        v = -torch.log(v.clamp_min(1.0 / 255.0))
+    elif space not in SPACES:
+        raise InvalidArgumentError(f"`space` is invalid: expected one of {SPACES}, got {space!r}")
+    w = weights.to(device=images.device, dtype=dt)
+    b, _, h, wd = v.shape
+    planes = torch.empty(b, 3 * degree, h * wd, dtype=dt, device=v.device)
+    planes[:, :3] = v.reshape(b, 3, -1)
+    for d in range(1, degree):
+        torch.mul(planes[:, 3 * (d - 1):3 * d], planes[:, :3], out=planes[:, 3 * d:3 * (d + 1)])
+    y = torch.matmul(w[1:].t(), planes).add_(w[0].view(1, 3, 1)).view(b, 3, h, wd)  # (3, 3·d) @ (B, 3·d, HW)
+    if space == "od":
+        y = y.neg_().exp_()
+    x0 = images.to(dt)
+    s = strength.to(device=images.device, dtype=dt)
+    if not bool((s == 1).all()):
+        y = x0 + s.view(-1, 1, 1, 1) * (y - x0)
+    return y.clamp_(0.0, 1.0).to(images.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- geometry

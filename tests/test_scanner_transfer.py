@@ -1,0 +1,255 @@
+"""ScannerTransfer, the scanner-transfer shifts, pooled source normalization and fit-scanner, on synthetic pairs with
+a known colour map, blur and misregistration (and the real dev pairs where ../shared/data has them)."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage.color import deltaE_ciede2000, rgb2lab
+
+import shiftkit
+from shiftkit import ScannerTransfer, StainNormalizer
+from shiftkit.cli.main import cli
+from shiftkit.core.errors import InvalidArgumentError, InvalidImageError
+from shiftkit.data import load_sample, load_sample_tiles, write_image
+from shiftkit.transforms.scanner_transfer import ScannerTransferError
+
+from .conftest import shared
+
+#: The known scanner change of the synthetic pairs: a 3x4 affine colour map in sRGB.
+M = np.array([[0.85, 0.05, 0.02], [0.03, 0.80, 0.04], [0.02, 0.06, 0.90]])
+B = np.array([0.08, 0.05, 0.06])
+
+
+def scanner_b(img, blur=1.2, shift=(3, -2)):
+    """``img`` as scanner B sees it: colour map, Gaussian blur (sigma px), a few pixels of misregistration."""
+    x = np.clip(img.reshape(-1, 3) / 255.0 @ M.T + B, 0, 1).reshape(img.shape)
+    x = cv2.GaussianBlur(x, (0, 0), blur) if blur else x
+    x = np.roll(x, shift, axis=(0, 1))
+    return (x * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    src = load_sample_tiles()[:12]
+    return src, np.stack([scanner_b(x) for x in src]), [i // 4 for i in range(12)]  # 3 "slides"
+
+
+def mean_de(a, b):
+    return float(np.mean([deltaE_ciede2000(rgb2lab(x / 255.0), rgb2lab(y / 255.0)).mean() for x, y in zip(a, b)]))
+
+
+def test_identity_transfer_changes_nothing(pairs):
+    x = torch.from_numpy(pairs[0][:2]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(ScannerTransfer(seed=0)(x), x)
+    assert ScannerTransfer().parts == []
+
+
+def test_fit_recovers_a_known_colour_map_and_blur(pairs):
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5, align=True)
+    fit = t.profile["fit"]
+    assert fit["used"] == 12 and not fit["refused"]
+    for dx, dy, peak in fit["offsets_px"]:  # np.roll by (3, -2) rows/columns: dst[p] = src[p - (3, -2)]
+        assert abs(dx + 2) < 0.6 and abs(dy - 3) < 0.6 and peak > 0.3
+    c = fit["colour"]
+    assert c["cv_delta_e2000_after"] < 0.5 * c["identity_delta_e2000"]
+    out = t.augment(src)
+    aligned = np.stack([np.roll(x, (-3, 2), axis=(0, 1)) for x in dst])
+    assert mean_de(out, aligned) < 0.5 * mean_de(src, aligned)
+    # the MTF alone, against the true one of a Gaussian blur: exp(-2 pi^2 sigma^2 f^2), down to the 8-bit noise floor
+    m = ScannerTransfer.fit(src, np.stack([(np.clip(cv2.GaussianBlur(x / 255.0, (0, 0), 1.2), 0, 1) * 255).round()
+                                           .astype(np.uint8) for x in src]), parts=("mtf",))
+    gain = np.asarray(m.profile["mtf"]["gain"])
+    f = (np.arange(len(gain)) + 0.5) / len(gain) * 0.5
+    true = np.exp(-2 * np.pi ** 2 * 1.2 ** 2 * f ** 2)
+    keep = true > 0.15
+    assert np.abs(gain[keep] - true[keep]).max() < 0.03, np.round(gain - true, 3)
+    unaligned = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",))  # the default: pairs as registered
+    assert not unaligned.profile["fit"]["colour"]["aligned"]
+    assert unaligned.profile["fit"]["colour"]["cv_delta_e2000_after"] > c["cv_delta_e2000_after"]
+
+
+def test_bad_pairs_are_refused_by_name_and_counted(pairs):
+    src, dst, _ = pairs
+    far = np.roll(dst[0], 40, axis=1)
+    blank = np.full_like(src[0], 245)
+    ihc = cv2.resize(np.array(__import__("PIL.Image", fromlist=["Image"]).open(
+        __import__("skimage").data.__path__[0] + "/ihc.png").convert("RGB")), (224, 224))
+    s = np.concatenate([src[:6], src[:1], blank[None], ihc[None]])
+    d = np.concatenate([dst[:6], far[None], blank[None], ihc[None]])
+    t = ScannerTransfer.fit(s, d, parts=("colour",))
+    reasons = {r["pair"]: r["reason"] for r in t.profile["fit"]["refused"]}
+    assert t.profile["fit"]["used"] == 6
+    assert reasons[6].startswith("misregistered") and reasons[7].startswith("background only") and reasons[8].startswith("not H&E")
+    with pytest.raises(InvalidImageError, match="pair 1"):
+        ScannerTransfer.fit(src[:3], [dst[0], dst[1][:200], dst[2]])
+    with pytest.raises(InvalidArgumentError, match="dst_images"):
+        ScannerTransfer.fit(src[:3], dst[:2])
+    with pytest.raises(ScannerTransferError, match="no usable pair"):
+        ScannerTransfer.fit([blank] * 3, [blank] * 3)
+
+
+def test_a_fit_no_better_than_identity_is_an_error(pairs):
+    src = pairs[0][:8]
+    with pytest.raises(ScannerTransferError, match="no better than identity"):
+        ScannerTransfer.fit(src, src.copy(), parts=("colour",))
+
+
+def test_strength_interpolates_from_identity_and_replays(pairs):
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5, seed=1)
+    x = torch.from_numpy(src[:3]).permute(0, 3, 1, 2).float() / 255
+    p = t.draw_parameters(x.shape)
+    for s, expect in ((0.0, 0.0), (1.0, None)):
+        p["strength"] = torch.full((3,), s)
+        y = t(x, params=p)
+        if expect == 0.0:
+            assert (y - x).abs().max() < 1e-5
+    p["strength"] = torch.full((3,), 0.5)
+    half = t(x, params=p)
+    p["strength"] = torch.ones(3)
+    full = t(x, params=p)
+    d_half, d_full = (half - x).abs().mean(), (full - x).abs().mean()
+    assert 0.3 * d_full < d_half < 0.8 * d_full
+    ranged = ScannerTransfer(t.profile, strength_range=(0.2, 0.9), seed=3)
+    a = ranged(x)
+    assert torch.equal(ranged(x, params=ranged._params), a)  # replay
+    assert a.shape == x.shape and a.dtype == x.dtype and 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def test_profiles_round_trip_as_json_and_rescale_with_mpp(pairs, tmp_path):
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5)
+    path = t.save(tmp_path / "p.json")
+    assert json.loads(path.read_text())["format"] == "shiftkit-scanner-transfer/1"
+    u = ScannerTransfer.load(path)
+    assert np.array_equal(u.augment(src[:2]), t.augment(src[:2]))
+    finer = ScannerTransfer.load(path, mpp=0.25)  # the same blur in µm spans twice the pixels
+    x = torch.from_numpy(src[:2]).permute(0, 3, 1, 2).float() / 255
+    lap = lambda y: float(torch.nn.functional.conv2d(y.mean(1, keepdim=True), torch.tensor([[[[0., 1, 0], [1, -4, 1], [0, 1, 0]]]])).var())  # noqa: E731
+    assert lap(finer(x)) < lap(u(x))
+    with pytest.raises(InvalidArgumentError, match="mpp"):
+        ScannerTransfer.load(path, mpp=2.0)
+    with pytest.raises(InvalidArgumentError, match="profile"):
+        ScannerTransfer({"format": "something else"})
+
+
+def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):
+    src, dst, _ = pairs
+    other = load_sample_tiles()[12:]
+    b_side = np.stack([scanner_b(x, shift=(0, 0)) for x in other])  # scanner B, other fields: no pairs
+    t = ScannerTransfer.fit_unpaired(src, b_side, parts=("colour", "mtf"))
+    out = t.augment(src)
+    mean = lambda a: a.reshape(-1, 3).mean(0)  # noqa: E731
+    assert np.abs(mean(out) - mean(b_side)).sum() < 0.5 * np.abs(mean(src) - mean(b_side)).sum()
+    assert np.asarray(t.profile["mtf"]["gain"])[-8:].max() < 0.7
+
+
+def test_registered_scanner_transfer_shifts(pairs, tmp_path):
+    names = shiftkit.list_shifts("scanner-transfer:*")
+    assert len(names) == 4
+    flags = {n: shiftkit.shifts.get_spec(n).held_out for n in names}
+    assert set(flags.values()) == {True, False}  # train profiles and held-out ones
+    assert not set(n for n, h in flags.items() if h) & set(shiftkit.RandomScanner(seed=0).shifts)  # held-out never trains
+    tiles = pairs[0][:2]
+    d = [np.abs(shiftkit.get_shift(names[0], s, seed=0).augment(tiles).astype(int) - tiles).mean() for s in (1, 3, 5)]
+    assert d[0] < d[1] < d[2]
+    t = ScannerTransfer.fit(pairs[0], pairs[1], slides=pairs[2], parts=("colour",), name="mine")
+    path = t.save(tmp_path / "mine.json")
+    src = tmp_path / "tiles"
+    for i, x in enumerate(tiles):
+        write_image(src / f"t{i}.png", x)
+    res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "out"), "--shift", f"scanner-transfer:{path}",
+                                   "--severity", "5"])
+    assert res.exit_code == 0, res.output
+    outs = json.loads((tmp_path / "out" / "manifest.json").read_text())["outputs"]
+    assert len(outs) == 2 and all(":" not in o["output"] for o in outs)
+    assert np.array_equal(shiftkit.data.read_image(tmp_path / "out" / outs[0]["output"]), t.augment(tiles[:1])[0])
+
+
+def test_pooled_source_normalization(pairs):
+    tiles = np.concatenate([pairs[0][:5], np.full((1, 224, 224, 3), 250, np.uint8)])
+    for method in ("macenko", "vahadane", "reinhard"):
+        norm = StainNormalizer(method).fit(load_sample("slideflow"))
+        per_tile, st_tile = norm.normalize(tiles, return_status=True)
+        pooled, st_pool = norm.normalize(tiles, source="pooled", return_status=True)
+        again = norm.normalize(tiles, source=norm.pooled_source(tiles))
+        assert np.array_equal(pooled, again)  # a slide's estimate reused across calls gives the same pixels
+        assert st_pool[-1] == st_tile[-1] == "low-tissue" and np.array_equal(pooled[-1], per_tile[-1])
+        assert not np.array_equal(pooled[:5], per_tile[:5])
+    est = shiftkit.estimate_stains_pooled(list(tiles[:5]), "macenko")
+    norm = StainNormalizer("macenko").fit(load_sample("slideflow"))
+    small = norm.pooled_source(tiles[:5], max_pixels=50_000)  # a bounded sample: close to the full estimate
+    assert shiftkit.stain.stain_angles(small.matrix, est.matrix).max() < 2.0
+    with pytest.raises(InvalidArgumentError, match="B = 1"):
+        norm.normalize(tiles, source=shiftkit.estimate_stains(tiles[:2]))
+
+
+def test_cli_source_level_slide_pools_each_subfolder(pairs, tmp_path):
+    src = tmp_path / "in"
+    for slide, (lo, hi) in (("s1", (0, 4)), ("s2", (4, 8))):
+        for i in range(lo, hi):
+            write_image(src / slide / f"t{i}.png", pairs[0][i])
+    target = tmp_path / "target.png"
+    write_image(target, load_sample("slideflow"))
+    res = CliRunner().invoke(cli, ["normalize", str(src), str(tmp_path / "out"), "--target", str(target),
+                                   "--source-level", "slide"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out" / "normalize.json").read_text())
+    assert {g["group"] for g in summary["pooled_sources"]} == {"s1", "s2"} and summary["written"] == 8
+    norm = StainNormalizer("macenko").fit(load_sample("slideflow"))
+    expect = norm.normalize(pairs[0][:4], source=norm.pooled_source_from_files(sorted((src / "s1").glob("*.png")))[0])
+    got = np.stack([shiftkit.data.read_image(tmp_path / "out" / "s1" / f"t{i}.png") for i in range(4)])
+    assert np.array_equal(got, expect)
+
+
+def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
+    src, dst, _ = pairs
+    rows = ["src,dst,slide"]
+    for i, (a, b) in enumerate(zip(src, dst)):
+        write_image(tmp_path / "a" / f"A{i}.png", a)
+        write_image(tmp_path / "b" / f"B{i}.png", b)
+        rows.append(f"a/A{i}.png,b/B{i}.png,{i // 4}")
+    write_image(tmp_path / "b" / "B_far.png", np.roll(dst[0], 40, axis=1))
+    write_image(tmp_path / "a" / "A_far.png", src[0])
+    rows.append("a/A_far.png,b/B_far.png,0")
+    rows.append("a/missing.png,b/B0.png,0")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "profile.json"
+    res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out), "--parts", "colour,mtf",
+                                   "--mpp", "0.5"])
+    assert res.exit_code == 1, res.output  # one input could not be read
+    assert "missing.png" in res.output and "misregistered" in res.output
+    prof = json.loads(out.read_text())
+    assert prof["parts"] == ["colour", "mtf"] and prof["fit"]["used"] == 12
+    assert (tmp_path / "profile.report.md").read_text().count("chosen") == 1
+    assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_real_dev_pairs_cross_validated_by_slide():
+    """On the real Aperio -> Hamamatsu pairs: leave one slide out, the learned transfer beats unnormalized colour by
+    far and lands within 0.67-1.5x of the twins' sharpness (figures in experiments/scanner_transfer)."""
+    from PIL import Image
+
+    folder = shared("mitos_scanner_pairs_dev")
+    a_files = sorted((folder / "aperio").glob("A*.png"))[::2]
+    a = np.stack([np.array(Image.open(p).convert("RGB")) for p in a_files])
+    h = np.stack([np.array(Image.open(folder / "hamamatsu" / ("H" + p.name[1:])).convert("RGB")) for p in a_files])
+    slides = np.array([p.name[1:3] for p in a_files])
+    held = slides == "04"
+    t = ScannerTransfer.fit(a[~held], h[~held], slides=list(slides[~held]), mpp=0.25, parts=("colour", "mtf"))
+    out = t.augment(a[held])
+    sys_path = shared().parent / "eval" / "score_pairs.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_pairs", sys_path)
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    before = np.mean([sp.tissue_delta_e(x, y) for x, y in zip(a[held], h[held])])
+    after = np.mean([sp.tissue_delta_e(x, y) for x, y in zip(out, h[held])])
+    sharp = np.mean([sp.sharpness(x) / sp.sharpness(y) for x, y in zip(out, h[held])])
+    assert after < 0.6 * before and 0.67 < sharp < 1.5, (before, after, sharp)
