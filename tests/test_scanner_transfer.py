@@ -253,3 +253,11 @@ def test_real_dev_pairs_cross_validated_by_slide():
     after = np.mean([sp.tissue_delta_e(x, y) for x, y in zip(out, h[held])])
     sharp = np.mean([sp.sharpness(x) / sp.sharpness(y) for x, y in zip(out, h[held])])
     assert after < 0.6 * before and 0.67 < sharp < 1.5, (before, after, sharp)
+
+
+def test_a_profile_given_by_path_is_resolved_but_not_listed(pairs, tmp_path):
+    t = ScannerTransfer.fit(pairs[0], pairs[1], slides=pairs[2], parts=("colour",))
+    path = t.save(tmp_path / "listed.json")
+    before = shiftkit.list_shifts()
+    spec = shiftkit.shifts.get_spec(f"scanner-transfer:{path}")
+    assert spec.family == "scanner-transfer" and shiftkit.list_shifts() == before

@@ -95,6 +95,8 @@ def unregister_shift(name: str) -> ShiftSpec:
 
 #: Resolvers of parametrised names (``"scanner-transfer:<profile>"``): prefix → ``fn(name) -> ShiftSpec or None``.
 _RESOLVERS: Dict[str, Callable] = {}
+#: Specs built by a resolver, cached by name; not listed by :func:`list_shifts` (they are not registered names).
+_RESOLVED: Dict[str, ShiftSpec] = {}
 
 
 def register_resolver(prefix: str, resolve: Callable) -> None:
@@ -104,16 +106,17 @@ def register_resolver(prefix: str, resolve: Callable) -> None:
 
 def get_spec(name: str) -> ShiftSpec:
     """The registered shift ``name``; a parametrised name (``"scanner-transfer:<profile or JSON path>"``) is resolved
-    and registered on first use."""
-    if name not in _SHIFTS:
-        for prefix, resolve in _RESOLVERS.items():
-            if str(name).startswith(prefix):
-                spec = resolve(name)
-                if spec is not None:
-                    _SHIFTS.setdefault(spec.name, spec)
-                    return _SHIFTS[spec.name]
-        raise UnknownNameError("shift", name, _SHIFTS)
-    return _SHIFTS[name]
+    on first use and cached (it is not listed by :func:`list_shifts`)."""
+    if name in _SHIFTS:
+        return _SHIFTS[name]
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    for prefix, resolve in _RESOLVERS.items():
+        if str(name).startswith(prefix):
+            spec = resolve(name)
+            if spec is not None:
+                return _RESOLVED.setdefault(spec.name, spec)
+    raise UnknownNameError("shift", name, _SHIFTS)
 
 
 def list_shifts(pattern: str = "*", *, family: str | None = None, held_out: bool | None = None) -> list[str]:
