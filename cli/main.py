@@ -77,8 +77,11 @@ def cli():
               "each file keeps its name and format). The only way to write into SRC.")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
+@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
+              "(the profile is recorded either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def normalize(src, out, method, target, device, batch_size, fmt, on_failure, source_level, in_place, max_pixels, as_json):
+def normalize(src, out, method, target, device, batch_size, fmt, on_failure, source_level, in_place, max_pixels, apply_icc,
+              as_json):
     """Stain-normalize SRC (an image, a folder searched recursively, or a CSV manifest with a path column) into OUT,
     mirroring file names.
 
@@ -92,6 +95,7 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
     any input failed, 0 otherwise.
     """
     from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data.io import icc_description, read_icc
     from shiftkit.data.naming import overlaps
     from shiftkit.stain import STATUS_NAMES
     from shiftkit.data.runner import collect_inputs, map_images, plan_outputs
@@ -151,13 +155,15 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
                 return out_b, status
 
             part = map_images(group, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
-                              in_place=in_place, max_pixels=max_pixels)
+                              in_place=in_place, max_pixels=max_pixels, apply_icc=apply_icc)
             report.written += part.written
             report.failed += part.failed
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
     summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place,
                "source_level": source_level, "pooled_sources": pooled_info, **report.to_dict(),
-               "outputs": [{"source": str(p), "output": str(o), "status": st} for p, o, st in report.written]}
+               "apply_icc": apply_icc,
+               "outputs": [{"source": str(p), "output": str(o), "status": st, "icc": icc_description(read_icc(p))}
+                           for p, o, st in report.written]}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".normalize.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
@@ -341,9 +347,11 @@ def _shard(text):
               "configuration (or is a non-empty folder not made by simulate).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
+@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
+              "(the profile is recorded either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, workers, batch_size, fmt, shard,
-             dry_run, force, max_pixels, as_json):
+             dry_run, force, max_pixels, apply_icc, as_json):
     """Write shifted copies of INPUT (folder or CSV manifest) as OUT_DIR/<shift>/<severity>/<name>.
 
     Deterministic (same command, same bytes, whatever the batch size or shard), atomic and resumable: a killed run
@@ -366,7 +374,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
     if shard_ij is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank
         shard_ij = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))
     try:
-        ds = TileDataset(input_, max_pixels=max_pixels)
+        ds = TileDataset(input_, max_pixels=max_pixels, apply_icc=apply_icc)
         plan = run_simulate(ds, out_dir, names, sevs, seed, mpp=mpp, fmt=fmt, shard=shard_ij, dry_run=True)
         if dry_run:
             click.echo(f"plan: {len(ds)} tiles x {len(names)} shifts ({', '.join(names)}) x severities {sevs} "
@@ -398,7 +406,9 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
                    "images are read region by region.")
-def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels):
+@click.option("--apply-icc", is_flag=True, help="Convert images and slides with an embedded ICC colour profile to sRGB "
+              "(the profile is recorded in tiles.csv either way).")
+def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, apply_icc):
     """Cut INPUTS (images, folders of images, whole-slide images such as .svs) into tiles with a tissue filter;
     writes OUT_DIR/<source path>/<y>_<x>.png and OUT_DIR/tiles.csv (a manifest for `shiftkit simulate`).
 
@@ -417,7 +427,7 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels):
             sources.append(p)
     try:
         report = tile_sources(sources, out_dir, size=size, stride=stride, min_tissue=min_tissue, level=level, mpp=mpp,
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, apply_icc=apply_icc)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     click.echo(f"{report.written} tiles written, {report.rejected} rejected (tissue < {min_tissue}), "
@@ -447,8 +457,10 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels):
 @click.option("--name", default=None, help="Profile name (default: the output file's stem).")
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Largest image accepted, in pixels.")
+@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
+              "(the profile is recorded either way).")
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, max_pixels):
+                held_out, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -502,8 +514,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     src_imgs, dst_imgs, slides = [], [], []
     for a, b, slide, where in rows:
         try:
-            ia = read_image(a, max_pixels=max_pixels) if a is not None else None
-            ib = read_image(b, max_pixels=max_pixels) if b is not None else None
+            ia = read_image(a, max_pixels=max_pixels, apply_icc=apply_icc) if a is not None else None
+            ib = read_image(b, max_pixels=max_pixels, apply_icc=apply_icc) if b is not None else None
         except ShiftkitError as exc:
             failed.append((where, str(exc)))
             continue
@@ -533,6 +545,11 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     t.profile["fit"]["failed_inputs"] = [{"input": w, "reason": r} for w, r in failed]
+    from shiftkit.data.io import icc_description, read_icc
+
+    t.profile["fit"]["icc"] = {"applied": apply_icc,
+                               "src": sorted({icc_description(read_icc(a)) or "none" for a, _, _, _ in rows if a is not None}),
+                               "dst": sorted({icc_description(read_icc(b)) or "none" for _, b, _, _ in rows if b is not None})}
     t.save(output)
     report = scanner_fit_report(t.profile)
     output.with_name(output.stem + ".report.md").write_text(report)
@@ -550,6 +567,9 @@ def scanner_fit_report(profile: dict) -> str:
     lines = [f"# Scanner transfer {profile.get('name', '')}", "",
              f"Parts fitted: {', '.join(profile['parts']) or 'none'}; {'held-out' if profile.get('held_out') else 'train'} "
              f"profile; µm/px {fit.get('mpp') or 'not given'}.", ""]
+    if fit.get("icc"):
+        lines += [f"Embedded ICC profiles: source {fit['icc']['src']}, destination {fit['icc']['dst']}; "
+                  f"{'converted to sRGB before fitting' if fit['icc']['applied'] else 'not applied (--apply-icc)'}.", ""]
     if fit.get("paired"):
         lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds over pairs)'}.", ""]
         for r in fit.get("refused", []):

@@ -2,6 +2,7 @@
 a known colour map, blur and misregistration (and the real dev pairs where ../shared/data has them)."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -226,6 +227,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     assert "missing.png" in res.output and "misregistered" in res.output
     prof = json.loads(out.read_text())
     assert prof["parts"] == ["colour", "mtf"] and prof["fit"]["used"] == 12
+    assert prof["fit"]["icc"] == {"applied": False, "src": ["none"], "dst": ["none"]}  # no embedded profiles here
     assert (tmp_path / "profile.report.md").read_text().count("chosen") == 1
     assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -261,3 +263,62 @@ def test_a_profile_given_by_path_is_resolved_but_not_listed(pairs, tmp_path):
     before = shiftkit.list_shifts()
     spec = shiftkit.shifts.get_spec(f"scanner-transfer:{path}")
     assert spec.family == "scanner-transfer" and shiftkit.list_shifts() == before
+
+
+# ----------------------------------------------------------------------------------------------- ICC profiles
+def swapped_primaries_icc() -> bytes:
+    """An RGB ICC profile whose red and blue primaries are swapped (sRGB's tags rearranged), described as
+    'RB-swap test!' — so that converting to sRGB visibly swaps the channels."""
+    import io
+    import struct
+
+    from PIL import ImageCms
+
+    b = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    n = struct.unpack(">I", b[128:132])[0]
+    tags = {struct.unpack(">4sII", b[132 + 12 * i:144 + 12 * i])[0]: struct.unpack(">4sII", b[132 + 12 * i:144 + 12 * i])[1:]
+            for i in range(n)}
+    (ro, _), (bo, _) = tags[b"rXYZ"], tags[b"bXYZ"]
+    b[ro:ro + 20], b[bo:bo + 20] = bytes(b[bo:bo + 20]), bytes(b[ro:ro + 20])
+    old = "sRGB built-in".encode("utf-16-be")
+    i = bytes(b).index(old)
+    b[i:i + len(old)] = "RB-swap test!".encode("utf-16-be")
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(bytes(b)))).strip() == "RB-swap test!"
+    return bytes(b)
+
+
+def test_embedded_icc_profiles_are_read_recorded_and_applied_on_request(pairs, tmp_path):
+    from PIL import Image
+
+    from shiftkit.data import read_image
+    from shiftkit.data.io import icc_description, read_icc
+
+    icc = swapped_primaries_icc()
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, x in enumerate(pairs[0][:3]):
+        Image.fromarray(x).save(src / f"t{i}.png", icc_profile=icc)
+    p = src / "t0.png"
+    assert icc_description(read_icc(p)) == "RB-swap test!"
+    raw, conv = read_image(p), read_image(p, apply_icc=True)
+    assert np.array_equal(raw, pairs[0][0])
+    assert np.abs(conv[..., 0].astype(int) - raw[..., 2]).mean() < 3 and np.abs(conv[..., 2].astype(int) - raw[..., 0]).mean() < 3
+    # simulate records the profile, applies it on request and refuses to mix the two in one OUT_DIR
+    res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "sim"), "--shift", "jpeg", "--severity", "1"])
+    assert res.exit_code == 0, res.output
+    assert {e["icc"] for e in json.loads((tmp_path / "sim" / "manifest.json").read_text())["outputs"]} == {"RB-swap test!"}
+    res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "sim"), "--shift", "jpeg", "--severity", "1", "--apply-icc"])
+    assert res.exit_code == 2 and "apply_icc" in res.output
+    res = CliRunner().invoke(cli, ["normalize", str(src), str(tmp_path / "norm"), "--apply-icc", "--target",
+                                   str(shiftkit.data.sample_path("slideflow"))])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "norm" / "normalize.json").read_text())
+    assert summary["apply_icc"] and {o["icc"] for o in summary["outputs"]} == {"RB-swap test!"}
+    res = CliRunner().invoke(cli, ["tile", str(src), str(tmp_path / "tiles"), "--size", "112", "--min-tissue", "0", "--apply-icc"])
+    assert res.exit_code == 0, res.output
+    rows = (tmp_path / "tiles" / "tiles.csv").read_text().splitlines()
+    assert rows[0].endswith(",icc") and all(r.endswith("RB-swap test! (applied)") for r in rows[1:])
+    first = rows[1].split(",")[0]  # e.g. t0/0_112.png: the tile's folder is its source's stem
+    y, x = (int(v) for v in Path(first).stem.split("_"))
+    expect = read_image(src / (Path(first).parent.name + ".png"), apply_icc=True)[y:y + 112, x:x + 112]
+    assert np.array_equal(read_image(tmp_path / "tiles" / first), expect)

@@ -4,6 +4,7 @@ uint8 RGB at the boundary; see :mod:`shiftkit.core.image`."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -59,13 +60,55 @@ class ImageReadError(InvalidImageError, OSError):
     """A file could not be read as an 8-bit RGB image."""
 
 
-def read_image(path: PathLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
+def read_icc(path: PathLike) -> Optional[bytes]:
+    """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None (Pillow reads the header only)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                icc = im.info.get("icc_profile")
+    except Exception:
+        return None
+    return bytes(icc) if icc else None
+
+
+def icc_description(icc: Optional[bytes]) -> str:
+    """A profile's description (e.g. ``"sRGB IEC61966-2.1"``), ``""`` for none, ``"unreadable"`` for a broken one."""
+    if not icc:
+        return ""
+    from PIL import ImageCms
+
+    try:
+        return ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip() or "unnamed"
+    except Exception:
+        return "unreadable"
+
+
+def icc_to_srgb(image: np.ndarray, icc: bytes) -> np.ndarray:
+    """``(H, W, 3)`` uint8 in the colour space of profile ``icc``, converted to sRGB (LittleCMS through Pillow's
+    ImageCms, perceptual intent). Raises :class:`ImageReadError` when the profile cannot be used."""
+    from PIL import Image, ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out = ImageCms.profileToProfile(Image.fromarray(np.ascontiguousarray(image)), src, ImageCms.createProfile("sRGB"),
+                                        outputMode="RGB")
+    except Exception as exc:
+        raise ImageReadError(f"the embedded ICC profile cannot be applied: expected an RGB input profile, got "
+                             f"{icc_description(icc)!r} ({type(exc).__name__})") from None
+    return np.array(out, dtype=np.uint8)  # a writable copy (Pillow's buffer is read-only)
+
+
+def read_image(path: PathLike, *, max_pixels: Optional[int] = None, apply_icc: bool = False) -> np.ndarray:
     """Read an 8-bit RGB image as ``(H, W, 3)`` uint8.
 
     RGBA with a fully opaque alpha is converted to RGB; anything else (missing, empty, corrupt, grayscale,
     16-bit, translucent alpha, a dangling link, more than ``max_pixels`` pixels — default
     :func:`default_max_pixels`, checked from the header before decoding) raises :class:`ImageReadError` naming the
-    file, what was expected and what came.
+    file, what was expected and what came. ``apply_icc=True`` converts an image with an embedded ICC profile to
+    sRGB (:func:`icc_to_srgb`); images without one are returned as stored.
     """
     p = Path(path)
     if p.is_symlink() and not p.exists():
@@ -93,7 +136,15 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = None) -> np.ndarra
         img = img[..., :3]
     if img.shape[2] != 3:
         raise ImageReadError(f"`{p}` has {img.shape[2]} channels: expected 3 (RGB)")
-    return np.ascontiguousarray(img[..., ::-1])
+    rgb = np.ascontiguousarray(img[..., ::-1])
+    if apply_icc:
+        icc = read_icc(p)
+        if icc:
+            try:
+                rgb = icc_to_srgb(rgb, icc)
+            except ImageReadError as exc:
+                raise ImageReadError(f"`{p}`: {exc}") from None
+    return rgb
 
 
 def list_images(folder: PathLike, recursive: bool = True) -> list[Path]:

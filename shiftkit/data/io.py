@@ -17,8 +17,11 @@ from ..core.files import (  # noqa: F401  (re-exported)
     ImageReadError,
     PathLike,
     default_max_pixels,
+    icc_description,
+    icc_to_srgb,
     image_size,
     list_images,
+    read_icc,
     read_image,
 )
 

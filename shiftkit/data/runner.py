@@ -72,12 +72,14 @@ def map_images(
     progress: Optional[Callable[[int], None]] = None,
     in_place: bool = False,
     max_pixels: Optional[int] = None,
+    apply_icc: bool = False,
 ) -> RunReport:
     """Read each ``(source, output)`` of ``jobs``, batch images of equal size, apply ``fn``, write atomically.
 
     Unreadable inputs (and images over ``max_pixels``) and tiles whose processing raises are recorded in
     :attr:`RunReport.failed` with the reason; a batch that raises is retried tile by tile, so only the tiles that
     raise fail. Every output must resolve inside ``out_dir`` and, unless ``in_place``, must not be a source.
+    ``apply_icc`` converts inputs with an embedded ICC profile to sRGB first.
     Memory holds at most one pending batch per distinct image size.
     """
     jobs = list(jobs)
@@ -118,7 +120,7 @@ def map_images(
 
     for p, dst in jobs:
         try:
-            img = read_image(p, max_pixels=max_pixels)
+            img = read_image(p, max_pixels=max_pixels, apply_icc=apply_icc)
         except Exception as exc:
             report.failed.append((p, str(exc)))
             if progress:

@@ -23,7 +23,7 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 from ..core.rng import derive_seed
-from .io import IMAGE_SUFFIXES, list_images, read_image, write_image
+from .io import IMAGE_SUFFIXES, icc_description, list_images, read_icc, read_image, write_image
 from .naming import ensure_inside, overlaps, plan_output_names, shift_folder, source_key
 
 MANIFEST_COLUMNS = ("path", "label", "site", "scanner", "slide", "patient", "mpp", "pair_id", "condition")
@@ -74,9 +74,10 @@ class TileDataset(torch.utils.data.Dataset):
     :class:`~shiftkit.data.ImageReadError` naming the file.
     """
 
-    def __init__(self, source: Any, *, max_pixels: Optional[int] = None):
+    def __init__(self, source: Any, *, max_pixels: Optional[int] = None, apply_icc: bool = False):
         src = Path(source)
         self.max_pixels = max_pixels
+        self.apply_icc = bool(apply_icc)
         self.kind = "folder"
         if src.is_dir():
             self.root = src
@@ -110,7 +111,7 @@ class TileDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         if rec.error:
             raise InvalidArgumentError(rec.error)
-        return torch.from_numpy(read_image(rec.path, max_pixels=self.max_pixels)).permute(2, 0, 1), rec
+        return torch.from_numpy(read_image(rec.path, max_pixels=self.max_pixels, apply_icc=self.apply_icc)).permute(2, 0, 1), rec
 
 
 def sample_seed(seed: int, shift: str, severity: int, sample_id: str) -> int:
@@ -230,8 +231,8 @@ def _state_config(specs, seed: int, mpp: Optional[float], fmt: str) -> dict:
 
 
 def _config_differences(old: dict, new: dict) -> List[str]:
-    diffs = [f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in ("seed", "mpp", "output_format", "shiftkit_version", "torch",
-                                                            "sampler_version") if old.get(k) != new[k]]
+    diffs = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in ("seed", "mpp", "output_format", "shiftkit_version", "torch",
+                                                                "sampler_version", "apply_icc") if old.get(k) != new.get(k)]
     old_shifts = old.get("shifts", {})
     diffs += [f"shift {n!r} configuration (content hash {old_shifts[n][:12]} -> {h[:12]})"
               for n, h in new["shifts"].items() if n in old_shifts and old_shifts[n] != h]
@@ -291,6 +292,7 @@ def simulate(
     workers: int = 0,
     force: bool = False,
     max_pixels: Optional[int] = None,
+    apply_icc: Optional[bool] = None,
 ) -> SimulationReport:
     """Materialize shifted copies of ``base`` as ``out_dir/<shift>/<severity>/<output name>``.
 
@@ -308,12 +310,17 @@ def simulate(
     Isolation: a source that cannot be read (missing, corrupt, over ``max_pixels``, a bad manifest row) or a tile
     whose shift raises fails alone (a batch that raises is retried tile by tile); every other output completes.
     ``workers`` > 0 encodes and writes files in that many threads; the pixels do not depend on it.
+
+    Colour profiles: each source's embedded ICC profile is recorded in the manifest (``icc``, its description);
+    ``apply_icc=True`` converts sources with one to sRGB before the shift (default: the dataset's setting).
     """
     from ..shifts.registry import get_spec
 
     ds = base if isinstance(base, TileDataset) else TileDataset(base, max_pixels=max_pixels)
     if max_pixels is not None:
         ds.max_pixels = max_pixels
+    if apply_icc is not None:
+        ds.apply_icc = bool(apply_icc)
     if fmt not in ("png", "jpeg"):
         raise InvalidArgumentError(f"`fmt` is invalid: expected 'png' (lossless) or 'jpeg', got {fmt!r}")
     specs = [get_spec(s) for s in shifts]
@@ -347,7 +354,7 @@ def simulate(
     if dry_run:
         report.failed = sorted(bad_rows.items())
         return report
-    config = _state_config(specs, seed, mpp, fmt)
+    config = {**_state_config(specs, seed, mpp, fmt), "apply_icc": ds.apply_icc}
     _prepare_out_dir(out, config, force)
     state = out / STATE_DIR
     tag = f"{shard[0]}-of-{shard[1]}" if shard else "all"
@@ -404,14 +411,16 @@ def simulate(
 
     # read each source once, then group by (shift, severity, size, mpp) into batches; bounded memory: one batch
     source_cache: Dict[str, Tuple[Optional[np.ndarray], str]] = {}
+    icc_of: Dict[str, str] = {}
     failed: Dict[str, str] = dict(bad_rows)
 
     def load(rec: TileRecord):
         if rec.sample_id not in source_cache:
             try:
-                img = read_image(rec.path, max_pixels=ds.max_pixels)
+                img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc)
                 source_cache.clear()  # keep one source in memory at a time beyond the batch
                 source_cache[rec.sample_id] = (img, hashlib.sha256(img.tobytes()).hexdigest())
+                icc_of[rec.sample_id] = icc_description(read_icc(rec.path))
             except Exception as exc:
                 failed[rec.sample_id] = str(exc)
                 return None, ""
@@ -468,6 +477,7 @@ def simulate(
                     entry = {"source": rec.sample_id, "output": rel, "shift": name, "severity": sev, "seed": s_,
                              "mpp": tile_mpp(rec), "params": d, "source_sha256": src_sha,
                              "source_file_sha256": source_file_sha(rec), "output_sha256": out_sha,
+                             "icc": icc_of.get(rec.sample_id, ""), "icc_applied": ds.apply_icc,
                              **{f"meta_{k}": v for k, v in rec.meta.items()}}
                     journal.write(json.dumps(entry) + "\n")
                     journal.flush()
@@ -499,7 +509,7 @@ def simulate(
 
     manifest_config = {"shifts": [sp.to_dict() for sp in specs], "severities": sevs, "seed": int(seed), "mpp": mpp,
                        "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
-                       "sampler_version": SAMPLER_VERSION, "torch": torch.__version__,
+                       "sampler_version": SAMPLER_VERSION, "torch": torch.__version__, "apply_icc": ds.apply_icc,
                        "python": platform.python_version(), "device": device}
     stem = f"manifest-{shard[0]}-of-{shard[1]}" if shard else "manifest"
     n_rows = _write_manifests(out, stem, journal_path, manifest_config, report, {out_rel(n, s, r) for n, s, r in plan})
@@ -534,7 +544,7 @@ def _write_manifests(out: Path, stem: str, journal_path: Path, config: dict, rep
                 pass  # a line that is not a journal entry (torn lines were dropped at start): nothing to index
             offset += len(line)
     order = sorted(index.values())
-    cols = ["source", "output", "shift", "severity", "seed", "mpp", "params", "source_sha256", "output_sha256"]
+    cols = ["source", "output", "shift", "severity", "seed", "mpp", "params", "source_sha256", "output_sha256", "icc"]
     extra_cols = sorted(extra)
     jtmp, ctmp = out / f".{stem}.json.tmp", out / f".{stem}.csv.tmp"
     with open(journal_path, "rb") as src, open(jtmp, "w") as jf, open(ctmp, "w") as cf:
@@ -545,7 +555,7 @@ def _write_manifests(out: Path, stem: str, journal_path: Path, config: dict, rep
             src.seek(off)
             e = json.loads(src.read(length))
             jf.write(("," if i else "") + json.dumps(e) + "\n")
-            vals = [json.dumps(e[c]) if c == "params" else str(e[c]) for c in cols] + [str(e.get(k, "")) for k in extra_cols]
+            vals = [json.dumps(e[c]) if c == "params" else str(e.get(c, "")) for c in cols] + [str(e.get(k, "")) for k in extra_cols]
             cf.write(",".join('"' + v.replace('"', '""') + '"' for v in vals) + "\n")
         jf.write("]}\n")
     os.replace(jtmp, out / f"{stem}.json")

@@ -21,7 +21,7 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 from ..stain.mask import tissue_mask
-from .io import ImageReadError, read_image, write_image
+from .io import ImageReadError, icc_description, icc_to_srgb, read_icc, read_image, write_image
 from .naming import ensure_inside, plan_output_names, source_key
 
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -84,11 +84,14 @@ def tile_folders(sources: Sequence) -> List[str]:
 
 
 def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[int] = None, min_tissue: float = 0.5,
-                 level: int = 0, mpp: Optional[float] = None, max_pixels: Optional[int] = None) -> TilingReport:
+                 level: int = 0, mpp: Optional[float] = None, max_pixels: Optional[int] = None,
+                 apply_icc: bool = False) -> TilingReport:
     """Cut every source into ``size``² tiles (step ``stride``, default ``size``) keeping those with at least
     ``min_tissue`` tissue; write ``out_dir/<source folder>/<y>_<x>.png`` (:func:`tile_folders`) and
     ``out_dir/tiles.csv``. A source that cannot be opened, exceeds ``max_pixels`` (plain images; slides are read
-    region by region) or raises while tiling fails alone and is listed; the manifest is always written."""
+    region by region) or raises while tiling fails alone and is listed; the manifest is always written. Each
+    source's embedded ICC profile (images: the file's; slides: OpenSlide's ``color_profile``) is recorded in the
+    manifest's ``icc`` column; ``apply_icc`` converts the tiles to sRGB."""
     if size < 16 or (stride is not None and stride < 1) or not 0 <= min_tissue <= 1:
         raise InvalidArgumentError(f"`size`/`stride`/`min_tissue` out of range: expected size >= 16, stride >= 1, "
                                    f"min_tissue in [0, 1], got {size}, {stride}, {min_tissue}")
@@ -108,10 +111,16 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 w, h = slide.level_dimensions[level]
                 down = slide.level_downsamples[level]
                 src_mpp = mpp or (float(slide.properties.get("openslide.mpp-x", 0)) * down or None)
+                profile = getattr(slide, "color_profile", None)
+                icc = profile.tobytes() if profile is not None else None
                 slide.close()
-                fetch = lambda y, x: read_region(src, int(x * down), int(y * down), (size, size), level)  # noqa: E731
+
+                def fetch(y, x, src=src, down=down, icc=icc):
+                    region = read_region(src, int(x * down), int(y * down), (size, size), level)
+                    return icc_to_srgb(region, icc) if apply_icc and icc else region
             else:
-                img = read_image(src, max_pixels=max_pixels)
+                img = read_image(src, max_pixels=max_pixels, apply_icc=apply_icc)
+                icc = read_icc(src)
                 h, w = img.shape[:2]
                 src_mpp = mpp
                 fetch = lambda y, x, img=img: img[y : y + size, x : x + size]  # noqa: E731
@@ -128,13 +137,14 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 rel = f"{folder}/{y}_{x}.png"
                 write_image(ensure_inside(out, out / rel), tile)
                 rows.append({"path": rel, "source": str(src), "x": x, "y": y, "size": size, "level": level,
-                             "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}"})
+                             "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}",
+                             "icc": icc_description(icc) + (" (applied)" if apply_icc and icc else "")})
                 report.written += 1
         except Exception as exc:  # the tiles written so far are kept and listed; the failure is reported
             report.failed.append((str(src), f"tiling stopped: {type(exc).__name__}: {exc}"))
     manifest = out / "tiles.csv"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "source", "x", "y", "size", "level", "mpp", "tissue_fraction"])
+    writer = csv.DictWriter(buf, fieldnames=["path", "source", "x", "y", "size", "level", "mpp", "tissue_fraction", "icc"])
     writer.writeheader()
     writer.writerows(rows)
     tmp = manifest.with_name(".tiles.csv.tmp")
