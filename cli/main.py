@@ -18,6 +18,15 @@ from shiftkit import __version__
 from .progress import Progress, format_seconds
 
 
+def input_options(command):
+    """The options every command that reads image files shares: --max-pixels and --apply-icc."""
+    command = click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB "
+                           "first (the profile is recorded either way).")(command)
+    return click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+                        help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones "
+                             "fail alone.")(command)
+
+
 def _device(device: str) -> str:
     import torch
 
@@ -75,10 +84,7 @@ def cli():
                    "column, else the immediate subfolder); or pooled over all of SRC (one scanner or cohort).")
 @click.option("--in-place", is_flag=True, help="Replace the images in SRC with their normalized versions (no OUT; "
               "each file keeps its name and format). The only way to write into SRC.")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
-              help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
-@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
-              "(the profile is recorded either way).")
+@input_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 def normalize(src, out, method, target, device, batch_size, fmt, on_failure, source_level, in_place, max_pixels, apply_icc,
               as_json):
@@ -345,10 +351,7 @@ def _shard(text):
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
 @click.option("--force", is_flag=True, help="Regenerate every output even though OUT_DIR was made with another "
               "configuration (or is a non-empty folder not made by simulate).")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
-              help="Largest image accepted, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); larger ones fail alone.")
-@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
-              "(the profile is recorded either way).")
+@input_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, device, workers, batch_size, fmt, shard,
              dry_run, force, max_pixels, apply_icc, as_json):
@@ -456,9 +459,7 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG, when known.")
 @click.option("--name", default=None, help="Profile name (default: the output file's stem).")
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Largest image accepted, in pixels.")
-@click.option("--apply-icc", is_flag=True, help="Convert inputs with an embedded ICC colour profile to sRGB first "
-              "(the profile is recorded either way).")
+@input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
                 held_out, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two

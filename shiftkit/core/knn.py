@@ -8,15 +8,20 @@ from typing import Optional
 import numpy as np
 
 
-def _np(x) -> np.ndarray:
+def as_numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (tensors are detached and moved to the CPU)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = _np(x).astype(np.float64)
+def unit_rows(x) -> np.ndarray:
+    """The rows of ``x`` as float64 unit vectors (zero rows stay zero)."""
+    x = as_numpy(x).astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+_np, _unit = as_numpy, unit_rows
 
 
 def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclude_same: Optional[tuple] = None) -> np.ndarray:
@@ -47,4 +52,4 @@ def balanced_accuracy(y_true, y_pred) -> float:
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
 
 
-__all__ = ["knn_predict", "balanced_accuracy"]
+__all__ = ["knn_predict", "balanced_accuracy", "as_numpy", "unit_rows"]

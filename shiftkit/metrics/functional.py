@@ -10,18 +10,7 @@ from typing import Callable, Dict, Sequence
 
 import numpy as np
 
-from ..core.knn import balanced_accuracy, knn_predict  # noqa: F401  (re-exported)
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = _np(x).astype(np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from ..core.knn import as_numpy as _np, balanced_accuracy, knn_predict, unit_rows as _unit  # noqa: F401  (re-exported)
 
 
 def cosine_consistency(clean, shifted) -> np.ndarray:
