@@ -636,10 +636,36 @@ def scanner_fit_figure(profile: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@cli.command("models")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_cmd(pattern, as_json):
+    """List the foundation-model presets matching PATTERN (wildcards): architecture, embedding size, pooling,
+    input size and normalisation. Use one as --model NAME --weights LOCAL_FILE (no download; without --weights the
+    architecture has random weights)."""
+    from shiftkit.models import get_preset, list_models
+
+    names = list_models(pattern)
+    rows = [{"name": n, "timm": get_preset(n).timm_name, "dim": get_preset(n).out_dim, "pooling": get_preset(n).pooling,
+             "input_size": get_preset(n).input_size, "mean": list(get_preset(n).mean), "std": list(get_preset(n).std),
+             "params_m": get_preset(n).params_m, "source": get_preset(n).source} for n in names]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no preset matches {pattern!r}")
+        return
+    for r in rows:
+        click.echo(f"{r['name']:15s} {r['timm']:32s} {r['dim']:5d}-d {r['pooling']:9s} {r['input_size']}px "
+                   f"{r['params_m']:6.0f}M  mean {tuple(round(v, 3) for v in r['mean'])}")
+        click.echo(f"{'':15s} source: {r['source']}")
+
+
 @cli.command("stress-test")
 @click.option("--model", default="default", show_default=True,
-              help="Encoder spec: default (bundled), random, timm:NAME, a `shiftkit pretrain` run folder, a TorchScript "
-                   "file, or module:callable.")
+              help="Encoder spec: default (bundled), a foundation-model preset (uni2-h, virchow2, ...: `shiftkit "
+                   "models`; with --weights LOCAL_FILE), random, timm:NAME, a `shiftkit pretrain` run folder, a "
+                   "TorchScript file, or module:callable.")
 @click.option("--weights", default=None, help="Weights for --model (safetensors or a state dict).")
 @click.option("--data", default=None, help="A folder of tiles or a CSV manifest (default: the bundled sample tiles).")
 @click.option("--label-column", default="label", show_default=True)

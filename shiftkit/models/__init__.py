@@ -1,5 +1,7 @@
-"""Encoders by spec and embedding extraction."""
+"""Encoders by spec (the bundled default, foundation-model presets, timm names, run folders, TorchScript, callables)
+and embedding extraction."""
 
 from .encoders import Encoder, load_encoder
+from .presets import PRESETS, ModelPreset, build_preset, get_preset, list_models
 
-__all__ = ["Encoder", "load_encoder"]
+__all__ = ["Encoder", "load_encoder", "PRESETS", "ModelPreset", "build_preset", "get_preset", "list_models"]

@@ -1,6 +1,7 @@
 """Encoders by spec, and batched embedding extraction.
 
-Specs: ``"default"`` (the bundled encoder below), ``"random"`` (timm ``resnet18`` with seed-0 weights, an
+Specs: ``"default"`` (the bundled encoder below), a foundation-model preset (``"uni2-h"``, ``"virchow2"``, …:
+:mod:`shiftkit.models.presets`, ``shiftkit models``; random weights unless ``weights=``), ``"random"`` (timm ``resnet18`` with seed-0 weights, an
 untrained reference), ``"timm:<name>"`` (random init unless ``weights=``; ``timm:hf-hub:...`` names load where a
 hub is reachable), a ``shiftkit pretrain`` run folder or its ``encoder.json``, a TorchScript file
 (``*.pt``/``*.ts``/``*.torchscript``), or ``"module:callable"`` returning an ``nn.Module``. Weights load from
@@ -147,6 +148,22 @@ def load_encoder(spec: str = "default", weights: Optional[str] = None, *, input_
     run = _run_config(spec)
     if run is not None:
         return _load_run_encoder(run, weights)
+    from .presets import PRESETS, build_preset, get_preset
+
+    if str(spec).lower() in PRESETS:
+        preset = get_preset(spec)
+        size = input_size if input_size != 224 else preset.input_size
+        module = build_preset(preset.name, input_size=size)
+        if weights is not None:
+            wsha = _load_weights(module.vit, Path(weights))
+        info = {"architecture": f"{preset.timm_name} (timm, preset {preset.name}: {preset.pooling} pooling, "
+                                f"{preset.out_dim}-d)",
+                "weights": str(weights) if weights is not None else "random, seed 0 (architecture only: pass --weights)",
+                "source": preset.source}
+        if not wsha:
+            wsha = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.state_dict().values()
+                                           if hasattr(p, "numpy"))).hexdigest()
+        return Encoder(module.eval(), preset.name, size, preset.mean, preset.std, wsha, info)
     if spec == "random":
         with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG state
             torch.manual_seed(0)
