@@ -661,6 +661,37 @@ def models_cmd(pattern, as_json):
         click.echo(f"{'':15s} source: {r['source']}")
 
 
+def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_size, device):
+    """Units, forward passes and an estimated time from one timed batch of the clean pass."""
+    import time
+
+    import torch
+
+    from shiftkit.data import sample_tiles_dir
+    from shiftkit.data.shifted import TileDataset, shift_tiles
+    from shiftkit.models import load_encoder
+
+    ds = TileDataset(data if data is not None else sample_tiles_dir() / "manifest.csv")
+    n = len(ds)
+    encs = [load_encoder(model, weights)] + ([load_encoder(reference_model)] if reference_model else [])
+    k = min(batch_size, n)
+    x = torch.stack([torch.nn.functional.interpolate(ds[i][0][None].float(), size=(224, 224), mode="bilinear",
+                                                     antialias=True)[0] / 255 for i in range(k)])
+    t0 = time.perf_counter()
+    for e in encs:
+        e.embed(x, batch_size=batch_size, device=device)
+    per_tile = (time.perf_counter() - t0) / k
+    t0 = time.perf_counter()
+    shift_tiles(x, names[0], sevs[-1], list(range(k)))
+    shift_per_tile = (time.perf_counter() - t0) / k
+    units = 1 + len(names) * len(sevs)
+    passes = units * n * len(encs)
+    est = units * n * per_tile + (units - 1) * n * shift_per_tile
+    click.echo(f"dry run: {n} tiles, {len(encs)} encoder(s), {units} units (clean + {len(names)} shifts x {len(sevs)} "
+               f"severities) = {passes:,} forward passes; measured {per_tile * 1e3:.1f} ms per tile for the encoders and "
+               f"{shift_per_tile * 1e3:.1f} ms per tile for a shift ({names[0]}) on {device}: about {format_seconds(est)}")
+
+
 @cli.command("stress-test")
 @click.option("--model", default="default", show_default=True,
               help="Encoder spec: default (bundled), a foundation-model preset (uni2-h, virchow2, ...: `shiftkit "
@@ -678,11 +709,17 @@ def models_cmd(pattern, as_json):
 @click.option("--no-reference", is_flag=True, help="Skip corruption error: no reference encoder runs (the bundled demo on 2 CPU cores: 45 s instead of "
               "140 s; CE is then 'not measured' in the report).")
 @click.option("--out", "out_dir", default="shiftkit-report", show_default=True, type=click.Path(path_type=Path))
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Tiles per batch.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader processes that read and decode tiles.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-gallery", is_flag=True, help="Keep no tile thumbnails (for data whose images must stay private).")
+@click.option("--force", is_flag=True, help="Start over in an --out made with another configuration.")
+@click.option("--dry-run", is_flag=True, help="Print the number of units and forward passes and an estimate of the time "
+              "from a short timing, then exit.")
 def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, no_reference,
-                out_dir, device, seed, no_gallery):
+                out_dir, device, batch_size, workers, seed, no_gallery, force, dry_run):
     """Measure an encoder under every shift and severity; write records and an HTML report to --out.
 
     The report opens with a headline: what was measured, the encoder and its caveat, the most affected families and
@@ -694,18 +731,24 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
     from shiftkit.shifts import list_shifts
     from shiftkit.stress import run_stress_test
 
-    device = _device(device)
+    import torch
+
+    device = _device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     sevs = _severities(severities)
     if no_reference or reference_model == model:
         reference_model = None  # a model is not its own reference
     names = list_shifts(shift_pattern)
     if not names:
         raise click.BadParameter(f"expected a pattern matching registered shifts, got {shift_pattern!r}", param_hint="--shifts")
+    if dry_run:
+        _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_size, device)
+        return
     try:
-        with click.progressbar(length=len(names) * len(sevs), label="stress-test", file=sys.stderr, show_eta=True) as bar:
+        with Progress(len(names) * len(sevs), "stress-test units") as bar:
             run = run_stress_test(model, data, out_dir, shifts=[shift_pattern], severities=sevs, label_column=label_column,
                                   site_column=site_column, reference_model=reference_model, weights=weights, seed=seed,
-                                  device=device, progress=bar.update, gallery=not no_gallery)
+                                  device=device, progress=bar.update, gallery=not no_gallery, batch_size=batch_size,
+                                  workers=workers, force=force)
     except (ShiftkitError, ValueError) as exc:
         raise click.UsageError(str(exc))
     html_path = build_report(out_dir)

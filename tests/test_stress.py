@@ -219,3 +219,57 @@ def test_cli_computes_corruption_error_by_default_and_no_reference_skips_it(tmp_
     assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--no-reference"]).exit_code == 0
     assert not any(r["metric"] == "ce" for r in read_records(tmp_path / "b"))
     assert "--no-reference" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_a_killed_run_resumes_to_the_same_records_and_a_changed_one_is_refused(tmp_path):
+    from shiftkit.stress.runner import StressConfigError
+
+    args = dict(shifts=["gamma", "jpeg", "stain-hue"], severities=[1, 4], batch_size=5)
+    full = tmp_path / "full"
+    run_stress_test("default", None, full, **args)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def kill_after_three(n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise Killed
+
+    part = tmp_path / "part"
+    with pytest.raises(Killed):
+        run_stress_test("default", None, part, progress=kill_after_three, **args)
+    assert not (part / "records.json").exists()
+    units = (part / ".shiftkit" / "units.jsonl").read_text().splitlines()
+    assert len(units) == 4  # clean + the three shift units done before the kill
+    with open(part / ".shiftkit" / "units.jsonl", "a") as fh:
+        fh.write('{"unit": "torn')  # a kill mid-write
+    stamp = {p.name: p.stat().st_mtime_ns for p in (part / "embeddings").glob("*.npy")}
+    run_stress_test("default", None, part, workers=2, **args)  # resumed, with loader workers this time
+    kept = [p for p in (part / "embeddings").glob("*.npy") if p.name in stamp and p.stat().st_mtime_ns == stamp[p.name]]
+    assert len(kept) == len(stamp)  # verified units were not recomputed
+    key = lambda r: (r["model"], r["shift"], r["severity"], r["metric"])  # noqa: E731
+    a = {key(r): r for r in read_records(full)}
+    b = {key(r): r for r in read_records(part)}
+    assert set(a) == set(b)
+    for k in a:
+        for f in ("value", "ci_low", "ci_high"):
+            if a[k][f] is not None:
+                assert abs(a[k][f] - b[k][f]) <= 1e-4, (k, f)
+    with pytest.raises(StressConfigError, match="seed"):
+        run_stress_test("default", None, part, seed=1, **args)
+    run_stress_test("default", None, part, seed=1, force=True, **args)  # --force starts over
+
+
+def test_cli_dry_run_batch_size_workers_and_device_auto(tmp_path):
+    res = CliRunner().invoke(cli, ["stress-test", "--dry-run", "--shifts", "jpeg", "--severities", "1,5", "--no-reference",
+                                   "--out", str(tmp_path / "dry")])
+    assert res.exit_code == 0 and "3 units" in res.output and "54 forward passes" in res.output, res.output
+    assert not (tmp_path / "dry").exists()
+    res = CliRunner().invoke(cli, ["stress-test", "--shifts", "jpeg", "--severities", "1", "--no-reference", "--batch-size",
+                                   "7", "--workers", "2", "--device", "auto", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and run["n_tiles"] == 18

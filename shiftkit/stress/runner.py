@@ -63,6 +63,64 @@ def _probe_predict(clean: np.ndarray, labels: np.ndarray, query: np.ndarray, fol
     return classes[proba.argmax(1)], proba
 
 
+class _Tiles(torch.utils.data.Dataset):
+    """The tiles of a run, decoded in DataLoader workers and resized to the working size: ``(index, float (3, S, S)
+    in [0, 1] or None, error)``."""
+
+    def __init__(self, ds: TileDataset, indices: Sequence[int], size: int = 224):
+        self.ds, self.indices, self.size = ds, list(indices), size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = self.indices[j]
+        try:
+            img, _ = self.ds[i]
+        except Exception as exc:  # recorded as a failed input by the clean pass
+            return i, None, str(exc)
+        x = img.float()
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        return i, x / 255, ""
+
+
+def _collate(items):
+    return items
+
+
+def _batches(ds: TileDataset, indices: Sequence[int], batch_size: int, workers: int):
+    """Stream ``(indices, float batch, failures)`` in order; memory holds a few batches, never the whole set."""
+    loader = torch.utils.data.DataLoader(_Tiles(ds, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_collate, prefetch_factor=2 if workers else None)
+    for items in loader:
+        ok = [(i, x) for i, x, err in items if x is not None]
+        bad = [(i, err) for i, x, err in items if x is None]
+        yield [i for i, _ in ok], (torch.stack([x for _, x in ok]) if ok else None), bad
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> str:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+    return _sha(path)
+
+
+class StressConfigError(ValueError):
+    """RUN_DIR holds units of a stress test made with another configuration."""
+
+
 def run_stress_test(
     model: str = "default",
     data=None,
@@ -80,55 +138,155 @@ def run_stress_test(
     batch_size: int = 32,
     progress=None,
     gallery: bool = True,
+    workers: int = 0,
+    force: bool = False,
 ) -> dict:
-    """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding cache.
+    """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding store.
 
-    ``gallery=False`` keeps no tile thumbnails (for data whose images must not leave their folder).
-    Returns the run description (config, timing, counts).
+    Streaming: tiles flow through a ``DataLoader`` (``workers`` processes) in batches of ``batch_size``, are shifted
+    with their per-tile seeds and embedded; only the embeddings are kept, one ``.npy`` file per model and unit under
+    ``<out>/embeddings`` (memory-mapped for the metrics), so memory does not grow with the number of tiles beyond
+    the embeddings. Units are the clean pass and each shift × severity; each is written atomically and journalled
+    with its checksum in ``<out>/.shiftkit/units.jsonl``. Resumable: a killed run rerun with the same arguments keeps
+    the units it can verify and computes the rest, with the same records; a run folder made with another
+    configuration (model, weights, data, shifts' definitions, seed) raises :class:`StressConfigError` naming the
+    differences unless ``force``. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
     """
     from ..data import sample_tiles_dir
+    from ..data.shifted import _spec_hash
 
     t0 = time.time()
     out = Path(out_dir)
     ds = TileDataset(data if data is not None else sample_tiles_dir() / "manifest.csv")
     names = sorted({n for pat in shifts for n in list_shifts(pat)})
-    images, recs, failed = [], [], []
-    for i in range(len(ds)):
-        try:
-            img, rec = ds[i]
-            images.append(img)
-            recs.append(rec)
-        except Exception as exc:
-            failed.append((str(ds.records[i].path), str(exc)))
-    if not images:
-        raise ValueError(f"`data` has no readable tile: expected images, got failures {failed[:3]}")
-    sizes = {tuple(im.shape) for im in images}
-    x = torch.stack([torch.nn.functional.interpolate(im[None].float(), size=(224, 224), mode="bilinear", antialias=True)[0]
-                     if tuple(im.shape) != (3, 224, 224) else im.float() for im in images]) / 255
-    n = x.shape[0]
+    severities = [int(v) for v in severities]
+    bad_rows = [(str(r.path), r.error) for r in ds.records if r.error]
+    candidates = [i for i, r in enumerate(ds.records) if not r.error]
+    if not candidates:
+        raise ValueError(f"`data` has no readable tile: expected images, got failures {bad_rows[:3]}")
+    models = [(model, load_encoder(model, weights))]
+    if reference_model:
+        models.append((reference_model, load_encoder(reference_model)))
+    config = {"format": "shiftkit-stress-units/1", "models": [[m, e.weights_sha256, e.input_size] for m, e in models],
+              "data": [ds.records[i].sample_id for i in candidates][:100000], "n_candidates": len(candidates),
+              "shifts": {n: _spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__}
+    state = out / ".shiftkit"
+    cfg_path = state / "stress.json"
+    if cfg_path.is_file() and not force:
+        old = json.loads(cfg_path.read_text())
+        diffs = [k for k in ("models", "data", "n_candidates", "seed", "shiftkit") if old.get(k) != config[k]]
+        diffs += [f"shift {n!r}" for n, h in config["shifts"].items() if n in old.get("shifts", {}) and old["shifts"][n] != h]
+        if diffs:
+            raise StressConfigError(f"`out_dir` {out} holds a stress test made with another configuration: expected the "
+                                    f"same model, weights, data, seed and shift definitions to resume it, got differences in "
+                                    f"{', '.join(diffs)}. Use another --out, or --force to start over")
+        config["shifts"] = {**old.get("shifts", {}), **config["shifts"]}
+    # folders only once the data and the encoders are known good: an early failure leaves nothing behind
+    (out / "embeddings").mkdir(parents=True, exist_ok=True)
+    (out / "gallery").mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
+    journal = state / "units.jsonl"
+    if force and journal.exists():
+        journal.unlink()
+    cfg_path.write_text(json.dumps(config))
+    done: dict = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                e = json.loads(line)
+                done[e["unit"]] = e
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn line of a killed run
+
+    def unit_files(unit: str) -> dict:
+        return {m: out / "embeddings" / f"{_safe(m)}__{unit}.npy" for m, _ in models}
+
+    def verified(unit: str) -> bool:
+        e = done.get(unit)
+        return e is not None and all(f.is_file() and _sha(f) == e["sha256"].get(m) for m, f in unit_files(unit).items())
+
+    def record_unit(unit: str, arrays: dict, extra: dict) -> None:
+        shas = {m: _save_atomic(unit_files(unit)[m], arrays[m]) for m, _ in models}
+        with open(journal, "a") as fh:
+            fh.write(json.dumps({"unit": unit, "sha256": shas, **extra}) + "\n")
+        done[unit] = {"unit": unit, "sha256": shas, **extra}
+
+    # clean unit: which tiles decode, and their embeddings
+    if not verified("clean"):
+        valid, failed, embs = [], [], {m: [] for m, _ in models}
+        for idx, xb, bad in _batches(ds, candidates, batch_size, workers):
+            failed += [(str(ds.records[i].path), err) for i, err in bad]
+            if xb is None:
+                continue
+            valid += idx
+            for m, enc in models:
+                embs[m].append(enc.embed(xb, batch_size=batch_size, device=device))
+        if not valid:
+            raise ValueError(f"`data` has no readable tile: expected images, got failures {failed[:3]}")
+        record_unit("clean", {m: np.concatenate(v) for m, v in embs.items()}, {"valid": valid, "failed": failed})
+    valid, failed = done["clean"]["valid"], [tuple(f) for f in done["clean"]["failed"]] + bad_rows
+    recs = [ds.records[i] for i in valid]
+    n = len(valid)
+    mpp = [r.mpp or 0.5 for r in recs]
+
+    for name in names:
+        for sev in severities:
+            unit = f"{name}__{sev}"
+            if not verified(unit):
+                try:
+                    embs = {m: [] for m, _ in models}
+                    pos = 0
+                    for idx, xb, _ in _batches(ds, valid, batch_size, workers):
+                        seeds = [sample_seed(seed, name, sev, ds.records[i].sample_id) for i in idx]
+                        shifted = shift_tiles(xb, name, sev, seeds, mpp[pos])[0]
+                        pos += len(idx)
+                        for m, enc in models:
+                            embs[m].append(enc.embed(shifted, batch_size=batch_size, device=device))
+                    record_unit(unit, {m: np.concatenate(v) for m, v in embs.items()}, {})
+                except Exception as exc:  # a failing shift is a record, not a crash
+                    done[unit] = {"unit": unit, "error": f"{type(exc).__name__}: {exc}"}
+            if progress:
+                progress(1)
+
+    records, worst = _records_from_store(out, models, names, severities, recs, done, label_column, site_column,
+                                         slide_column, reference_model, seed, unit_files)
+    gallery_items = _gallery(out, ds, valid, names, severities, seed, mpp, worst) if gallery else []
+    sizes = sorted({tuple(int(v) for v in ds[valid[0]][0].shape)})
+    run = {
+        "config": {"model": model, "weights": weights, "reference_model": reference_model, "data": str(data or "bundled sample tiles"),
+                   "shifts": names, "severities": list(severities), "seed": seed, "label_column": label_column,
+                   "site_column": site_column, "device": device},
+        "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
+        "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
+        "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
+        "runtime_s": time.time() - t0, "gallery": gallery_items,
+        "units": {"total": 1 + len(names) * len(severities), "store": "embeddings/<model>__<unit>.npy"},
+    }
+    write_records(out, records)
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    return run
+
+
+def _records_from_store(out, models, names, severities, recs, done, label_column, site_column, slide_column,
+                        reference_model, seed, unit_files):
+    """Every metric record, from the stored (memory-mapped) embeddings."""
+    n = len(recs)
     labels = np.array([r.meta.get(label_column, "") for r in recs]) if label_column else np.array([""] * n)
     has_labels = bool(label_column) and all(labels != "") and len(set(labels)) > 1
     slides = np.array([r.meta.get(slide_column, "") for r in recs])
     groups = slides if all(slides != "") and len(set(slides)) > 1 else None
     sites = np.array([r.meta.get(site_column, "") for r in recs]) if site_column else np.array([""] * n)
-    mpp = [r.mpp or 0.5 for r in recs]
-
-    models = [(model, load_encoder(model, weights))]
-    if reference_model:
-        models.append((reference_model, load_encoder(reference_model)))
-    # folders only once the data and the encoders are known good: an early failure leaves nothing behind
-    (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    (out / "gallery").mkdir(exist_ok=True)
     records = []
     # k = 20, but below the smallest class (leave-one-out votes would otherwise be won by the other class)
     k = max(1, min(20, (min(np.unique(labels, return_counts=True)[1]) - 1) if has_labels else 20))
     folds = _probe_folds(labels, seed) if has_labels and min(np.unique(labels, return_counts=True)[1]) >= 2 else None
-    probe_clean, knn_clean = {}, {}
-    clean_emb = {}
-    for mname, m in models:
-        e = m.embed(x, batch_size=batch_size, device=device)
+    probe_clean, knn_clean, clean_emb = {}, {}, {}
+    for mname, _ in models:
+        e = np.load(unit_files("clean")[mname], mmap_mode="r")
+        e = np.asarray(e, dtype=np.float32)
         clean_emb[mname] = e
-        np.save(out / "embeddings" / f"{_safe(mname)}__clean.npy", e)
         if has_labels:
             pred = _loo_knn(e, labels, e, k)
             knn_clean[mname] = (pred, M.balanced_accuracy(labels, pred))
@@ -146,51 +304,40 @@ def run_stress_test(
                     records.append(_rec(mname, "none", "clean", 0, "robustness_index", M.robustness_index(e, labels, sites, sl, k), n=n, seed=seed))
             except Exception as exc:
                 records.append(_rec(mname, "none", "clean", 0, "site_auc", error=f"{type(exc).__name__}: {exc}", n=n, seed=seed))
-
-    gallery_items = []
+    worst = {}
     for name in names:
         spec = get_spec(name)
         for sev in severities:
-            try:
-                seeds = [sample_seed(seed, name, sev, r.sample_id) for r in recs]
-                shifted = torch.cat([shift_tiles(x[i : i + batch_size], name, sev, seeds[i : i + batch_size], mpp[i])[0]
-                                     for i in range(0, n, batch_size)])
-                for mname, m in models:
-                    e = m.embed(shifted, batch_size=batch_size, device=device)
-                    np.save(out / "embeddings" / f"{_safe(mname)}__{name}__{sev}.npy", e)
-                    mu = clean_emb[mname].mean(0, keepdims=True)  # centred: pooled features share a large common direction
-                    cos = M.cosine_consistency(clean_emb[mname] - mu, e - mu)
-                    est, lo, hi = M.bootstrap_ci(cos, groups=groups, seed=seed)
-                    records.append(_rec(mname, name, spec.family, sev, "cosine", est, (lo, hi), n, seed))
-                    if has_labels:
-                        clean_pred, ba_clean = knn_clean[mname]
-                        pred = _loo_knn(clean_emb[mname], labels, e, k)
-                        ba = M.balanced_accuracy(labels, pred)
-                        records.append(_rec(mname, name, spec.family, sev, "knn_ba", ba, n=n, seed=seed))
-                        records.append(_rec(mname, name, spec.family, sev, "knn_retention", ba / ba_clean if ba_clean > 0 else None, n=n, seed=seed))
-                        flips = (pred != clean_pred).astype(float)
-                        f_est, f_lo, f_hi = M.bootstrap_ci(flips, groups=groups, seed=seed)
-                        records.append(_rec(mname, name, spec.family, sev, "flip_rate", f_est, (f_lo, f_hi), n, seed))
-                    if folds is not None:
-                        p_pred, p_proba = _probe_predict(clean_emb[mname], labels, e, folds, seed)
-                        pba = M.balanced_accuracy(labels, p_pred)
-                        pc_pred, pc_ba = probe_clean[mname]
-                        records.append(_rec(mname, name, spec.family, sev, "probe_ba", pba, n=n, seed=seed))
-                        records.append(_rec(mname, name, spec.family, sev, "probe_retention", pba / pc_ba if pc_ba > 0 else None, n=n, seed=seed))
-                        records.append(_rec(mname, name, spec.family, sev, "probe_flip_rate", M.flip_rate(pc_pred, p_pred), n=n, seed=seed))
-                        records.append(_rec(mname, name, spec.family, sev, "ece", M.expected_calibration_error(p_proba, np.searchsorted(np.unique(labels), labels)), n=n, seed=seed))
-                    if gallery and mname == models[0][0] and sev == max(severities):
-                        worst = np.argsort(cos)[:2]
-                        for i in worst:
-                            fn = f"{_safe(name)}__{i}.png"
-                            pair = torch.cat([x[i], torch.ones(3, x.shape[-2], 4), shifted[i]], dim=-1)
-                            write_image(out / "gallery" / fn, (pair.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-                            gallery_items.append({"shift": name, "severity": sev, "tile": recs[i].sample_id, "cosine": float(cos[i]), "file": fn})
-            except Exception as exc:  # a failing shift is a record, not a crash
+            unit = done.get(f"{name}__{sev}", {})
+            if "error" in unit or not unit:
                 records.append(_rec(models[0][0], name, spec.family, sev, "cosine", n=n, seed=seed,
-                                    error=f"{type(exc).__name__}: {exc}"))
-            if progress:
-                progress(1)
+                                    error=unit.get("error", "not computed")))
+                continue
+            for mname, _ in models:
+                e = np.asarray(np.load(unit_files(f"{name}__{sev}")[mname], mmap_mode="r"), dtype=np.float32)
+                mu = clean_emb[mname].mean(0, keepdims=True)  # centred: pooled features share a large common direction
+                cos = M.cosine_consistency(clean_emb[mname] - mu, e - mu)
+                est, lo, hi = M.bootstrap_ci(cos, groups=groups, seed=seed)
+                records.append(_rec(mname, name, spec.family, sev, "cosine", est, (lo, hi), n, seed))
+                if mname == models[0][0] and sev == max(severities):
+                    worst[name] = cos
+                if has_labels:
+                    clean_pred, ba_clean = knn_clean[mname]
+                    pred = _loo_knn(clean_emb[mname], labels, e, k)
+                    ba = M.balanced_accuracy(labels, pred)
+                    records.append(_rec(mname, name, spec.family, sev, "knn_ba", ba, n=n, seed=seed))
+                    records.append(_rec(mname, name, spec.family, sev, "knn_retention", ba / ba_clean if ba_clean > 0 else None, n=n, seed=seed))
+                    flips = (pred != clean_pred).astype(float)
+                    f_est, f_lo, f_hi = M.bootstrap_ci(flips, groups=groups, seed=seed)
+                    records.append(_rec(mname, name, spec.family, sev, "flip_rate", f_est, (f_lo, f_hi), n, seed))
+                if folds is not None:
+                    p_pred, p_proba = _probe_predict(clean_emb[mname], labels, e, folds, seed)
+                    pba = M.balanced_accuracy(labels, p_pred)
+                    pc_pred, pc_ba = probe_clean[mname]
+                    records.append(_rec(mname, name, spec.family, sev, "probe_ba", pba, n=n, seed=seed))
+                    records.append(_rec(mname, name, spec.family, sev, "probe_retention", pba / pc_ba if pc_ba > 0 else None, n=n, seed=seed))
+                    records.append(_rec(mname, name, spec.family, sev, "probe_flip_rate", M.flip_rate(pc_pred, p_pred), n=n, seed=seed))
+                    records.append(_rec(mname, name, spec.family, sev, "ece", M.expected_calibration_error(p_proba, np.searchsorted(np.unique(labels), labels)), n=n, seed=seed))
 
     if reference_model and has_labels:  # corruption error per shift against the reference encoder
         ref_name = models[1][0]
@@ -222,21 +369,24 @@ def run_stress_test(
                 records.append(_rec(models[0][0], label, "real", 0, "paired_cosine", est, (lo, hi), len(common), seed))
                 for kk, v in M.paired_topk_retrieval(A, B, ks=(1, 3, 5, 10)).items():
                     records.append(_rec(models[0][0], label, "real", 0, f"paired_top{kk}", v, n=len(common), seed=seed))
+    return records, worst
 
-    run = {
-        "config": {"model": model, "weights": weights, "reference_model": reference_model, "data": str(data or "bundled sample tiles"),
-                   "shifts": names, "severities": list(severities), "seed": seed, "label_column": label_column,
-                   "site_column": site_column, "device": device},
-        "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
-        "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
-        "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                     "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
-        "runtime_s": time.time() - t0, "gallery": gallery_items,
-    }
-    write_records(out, records)
-    (out / "run.json").write_text(json.dumps(run, indent=2))
-    return run
+
+def _gallery(out, ds, valid, names, severities, seed, mpp, worst):
+    """Thumbnails (clean | shifted at the highest severity) of the two tiles whose embeddings moved most per shift,
+    re-read from the data (the run keeps no images)."""
+    items = []
+    sev = max(severities)
+    for name, cos in worst.items():
+        for j in np.argsort(cos)[:2]:
+            i = valid[int(j)]
+            _, x, _ = _Tiles(ds, [i])[0]
+            shifted = shift_tiles(x[None], name, sev, [sample_seed(seed, name, sev, ds.records[i].sample_id)], mpp[int(j)])[0][0]
+            fn = f"{_safe(name)}__{int(j)}.png"
+            pair = torch.cat([x, torch.ones(3, x.shape[-2], 4), shifted], dim=-1)
+            write_image(out / "gallery" / fn, (pair.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+            items.append({"shift": name, "severity": sev, "tile": ds.records[i].sample_id, "cosine": float(cos[j]), "file": fn})
+    return items
 
 
 def _safe(name: str) -> str:
