@@ -716,10 +716,13 @@ def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_si
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-gallery", is_flag=True, help="Keep no tile thumbnails (for data whose images must stay private).")
 @click.option("--force", is_flag=True, help="Start over in an --out made with another configuration.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Encoder arithmetic: auto = bf16 autocast on CUDA, float32 on CPU; fp16 needs CUDA.")
+@click.option("--input-size", default=None, type=click.IntRange(min=16), help="Override the encoders' input side (px).")
 @click.option("--dry-run", is_flag=True, help="Print the number of units and forward passes and an estimate of the time "
               "from a short timing, then exit.")
 def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, no_reference,
-                out_dir, device, batch_size, workers, seed, no_gallery, force, dry_run):
+                out_dir, device, batch_size, workers, seed, no_gallery, force, precision, input_size, dry_run):
     """Measure an encoder under every shift and severity; write records and an HTML report to --out.
 
     The report opens with a headline: what was measured, the encoder and its caveat, the most affected families and
@@ -748,7 +751,7 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
             run = run_stress_test(model, data, out_dir, shifts=[shift_pattern], severities=sevs, label_column=label_column,
                                   site_column=site_column, reference_model=reference_model, weights=weights, seed=seed,
                                   device=device, progress=bar.update, gallery=not no_gallery, batch_size=batch_size,
-                                  workers=workers, force=force)
+                                  workers=workers, force=force, precision=precision, input_size=input_size)
     except (ShiftkitError, ValueError) as exc:
         raise click.UsageError(str(exc))
     html_path = build_report(out_dir)

@@ -273,3 +273,25 @@ def test_cli_dry_run_batch_size_workers_and_device_auto(tmp_path):
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and run["n_tiles"] == 18
+
+
+def test_precision_and_input_size(tmp_path):
+    from shiftkit.core.errors import InvalidArgumentError
+
+    base = dict(shifts=["jpeg"], severities=[3], gallery=False)
+    a = run_stress_test("default", None, tmp_path / "fp32", precision="fp32", **base)
+    b = run_stress_test("default", None, tmp_path / "bf16", precision="bf16", **base)
+    assert a["config"]["precision"] == "fp32" and b["config"]["precision"] == "bf16"
+    ca = {r["metric"]: r["value"] for r in read_records(tmp_path / "fp32") if r["shift"] == "jpeg"}
+    cb = {r["metric"]: r["value"] for r in read_records(tmp_path / "bf16") if r["shift"] == "jpeg"}
+    assert abs(ca["cosine"] - cb["cosine"]) < 0.05  # bf16 arithmetic: close, not equal
+    e32 = np.load(tmp_path / "fp32" / "embeddings" / "default__clean.npy")
+    e16 = np.load(tmp_path / "bf16" / "embeddings" / "default__clean.npy")
+    assert not np.array_equal(e32, e16) and np.corrcoef(e32.ravel(), e16.ravel())[0, 1] > 0.99
+    c = run_stress_test("default", None, tmp_path / "s64", input_size=64, **base)
+    assert c["config"]["input_size"] == 64
+    with pytest.raises(InvalidArgumentError, match="fp16"):
+        run_stress_test("default", None, tmp_path / "fp16", precision="fp16", device="cpu", **base)
+    assert not (tmp_path / "fp16").exists()
+    with pytest.raises(Exception, match="input_size|models"):  # the configuration is part of a resumable run
+        run_stress_test("default", None, tmp_path / "s64", input_size=96, **base)

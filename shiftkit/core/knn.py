@@ -33,6 +33,7 @@ def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclu
     y = _np(train_labels)
     classes, yi = np.unique(y, return_inverse=True)
     out = np.empty(te.shape[0], dtype=classes.dtype)
+    chunk = max(1, min(int(chunk), (128 << 20) // (8 * max(1, tr.shape[0]))))  # similarity block <= 128 MB
     for s in range(0, te.shape[0], chunk):
         sim = te[s : s + chunk] @ tr.T
         if exclude_same is not None:

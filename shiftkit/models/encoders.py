@@ -31,6 +31,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def autocast_for(precision: str, device: str):
+    """The autocast context of ``precision`` on ``device`` (an error naming it when impossible, e.g. fp16 on CPU)."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"`precision` is invalid: expected one of {PRECISIONS}, got {precision!r}")
+    cuda = str(device).startswith("cuda")
+    if precision == "fp32" or (precision == "auto" and not cuda):
+        return contextlib.nullcontext()
+    if precision == "fp16" and not cuda:
+        raise InvalidArgumentError(f"`precision` fp16 needs CUDA: expected bf16 or fp32 on {device}, got fp16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast("cuda" if cuda else "cpu", dtype=dtype)
+
+
 @dataclass
 class Encoder:
     """A loaded encoder and how to feed it."""
@@ -42,6 +60,8 @@ class Encoder:
     std: Sequence[float] = IMAGENET_STD
     weights_sha256: str = ""
     info: dict = field(default_factory=dict)
+    #: ``"auto"`` (bf16 autocast on CUDA, float32 elsewhere), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"fp32"``.
+    precision: str = "auto"
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
@@ -55,7 +75,7 @@ class Encoder:
             if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
                 x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                                     antialias=True, align_corners=False)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            with autocast_for(self.precision, device):
                 f = m((x - mean) / std)
             if f.ndim == 3:  # tokens: mean-pool
                 f = f.mean(1)

@@ -140,6 +140,8 @@ def run_stress_test(
     gallery: bool = True,
     workers: int = 0,
     force: bool = False,
+    precision: str = "auto",
+    input_size: Optional[int] = None,
 ) -> dict:
     """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding store.
 
@@ -150,7 +152,9 @@ def run_stress_test(
     with its checksum in ``<out>/.shiftkit/units.jsonl``. Resumable: a killed run rerun with the same arguments keeps
     the units it can verify and computes the rest, with the same records; a run folder made with another
     configuration (model, weights, data, shifts' definitions, seed) raises :class:`StressConfigError` naming the
-    differences unless ``force``. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
+    differences unless ``force``. ``precision`` (``auto``: bf16 on CUDA, float32 elsewhere; ``bf16``, ``fp16``,
+    ``fp32``) and ``input_size`` (the encoders' input side, default each encoder's own) are part of that
+    configuration. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
     """
     from ..data import sample_tiles_dir
     from ..data.shifted import _spec_hash
@@ -167,7 +171,15 @@ def run_stress_test(
     models = [(model, load_encoder(model, weights))]
     if reference_model:
         models.append((reference_model, load_encoder(reference_model)))
-    config = {"format": "shiftkit-stress-units/1", "models": [[m, e.weights_sha256, e.input_size] for m, e in models],
+    from ..models.encoders import autocast_for
+
+    autocast_for(precision, device)  # refuses an impossible precision before anything is written
+    for _, enc in models:
+        enc.precision = precision
+        if input_size is not None:
+            enc.input_size = int(input_size)
+    config = {"format": "shiftkit-stress-units/1",
+              "models": [[m, e.weights_sha256, e.input_size, e.precision] for m, e in models],
               "data": [ds.records[i].sample_id for i in candidates][:100000], "n_candidates": len(candidates),
               "shifts": {n: _spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__}
     state = out / ".shiftkit"
@@ -255,7 +267,8 @@ def run_stress_test(
     run = {
         "config": {"model": model, "weights": weights, "reference_model": reference_model, "data": str(data or "bundled sample tiles"),
                    "shifts": names, "severities": list(severities), "seed": seed, "label_column": label_column,
-                   "site_column": site_column, "device": device},
+                   "site_column": site_column, "device": device, "precision": precision,
+                   "input_size": models[0][1].input_size, "batch_size": batch_size, "workers": workers},
         "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
         "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
         "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
