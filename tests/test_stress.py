@@ -295,3 +295,37 @@ def test_precision_and_input_size(tmp_path):
     assert not (tmp_path / "fp16").exists()
     with pytest.raises(Exception, match="input_size|models"):  # the configuration is part of a resumable run
         run_stress_test("default", None, tmp_path / "s64", input_size=96, **base)
+
+
+@pytest.mark.slow
+def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
+    """Two shards then a gathering run, and two torchrun ranks on Gloo, both give the single-process records."""
+    import os
+    import sys
+
+    args = ["stress-test", "--shifts", "jpeg", "--severities", "1,3,5", "--no-reference", "--no-gallery", "--batch-size", "8"]
+    one = tmp_path / "one"
+    assert CliRunner().invoke(cli, [*args, "--out", str(one)]).exit_code == 0
+    sharded = tmp_path / "sharded"
+    for i in range(2):
+        res = CliRunner().invoke(cli, [*args, "--out", str(sharded), "--shard", f"{i}/2"])
+        assert res.exit_code == 0 and f"shard {i}/2" in res.output, res.output
+    assert not (sharded / "records.json").exists()
+    assert len(list((sharded / ".shiftkit").glob("units-*-of-2.jsonl"))) == 2
+    assert CliRunner().invoke(cli, [*args, "--out", str(sharded)]).exit_code == 0  # gathers, computes nothing new
+    ranks = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+                        "-m", "shiftkit.cli.main", *args, "--out", str(ranks)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    key = lambda rec: (rec["model"], rec["shift"], rec["severity"], rec["metric"])  # noqa: E731
+    ref = {key(x): x for x in read_records(one)}
+    for other in (sharded, ranks):
+        got = {key(x): x for x in read_records(other)}
+        assert set(got) == set(ref)
+        for k, v in ref.items():
+            for f in ("value", "ci_low", "ci_high"):
+                if v[f] is not None:
+                    assert abs(v[f] - got[k][f]) <= 1e-4, (other.name, k, f)
+    assert (ranks / "report.html").exists()

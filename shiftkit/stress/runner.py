@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ def run_stress_test(
     force: bool = False,
     precision: str = "auto",
     input_size: Optional[int] = None,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> dict:
     """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding store.
 
@@ -155,6 +156,12 @@ def run_stress_test(
     differences unless ``force``. ``precision`` (``auto``: bf16 on CUDA, float32 elsewhere; ``bf16``, ``fp16``,
     ``fp32``) and ``input_size`` (the encoders' input side, default each encoder's own) are part of that
     configuration. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
+
+    Scale-out: ``shard=(i, n)`` computes only units ``k`` with ``k % n == i`` (the clean pass is unit 0) into
+    ``RUN_DIR`` and returns ``{"shard": ..., "units": ...}`` without records; a later call with the same arguments and
+    no ``shard`` gathers every shard's units (computing any that are missing) and writes the records. Under
+    ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes its shard, and rank 0 gathers after a barrier (Gloo on CPU,
+    NCCL on GPU), so one command gives one report.
     """
     from ..data import sample_tiles_dir
     from ..data.shifted import _spec_hash
@@ -197,18 +204,29 @@ def run_stress_test(
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
     (out / "gallery").mkdir(exist_ok=True)
     state.mkdir(exist_ok=True)
-    journal = state / "units.jsonl"
-    if force and journal.exists():
-        journal.unlink()
-    cfg_path.write_text(json.dumps(config))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if shard is None and world > 1:
+        shard = (rank, world)
+    if shard is not None and not (0 <= shard[0] < shard[1]):
+        raise ValueError(f"`shard` out of range: expected i/n with 0 <= i < n, got {shard[0]}/{shard[1]}")
+    journal = state / (f"units-{shard[0]}-of-{shard[1]}.jsonl" if shard else "units.jsonl")
+    if force:
+        for j in state.glob("units*.jsonl"):
+            j.unlink()
+    tmp_cfg = cfg_path.with_name(f".stress.json.{os.getpid()}.tmp")
+    tmp_cfg.write_text(json.dumps(config))
+    os.replace(tmp_cfg, cfg_path)  # every shard writes the same configuration
     done: dict = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
+    for jpath in sorted(state.glob("units*.jsonl")):  # every shard's journal: a gathering run sees them all
+        for line in jpath.read_text().splitlines():
             try:
                 e = json.loads(line)
                 done[e["unit"]] = e
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn line of a killed run
+    all_units = ["clean"] + [f"{name}__{sev}" for name in names for sev in severities]
+    mine = {u for k, u in enumerate(all_units) if shard is None or k % shard[1] == shard[0]}
 
     def unit_files(unit: str) -> dict:
         return {m: out / "embeddings" / f"{_safe(m)}__{unit}.npy" for m, _ in models}
@@ -224,7 +242,7 @@ def run_stress_test(
         done[unit] = {"unit": unit, "sha256": shas, **extra}
 
     # clean unit: which tiles decode, and their embeddings
-    if not verified("clean"):
+    if "clean" in mine and not verified("clean"):
         valid, failed, embs = [], [], {m: [] for m, _ in models}
         for idx, xb, bad in _batches(ds, candidates, batch_size, workers):
             failed += [(str(ds.records[i].path), err) for i, err in bad]
@@ -236,29 +254,55 @@ def run_stress_test(
         if not valid:
             raise ValueError(f"`data` has no readable tile: expected images, got failures {failed[:3]}")
         record_unit("clean", {m: np.concatenate(v) for m, v in embs.items()}, {"valid": valid, "failed": failed})
-    valid, failed = done["clean"]["valid"], [tuple(f) for f in done["clean"]["failed"]] + bad_rows
-    recs = [ds.records[i] for i in valid]
-    n = len(valid)
-    mpp = [r.mpp or 0.5 for r in recs]
-
+    # a shard may run before the clean pass exists: it streams every candidate and records which tiles it embedded
+    known_valid = done["clean"]["valid"] if "clean" in done and verified("clean") else None
     for name in names:
         for sev in severities:
             unit = f"{name}__{sev}"
-            if not verified(unit):
+            if unit in mine and not verified(unit):
                 try:
-                    embs = {m: [] for m, _ in models}
-                    pos = 0
-                    for idx, xb, _ in _batches(ds, valid, batch_size, workers):
+                    embs, used = {m: [] for m, _ in models}, []
+                    for idx, xb, _ in _batches(ds, known_valid if known_valid is not None else candidates, batch_size, workers):
+                        if xb is None:
+                            continue
                         seeds = [sample_seed(seed, name, sev, ds.records[i].sample_id) for i in idx]
-                        shifted = shift_tiles(xb, name, sev, seeds, mpp[pos])[0]
-                        pos += len(idx)
+                        shifted = shift_tiles(xb, name, sev, seeds, ds.records[idx[0]].mpp or 0.5)[0]
+                        used += idx
                         for m, enc in models:
                             embs[m].append(enc.embed(shifted, batch_size=batch_size, device=device))
-                    record_unit(unit, {m: np.concatenate(v) for m, v in embs.items()}, {})
+                    record_unit(unit, {m: np.concatenate(v) for m, v in embs.items()}, {"valid": used})
                 except Exception as exc:  # a failing shift is a record, not a crash
                     done[unit] = {"unit": unit, "error": f"{type(exc).__name__}: {exc}"}
-            if progress:
+            if progress and unit in mine:
                 progress(1)
+    if shard is not None:
+        summary = {"shard": list(shard), "units": sorted(mine), "out_dir": str(out)}
+        if world > 1 and shard == (rank, world):  # torchrun: rank 0 gathers once every rank is done
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            torch.distributed.barrier()
+            if rank != 0:
+                return summary
+            saved = os.environ.get("WORLD_SIZE")
+            os.environ["WORLD_SIZE"] = "1"  # the gathering pass is one process
+            try:
+                return run_stress_test(model, data, out_dir, shifts=shifts, severities=severities,
+                                       label_column=label_column, site_column=site_column, slide_column=slide_column,
+                                       reference_model=reference_model, weights=weights, seed=seed, device=device,
+                                       batch_size=batch_size, progress=None, gallery=gallery, workers=workers,
+                                       precision=precision, input_size=input_size)
+            finally:
+                os.environ["WORLD_SIZE"] = saved if saved is not None else "1"
+        return summary
+    valid, failed = done["clean"]["valid"], [tuple(f) for f in done["clean"]["failed"]] + bad_rows
+    for name in names:
+        for sev in severities:
+            e = done.get(f"{name}__{sev}", {})
+            if "valid" in e and e["valid"] != valid:  # unreadable tiles are unreadable in every unit
+                done[f"{name}__{sev}"] = {"unit": e["unit"], "error": "its tiles differ from the clean pass's"}
+    recs = [ds.records[i] for i in valid]
+    n = len(valid)
+    mpp = [r.mpp or 0.5 for r in recs]
 
     records, worst = _records_from_store(out, models, names, severities, recs, done, label_column, site_column,
                                          slide_column, reference_model, seed, unit_files)
