@@ -21,18 +21,20 @@ fi
 # shiftkit.cli lives in cli/: expose it without installing
 # (the tests import shiftkit.cli only in test_cli.py, which this script does not run)
 export PYTHONUNBUFFERED=1
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 - <<'PY' > "$OUT/env.txt" 2>&1
+LOG="$OUT/bench-log.txt"
+nvidia-smi > "$LOG" 2>&1
+python3 - <<'PY' >> "$LOG" 2>&1
 import torch, kornia; print(torch.__version__, kornia.__version__, torch.cuda.get_device_name(0))
 PY
 timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_shifts.py tests/test_stain.py tests/test_image_contract.py tests/test_train.py 2>&1 | tail -30 > "$OUT/gpu-tests.txt"
-# one JSON per benchmark and one shared log: a device run returns at most 8 files
-LOG="$OUT/bench-log.txt"
+# one JSON per benchmark and one shared log (the environment first): a device run returns at most 8 files
 timeout 90 python3 experiments/speed/bench_normalize.py --device cuda --peers none --sizes 224 --batch 1024 --passes 5 --json "$OUT/normalize_cuda.json" >> "$LOG" 2>&1
 timeout 90 python3 experiments/speed/bench_augment.py --device cuda --batch 1024 --passes 5 --json "$OUT/augment_cuda.json" >> "$LOG" 2>&1
 timeout 90 python3 experiments/speed/bench_shifts.py --device cuda --passes 5 --json "$OUT/shifts_cuda.json" >> "$LOG" 2>&1
 # learned scanner transfer (colour + MTF) against per-tile Macenko on the device, float32 (64, 3, 224, 224)
 timeout 60 python3 experiments/speed/bench_scanner_transfer.py --device cuda --rounds 5 --out "$OUT/scanner_transfer_cuda.json" >> "$LOG" 2>&1
+# stress test at scale: clean-pass overhead vs a plain timm loop, peak memory at 500 and 2,000 tiles
+timeout 120 python3 experiments/speed/bench_stress.py --device cuda --sizes 500,2000 --rounds 2 --out "$OUT/stress_cuda.json" >> "$LOG" 2>&1
 # pretraining: ViT-S/16 at batch 256 with StainAugment + RandomScanner; views as a fraction of a step (target < 10 %)
 timeout 150 python3 experiments/speed/bench_pretrain.py --device cuda --steps 12 --json "$OUT/pretrain_cuda.json" >> "$LOG" 2>&1
 tail -n 40 "$LOG" "$OUT/gpu-tests.txt"

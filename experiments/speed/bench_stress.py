@@ -38,6 +38,9 @@ def manifest(folder: Path, n: int) -> Path:
     return p
 
 
+DEVICE = "cpu"
+
+
 def plain_loop(spec: str, data: Path, batch: int) -> float:
     from shiftkit.data.shifted import TileDataset
     from shiftkit.models import load_encoder
@@ -48,7 +51,7 @@ def plain_loop(spec: str, data: Path, batch: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for _, xb, _ in _batches(ds, list(range(len(ds))), batch, 0):
-        enc.embed(xb, batch_size=batch)
+        enc.embed(xb, batch_size=batch, device=DEVICE)
         n += xb.shape[0]
     return n / (time.perf_counter() - t0)
 
@@ -59,7 +62,7 @@ def stress_clean(spec: str, data: Path, batch: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         run = run_stress_test(spec, data, Path(d) / "run", shifts=["no-such-shift-*"], severities=[1], batch_size=batch,
-                              gallery=False)
+                              gallery=False, device=DEVICE)
         return run["n_tiles"] / (time.perf_counter() - t0)
 
 
@@ -69,7 +72,8 @@ from pathlib import Path
 from shiftkit.stress import run_stress_test
 from shiftkit.report import build_report
 t0 = time.perf_counter()
-run_stress_test("default", sys.argv[1], sys.argv[2], shifts=["jpeg"], severities=[3], gallery=False, batch_size=64)
+run_stress_test("default", sys.argv[1], sys.argv[2], shifts=["jpeg"], severities=[3], gallery=False, batch_size=64,
+                device=sys.argv[3])
 t1 = time.perf_counter()
 html = build_report(sys.argv[2])
 t2 = time.perf_counter()
@@ -82,16 +86,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="500,2000,8000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-overhead", action="store_true", help="Only the memory and report measurements.")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "stress_cpu.json"))
     a = ap.parse_args(argv)
-    info = machine("cpu")
+    global DEVICE
+    DEVICE = a.device
+    info = machine(a.device)
     print(json.dumps(info))
     sizes = [int(v) for v in a.sizes.split(",")]
     result = {"machine": info, "overhead": {}, "memory": {}}
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         data = manifest(folder, 512)
-        for spec in ("default", "timm:vit_small_patch16_224"):
+        for spec in (() if a.no_overhead else ("default", "timm:vit_small_patch16_224")):
             pairs = []
             plain_loop(spec, data, 64)  # warm-up
             for _ in range(a.rounds):
@@ -106,7 +114,7 @@ def main(argv=None):
                   f"{sorted(s for _, s in pairs)[len(pairs) // 2]:7.1f} tiles/s: overhead {100 * (med - 1):+.1f} % (median of {a.rounds} rounds)")
         for n in sizes:
             m = manifest(folder, n)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(m), str(folder / f"run_{n}")], capture_output=True,
+            out = subprocess.run([sys.executable, "-c", CHILD, str(m), str(folder / f"run_{n}"), a.device], capture_output=True,
                                  text=True, check=True)
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             result["memory"][n] = rec

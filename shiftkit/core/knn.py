@@ -33,7 +33,8 @@ def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclu
     y = _np(train_labels)
     classes, yi = np.unique(y, return_inverse=True)
     out = np.empty(te.shape[0], dtype=classes.dtype)
-    chunk = max(1, min(int(chunk), (128 << 20) // (8 * max(1, tr.shape[0]))))  # similarity block <= 128 MB
+    # similarity block <= 32 MB: -sim and argpartition make copies of it, so the temporaries stay near 130 MB
+    chunk = max(1, min(int(chunk), (32 << 20) // (8 * max(1, tr.shape[0]))))
     for s in range(0, te.shape[0], chunk):
         sim = te[s : s + chunk] @ tr.T
         if exclude_same is not None:

@@ -218,7 +218,8 @@ def _shard_filter(records: List[TileRecord], shard: Optional[Tuple[int, int]]) -
     return [r for r in records if derive_seed("shard", r.sample_id) % n == i]
 
 
-def _spec_hash(spec) -> str:
+def spec_hash(spec) -> str:
+    """SHA-256 of a shift's definition (its ``to_dict()``): resumed runs compare shifts by content."""
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -227,7 +228,7 @@ def _state_config(specs, seed: int, mpp: Optional[float], fmt: str) -> dict:
 
     return {"format": "shiftkit-simulate-state/1", "seed": int(seed), "mpp": mpp, "output_format": fmt,
             "shiftkit_version": __version__, "torch": torch.__version__, "sampler_version": SAMPLER_VERSION,
-            "shifts": {sp.name: _spec_hash(sp) for sp in specs}}
+            "shifts": {sp.name: spec_hash(sp) for sp in specs}}
 
 
 def _config_differences(old: dict, new: dict) -> List[str]:

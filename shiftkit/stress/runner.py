@@ -164,7 +164,7 @@ def run_stress_test(
     NCCL on GPU), so one command gives one report.
     """
     from ..data import sample_tiles_dir
-    from ..data.shifted import _spec_hash
+    from ..data.shifted import spec_hash
 
     t0 = time.time()
     out = Path(out_dir)
@@ -188,7 +188,7 @@ def run_stress_test(
     config = {"format": "shiftkit-stress-units/1",
               "models": [[m, e.weights_sha256, e.input_size, e.precision] for m, e in models],
               "data": [ds.records[i].sample_id for i in candidates][:100000], "n_candidates": len(candidates),
-              "shifts": {n: _spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__}
+              "shifts": {n: spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__}
     state = out / ".shiftkit"
     cfg_path = state / "stress.json"
     if cfg_path.is_file() and not force:
