@@ -60,6 +60,17 @@ class ImageReadError(InvalidImageError, OSError):
     """A file could not be read as an 8-bit RGB image."""
 
 
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_icc(path: PathLike) -> Optional[bytes]:
     """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None (Pillow reads the header only)."""
     from PIL import Image

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.errors import InvalidArgumentError
+from ..core.files import file_sha256
 from ..core.rng import derive_seed
 from .io import IMAGE_SUFFIXES, icc_description, list_images, read_icc, read_image, write_image
 from .naming import ensure_inside, overlaps, plan_output_names, shift_folder, source_key
@@ -174,12 +175,7 @@ class ShiftedDataset(torch.utils.data.Dataset):
         return simulate(self.base, out_dir, shifts=[self.shift], severities=[self.severity], seed=self.seed, mpp=self.mpp, **kwargs)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 @dataclass

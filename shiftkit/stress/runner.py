@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..core.files import file_sha256
 from ..data.io import write_image
 from ..data.shifted import TileDataset, sample_seed, shift_tiles
 from ..metrics import functional as M
@@ -99,14 +100,7 @@ def _batches(ds: TileDataset, indices: Sequence[int], batch_size: int, workers: 
         yield [i for i, _ in ok], (torch.stack([x for _, x in ok]) if ok else None), bad
 
 
-def _sha(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha = file_sha256
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> str:
