@@ -102,7 +102,7 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
     """
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data.io import icc_description, read_icc
-    from shiftkit.data.naming import overlaps
+    from shiftkit.data.naming import overlaps, source_key
     from shiftkit.stain import STATUS_NAMES
     from shiftkit.data.runner import collect_inputs, map_images, plan_outputs
 
@@ -136,11 +136,9 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
     norm.on_failure = on_failure
     jobs, dups = plan_outputs(files, root, out, fmt)
     groups: dict = {}
-    for job in jobs:
-        if source_level == "slide":
-            key = slide_of.get(job[0]) or (Path(job[0]).relative_to(root).parts[0] if len(Path(job[0]).relative_to(root).parts) > 1 else "")
-        else:
-            key = ""
+    for job in jobs:  # slide: the manifest's slide column, else the immediate subfolder (sources outside the root too)
+        parts = source_key(job[0], root).split("/")
+        key = (slide_of.get(job[0]) or (parts[0] if len(parts) > 1 else "")) if source_level == "slide" else ""
         groups.setdefault(key, []).append(job)
     from shiftkit.data.runner import RunReport
 

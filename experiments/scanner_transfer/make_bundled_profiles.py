@@ -10,7 +10,6 @@ images are downsampled overviews of unknown µm/px, so no MTF is fitted. Only th
     python experiments/scanner_transfer/make_bundled_profiles.py [--data ../shared/data] [--out shiftkit/shifts/profiles]
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

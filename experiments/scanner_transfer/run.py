@@ -53,8 +53,9 @@ def affine_apply(img, w):
     return np.clip(x @ w * 255, 0, 255).round().astype(np.uint8).reshape(img.shape)
 
 
-def peers(src_test, target_images):
-    """staintools Macenko/Vahadane and torchstain Macenko, per tile, target fitted on the pooled training twins."""
+def peers(src_test, target_images, failures):
+    """staintools Macenko/Vahadane and torchstain Macenko, per tile, target fitted on the pooled training twins. A
+    tile a peer raises on is scored unchanged (its failure mode) and counted in ``failures``."""
     out = {}
     try:
         import staintools
@@ -67,8 +68,9 @@ def peers(src_test, target_images):
             for x in src_test:
                 try:
                     res.append(n.transform(x))
-                except Exception:  # staintools raises on some tiles: counted as unchanged (its failure mode)
+                except Exception:  # staintools raises on some tiles: scored unchanged, counted
                     res.append(x)
+                    failures[f"staintools {m} (per tile)"] = failures.get(f"staintools {m} (per tile)", 0) + 1
             out[f"staintools {m} (per tile)"] = np.stack(res)
     except ImportError:
         pass
@@ -85,13 +87,14 @@ def peers(src_test, target_images):
                 res.append(np.clip(y.numpy(), 0, 255).astype(np.uint8))
             except Exception:
                 res.append(x)
+                failures["torchstain macenko (per tile)"] = failures.get("torchstain macenko (per tile)", 0) + 1
         out["torchstain macenko (per tile)"] = np.stack(res)
     except ImportError:
         pass
     return out
 
 
-def run_direction(direction, folder, scorer, rows, timings):
+def run_direction(direction, folder, scorer, rows, timings, failures):
     src, dst, slides = load_pairs(folder, direction)
     for s in sorted(set(slides)):
         tr, te = slides != s, slides == s
@@ -101,7 +104,7 @@ def run_direction(direction, folder, scorer, rows, timings):
             outs[f"shiftkit {m} (per tile)"] = norm.normalize(src[te])
             outs[f"shiftkit {m} (pooled source, slide)"] = norm.normalize(src[te], source="pooled")
             outs[f"shiftkit {m} (pooled source, cohort)"] = norm.normalize(src[te], source=norm.pooled_source(src))
-        outs.update(peers(src[te], dst[tr]))
+        outs.update(peers(src[te], dst[tr], failures.setdefault(direction, {})))
         w = affine_fit(src[tr], dst[tr])
         outs["affine 3x4 sRGB (baseline)"] = np.stack([affine_apply(x, w) for x in src[te]])
         t0 = time.perf_counter()
@@ -153,12 +156,14 @@ def summarise(rows):
     return out
 
 
-def write_markdown(summary, path, fit_s):
+def write_markdown(summary, path, fit_s, failures):
     lines = ["# Scanner transfer, leave one slide out (MITOS-ATYPIA-14 dev pairs)", "",
              "Mean CIEDE2000 of 8x8 block means over tissue (lower is better) per held-out slide; sharpness = "
              "Laplacian variance of the output / the twin's (1 = matched). Δ vs baseline: mean paired difference to the "
              "3x4 affine sRGB map over the 60 crops, bootstrap 95 % CI.", "",
-             f"ScannerTransfer.fit on 40 pairs: {np.mean(fit_s):.1f} s (mean of {len(fit_s)} fits).", ""]
+             f"ScannerTransfer.fit on 40 pairs: {np.mean(fit_s):.1f} s (mean of {len(fit_s)} fits).",
+             "Tiles a peer raised on, scored unchanged: " + (json.dumps(failures) if any(failures.values()) else "none")
+             + ".", ""]
     for direction, table in summary.items():
         slides = list(next(iter(table.values()))["per_slide"])
         lines += [f"## {direction}", "", "| method | " + " | ".join(f"slide {s}" for s in slides)
@@ -203,13 +208,14 @@ def main(argv=None):
         sys.exit(f"no pairs at {folder}")
     out.mkdir(parents=True, exist_ok=True)
     scorer = load_scorer(Path(a.scorer))
-    rows, fit_s = [], []
+    rows, fit_s, failures = [], [], {}
     for direction in (("a2h", "h2a") if a.direction == "both" else (a.direction,)):
-        run_direction(direction, folder, scorer, rows, fit_s)
+        run_direction(direction, folder, scorer, rows, fit_s, failures)
     summary = summarise(rows)
     (out / "results.json").write_text(json.dumps({"summary": summary, "rows": rows, "fit_seconds": fit_s,
+                                                  "peer_failures_scored_unchanged": failures,
                                                   "shiftkit": shiftkit.__version__}, indent=1))
-    write_markdown(summary, out / "results.md", fit_s)
+    write_markdown(summary, out / "results.md", fit_s, failures)
     figure(summary, out / "scanner_transfer.png")
     print((out / "results.md").read_text())
 

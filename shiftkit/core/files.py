@@ -40,20 +40,27 @@ def default_max_pixels() -> int:
     return DEFAULT_MAX_PIXELS
 
 
-def image_size(path: PathLike) -> Optional[tuple]:
-    """``(width, height)`` from the file header (no pixel is decoded), or None when Pillow cannot parse it."""
+def image_header(path: PathLike) -> tuple:
+    """``((width, height) or None, ICC profile bytes or None)`` from one read of the file header (no pixel is
+    decoded); the size is None when Pillow cannot parse the header."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: the caller applies its own limit
             with Image.open(path) as im:
-                return tuple(int(v) for v in im.size)
+                icc = im.info.get("icc_profile")
+                return tuple(int(v) for v in im.size), (bytes(icc) if icc else None)
     except Image.DecompressionBombError as exc:
         nums = [int(v) for v in re.findall(r"\d+", str(exc))]
-        return (nums[0], 1) if nums else (1 << 31, 1)
+        return ((nums[0], 1) if nums else (1 << 31, 1)), None
     except Exception:
-        return None
+        return None, None
+
+
+def image_size(path: PathLike) -> Optional[tuple]:
+    """``(width, height)`` from the file header (no pixel is decoded), or None when Pillow cannot parse it."""
+    return image_header(path)[0]
 
 
 class ImageReadError(InvalidImageError, OSError):
@@ -73,16 +80,7 @@ def file_sha256(path: PathLike) -> str:
 
 def read_icc(path: PathLike) -> Optional[bytes]:
     """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None (Pillow reads the header only)."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                icc = im.info.get("icc_profile")
-    except Exception:
-        return None
-    return bytes(icc) if icc else None
+    return image_header(path)[1]
 
 
 def icc_description(icc: Optional[bytes]) -> str:
@@ -97,29 +95,42 @@ def icc_description(icc: Optional[bytes]) -> str:
         return "unreadable"
 
 
-def icc_to_srgb(image: np.ndarray, icc: bytes) -> np.ndarray:
-    """``(H, W, 3)`` uint8 in the colour space of profile ``icc``, converted to sRGB (LittleCMS through Pillow's
-    ImageCms, perceptual intent). Raises :class:`ImageReadError` when the profile cannot be used."""
+def icc_transform(icc: bytes):
+    """A function converting ``(H, W, 3)`` uint8 in the colour space of profile ``icc`` to sRGB (LittleCMS through
+    Pillow's ImageCms, perceptual intent), built once for many images (e.g. every region of a slide). Raises
+    :class:`ImageReadError` when the profile cannot be used."""
     from PIL import Image, ImageCms
 
     try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        out = ImageCms.profileToProfile(Image.fromarray(np.ascontiguousarray(image)), src, ImageCms.createProfile("sRGB"),
-                                        outputMode="RGB")
+        transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"),
+                                            "RGB", "RGB")
     except Exception as exc:
         raise ImageReadError(f"the embedded ICC profile cannot be applied: expected an RGB input profile, got "
                              f"{icc_description(icc)!r} ({type(exc).__name__})") from None
-    return np.array(out, dtype=np.uint8)  # a writable copy (Pillow's buffer is read-only)
+
+    def to_srgb(image: np.ndarray) -> np.ndarray:
+        out = ImageCms.applyTransform(Image.fromarray(np.ascontiguousarray(image)), transform)
+        return np.array(out, dtype=np.uint8)  # a writable copy (Pillow's buffer is read-only)
+
+    return to_srgb
 
 
-def read_image(path: PathLike, *, max_pixels: Optional[int] = None, apply_icc: bool = False) -> np.ndarray:
+def icc_to_srgb(image: np.ndarray, icc: bytes) -> np.ndarray:
+    """``(H, W, 3)`` uint8 in the colour space of profile ``icc``, converted to sRGB (:func:`icc_transform`)."""
+    return icc_transform(icc)(image)
+
+
+def read_image(path: PathLike, *, max_pixels: Optional[int] = None, apply_icc: bool = False,
+               info: Optional[dict] = None) -> np.ndarray:
     """Read an 8-bit RGB image as ``(H, W, 3)`` uint8.
 
     RGBA with a fully opaque alpha is converted to RGB; anything else (missing, empty, corrupt, grayscale,
     16-bit, translucent alpha, a dangling link, more than ``max_pixels`` pixels — default
     :func:`default_max_pixels`, checked from the header before decoding) raises :class:`ImageReadError` naming the
     file, what was expected and what came. ``apply_icc=True`` converts an image with an embedded ICC profile to
-    sRGB (:func:`icc_to_srgb`); images without one are returned as stored.
+    sRGB (:func:`icc_to_srgb`); images without one are returned as stored. A dict given as ``info`` receives
+    ``"sha256"`` (of the file's bytes, the ones decoded) and ``"icc"`` (the embedded profile or None), so that a
+    caller needs no second read of the file.
     """
     p = Path(path)
     if p.is_symlink() and not p.exists():
@@ -129,11 +140,15 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = None, apply_icc: b
     if p.stat().st_size == 0:
         raise ImageReadError(f"`{p}` cannot be read: expected an 8-bit RGB image, got an empty (0-byte) file")
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
-    size = image_size(p)
+    size, icc = image_header(p)
     if size is not None and size[0] * size[1] > limit:
         raise ImageReadError(f"`{p}` is too large: expected at most {limit:,} pixels (--max-pixels, SHIFTKIT_MAX_PIXELS; "
                              f"cut large images with `shiftkit tile`), got {size[0]}x{size[1]} = {size[0] * size[1]:,}")
     data = np.fromfile(str(p), dtype=np.uint8)
+    if info is not None:
+        import hashlib
+
+        info.update(sha256=hashlib.sha256(data).hexdigest(), icc=icc)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"`{p}` cannot be decoded: expected a PNG/JPEG/TIFF 8-bit RGB image, got a corrupt or unsupported file")
@@ -148,13 +163,11 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = None, apply_icc: b
     if img.shape[2] != 3:
         raise ImageReadError(f"`{p}` has {img.shape[2]} channels: expected 3 (RGB)")
     rgb = np.ascontiguousarray(img[..., ::-1])
-    if apply_icc:
-        icc = read_icc(p)
-        if icc:
-            try:
-                rgb = icc_to_srgb(rgb, icc)
-            except ImageReadError as exc:
-                raise ImageReadError(f"`{p}`: {exc}") from None
+    if apply_icc and icc:
+        try:
+            rgb = icc_to_srgb(rgb, icc)
+        except ImageReadError as exc:
+            raise ImageReadError(f"`{p}`: {exc}") from None
     return rgb
 
 

@@ -21,16 +21,13 @@ def unit_rows(x) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-_np, _unit = as_numpy, unit_rows
-
-
 def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclude_same: Optional[tuple] = None) -> np.ndarray:
     """Majority vote of the k nearest training samples (cosine on centred, L2-normalised features; ties → the
     smallest label). ``exclude_same=(train_groups, test_groups)`` ignores neighbours of the same group (slide)."""
-    tr = _np(train).astype(np.float64)
+    tr = as_numpy(train).astype(np.float64)
     mu = tr.mean(0, keepdims=True)
-    tr, te = _unit(tr - mu), _unit(_np(test).astype(np.float64) - mu)
-    y = _np(train_labels)
+    tr, te = unit_rows(tr - mu), unit_rows(as_numpy(test).astype(np.float64) - mu)
+    y = as_numpy(train_labels)
     classes, yi = np.unique(y, return_inverse=True)
     out = np.empty(te.shape[0], dtype=classes.dtype)
     # similarity block <= 32 MB: -sim and argpartition make copies of it, so the temporaries stay near 130 MB
@@ -38,7 +35,7 @@ def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclu
     for s in range(0, te.shape[0], chunk):
         sim = te[s : s + chunk] @ tr.T
         if exclude_same is not None:
-            g_tr, g_te = (_np(g) for g in exclude_same)
+            g_tr, g_te = (as_numpy(g) for g in exclude_same)
             sim[g_te[s : s + chunk, None] == g_tr[None]] = -np.inf
         kk = min(k, tr.shape[0])
         nn = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
@@ -50,7 +47,7 @@ def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclu
 
 def balanced_accuracy(y_true, y_pred) -> float:
     """Mean per-class recall over the classes present in ``y_true``."""
-    y_true, y_pred = _np(y_true), _np(y_pred)
+    y_true, y_pred = as_numpy(y_true), as_numpy(y_pred)
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
 
 

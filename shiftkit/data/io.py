@@ -19,6 +19,8 @@ from ..core.files import (  # noqa: F401  (re-exported)
     default_max_pixels,
     icc_description,
     icc_to_srgb,
+    icc_transform,
+    image_header,
     image_size,
     list_images,
     read_icc,

@@ -24,7 +24,7 @@ import torch
 from ..core.errors import InvalidArgumentError
 from ..core.files import file_sha256
 from ..core.rng import derive_seed
-from .io import IMAGE_SUFFIXES, icc_description, list_images, read_icc, read_image, write_image
+from .io import IMAGE_SUFFIXES, icc_description, list_images, read_image, write_image
 from .naming import ensure_inside, overlaps, plan_output_names, shift_folder, source_key
 
 MANIFEST_COLUMNS = ("path", "label", "site", "scanner", "slide", "patient", "mpp", "pair_id", "condition")
@@ -175,7 +175,6 @@ class ShiftedDataset(torch.utils.data.Dataset):
         return simulate(self.base, out_dir, shifts=[self.shift], severities=[self.severity], seed=self.seed, mpp=self.mpp, **kwargs)
 
 
-_sha256 = file_sha256
 
 
 @dataclass
@@ -381,7 +380,7 @@ def simulate(
     def source_file_sha(rec: TileRecord) -> str:
         if rec.sample_id not in file_sha:
             try:
-                file_sha[rec.sample_id] = _sha256(rec.path)
+                file_sha[rec.sample_id] = file_sha256(rec.path)
             except OSError:
                 file_sha[rec.sample_id] = ""
         return file_sha[rec.sample_id]
@@ -397,7 +396,7 @@ def simulate(
             e is not None and e.get("source") == rec.sample_id and e.get("shift") == name and e.get("severity") == sev
             and e.get("seed") == sample_seed(seed, name, sev, rec.sample_id) and e.get("mpp") == tile_mpp(rec)
             and e.get("source_file_sha256") == source_file_sha(rec) and (out / rel).is_file()
-            and _sha256(out / rel) == e.get("output_sha256")
+            and file_sha256(out / rel) == e.get("output_sha256")
         )
         if reusable:
             report.verified += 1
@@ -414,10 +413,12 @@ def simulate(
     def load(rec: TileRecord):
         if rec.sample_id not in source_cache:
             try:
-                img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc)
+                info: dict = {}
+                img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc, info=info)
                 source_cache.clear()  # keep one source in memory at a time beyond the batch
                 source_cache[rec.sample_id] = (img, hashlib.sha256(img.tobytes()).hexdigest())
-                icc_of[rec.sample_id] = icc_description(read_icc(rec.path))
+                file_sha[rec.sample_id] = info["sha256"]  # the bytes decoded: the file is read once
+                icc_of[rec.sample_id] = icc_description(info["icc"])
             except Exception as exc:
                 failed[rec.sample_id] = str(exc)
                 return None, ""
@@ -432,7 +433,7 @@ def simulate(
         if str(target.resolve()) in sources:
             raise InvalidArgumentError(f"output `{target}` is a source image: expected a path that is no input")
         write_image(target, a, tmp_dir=tmp_dir)
-        return _sha256(target)
+        return file_sha256(target)
 
     def run_batch(name, sev, items):
         x = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2).float().div(255).to(device)

@@ -21,7 +21,7 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 from ..stain.mask import tissue_mask
-from .io import ImageReadError, icc_description, icc_to_srgb, read_icc, read_image, write_image
+from .io import ImageReadError, icc_description, icc_transform, read_image, write_image
 from .naming import ensure_inside, plan_output_names, source_key
 
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -114,19 +114,22 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 profile = getattr(slide, "color_profile", None)
                 icc = profile.tobytes() if profile is not None else None
                 slide.close()
+                to_srgb = icc_transform(icc) if apply_icc and icc else None  # built once per slide
 
-                def fetch(y, x, src=src, down=down, icc=icc):
+                def fetch(y, x, src=src, down=down, to_srgb=to_srgb):
                     region = read_region(src, int(x * down), int(y * down), (size, size), level)
-                    return icc_to_srgb(region, icc) if apply_icc and icc else region
+                    return to_srgb(region) if to_srgb is not None else region
             else:
-                img = read_image(src, max_pixels=max_pixels, apply_icc=apply_icc)
-                icc = read_icc(src)
+                info: dict = {}
+                img = read_image(src, max_pixels=max_pixels, apply_icc=apply_icc, info=info)
+                icc = info["icc"]
                 h, w = img.shape[:2]
                 src_mpp = mpp
                 fetch = lambda y, x, img=img: img[y : y + size, x : x + size]  # noqa: E731
         except Exception as exc:
             report.failed.append((str(src), str(exc)))
             continue
+        icc_label = icc_description(icc) + (" (applied)" if apply_icc and icc else "")  # once per source
         try:
             for y, x in _grid(h, w, size, stride):
                 tile = fetch(y, x)
@@ -138,7 +141,7 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 write_image(ensure_inside(out, out / rel), tile)
                 rows.append({"path": rel, "source": str(src), "x": x, "y": y, "size": size, "level": level,
                              "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}",
-                             "icc": icc_description(icc) + (" (applied)" if apply_icc and icc else "")})
+                             "icc": icc_label})
                 report.written += 1
         except Exception as exc:  # the tiles written so far are kept and listed; the failure is reported
             report.failed.append((str(src), f"tiling stopped: {type(exc).__name__}: {exc}"))

@@ -99,6 +99,11 @@ class EstimatorConfig:
                            od_threshold=self.od_threshold, i0=self.i0, exclude_saturated=self.exclude_saturated,
                            linear=linear)
 
+    def enough_tissue(self, n_tissue: torch.Tensor, n_pixels) -> torch.Tensor:
+        """``(B,)`` True where a tile has at least ``min_tissue_pixels`` tissue pixels and ``min_tissue_fraction``
+        of its pixels are tissue (else its status is ``"low-tissue"``)."""
+        return (n_tissue >= self.min_tissue_pixels) & (n_tissue / n_pixels >= self.min_tissue_fraction)
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise UnknownNameError("method", self.method, METHODS)
@@ -260,7 +265,7 @@ def _estimate_flat(od: torch.Tensor, w: torch.Tensor, n_pixels: torch.Tensor, cf
     conc_w = w[:, None].expand(bsz, 2, w.shape[-1])
     maxc = masked_quantile(od_to_concentrations(od, matrix.to(od.dtype), clamp=True), conc_w, cfg.percentile / 100.0)
     not_ink = _not_ink(matrix, cos_ref, maxc.double(), cfg)
-    enough = (n_tissue >= cfg.min_tissue_pixels) & (frac >= cfg.min_tissue_fraction)
+    enough = cfg.enough_tissue(n_tissue, n_pixels.double().clamp_min(1.0))
     good = finite & well_defined & nonneg & near_ref & not_dab & apart & not_ink
     status = torch.where(
         ~enough,

@@ -100,7 +100,6 @@ def _batches(ds: TileDataset, indices: Sequence[int], batch_size: int, workers: 
         yield [i for i, _ in ok], (torch.stack([x for _, x in ok]) if ok else None), bad
 
 
-_sha = file_sha256
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> str:
@@ -108,7 +107,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> str:
     with open(tmp, "wb") as fh:
         np.save(fh, array)
     os.replace(tmp, path)
-    return _sha(path)
+    return file_sha256(path)
 
 
 class StressConfigError(ValueError):
@@ -227,7 +226,7 @@ def run_stress_test(
 
     def verified(unit: str) -> bool:
         e = done.get(unit)
-        return e is not None and all(f.is_file() and _sha(f) == e["sha256"].get(m) for m, f in unit_files(unit).items())
+        return e is not None and all(f.is_file() and file_sha256(f) == e["sha256"].get(m) for m, f in unit_files(unit).items())
 
     def record_unit(unit: str, arrays: dict, extra: dict) -> None:
         shas = {m: _save_atomic(unit_files(unit)[m], arrays[m]) for m, _ in models}

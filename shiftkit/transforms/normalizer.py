@@ -72,6 +72,13 @@ def _strided_pixels(images: Sequence[Any], max_pixels: int) -> list:
     return [x.permute(1, 0, 2, 3).reshape(3, -1)[:, ::step].reshape(1, 3, 1, -1) for x in batches]
 
 
+def _lab_status(cfg: EstimatorConfig, n_tissue: torch.Tensor, n: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Reinhard's per-tile (or pooled) status codes: low-tissue, degenerate (a flat LAB channel), else ok."""
+    flat = (std < _MIN_LAB_STD).any(-1)
+    return torch.where(~cfg.enough_tissue(n_tissue, n), STATUS_LOW_TISSUE,
+                       torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
+
+
 class StainNormalizer(nn.Module):
     """Normalize H&E tiles to a target's stain appearance, per tile, batched, on any device.
 
@@ -247,11 +254,7 @@ class StainNormalizer(nn.Module):
             return estimate_stains_pooled(strips, self.config.method, **self.options)
         x = torch.cat(strips, dim=-1)
         mean, std, n_tissue, n = _lab_statistics(x, self.config)
-        cfg = self.config
-        enough = bool(n_tissue[0] >= cfg.min_tissue_pixels) and bool(n_tissue[0] / n[0] >= cfg.min_tissue_fraction)
-        flat = bool((std < _MIN_LAB_STD).any())
-        code = STATUS_OK if enough and not flat else (STATUS_LOW_TISSUE if not enough else STATUS_DEGENERATE)
-        return LabStatistics(mean, std, torch.tensor([code], dtype=torch.int8))
+        return LabStatistics(mean, std, _lab_status(self.config, n_tissue, n, std))
 
     def pooled_source_from_files(self, paths: Sequence[Union[str, os.PathLike]], max_pixels: int = POOLED_MAX_PIXELS):
         """:meth:`pooled_source` of image files, read one at a time (the stride comes from the headers, so memory
@@ -307,9 +310,8 @@ class StainNormalizer(nn.Module):
             else:
                 lab = rgb_to_lab(x)  # once: for the statistics and for the transfer
                 mean, std, n_tissue, n = _lab_statistics(x, cfg, lab)
-            enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
-            flat = (std < _MIN_LAB_STD).any(-1)
-            code = torch.where(~enough, STATUS_LOW_TISSUE, torch.where(flat, STATUS_DEGENERATE, STATUS_OK)).to(torch.int8)
+            enough = cfg.enough_tissue(n_tissue, n)
+            code = _lab_status(cfg, n_tissue, n, std)
             if pooled is not None:  # tiles with tissue take the pooled statistics and status
                 pm, ps = pooled.mean.to(mean), pooled.std.to(std)
                 mean = torch.where(enough[:, None], pm.expand_as(mean), mean)
@@ -332,7 +334,7 @@ class StainNormalizer(nn.Module):
         cfg = self.config
         w = cfg.tissue_weights(x).flatten(1)
         n_tissue, n = w.sum(-1), w.shape[-1]
-        enough = (n_tissue >= cfg.min_tissue_pixels) & (n_tissue / n >= cfg.min_tissue_fraction)
+        enough = cfg.enough_tissue(n_tissue, n)
         b = x.shape[0]
         p = pooled.to(x.device)
         est = StainEstimate(matrix=p.matrix.to(x.dtype).expand(b, 2, 3).clone(),

@@ -402,13 +402,8 @@ def _aligned(a: np.ndarray, b: np.ndarray, offset) -> Tuple[np.ndarray, np.ndarr
     return a[y0:y1, x0:x1], b[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
 
 
-def _blocks(images):
-    bm = [T.block_means(x) for x in images]
-    return bm
-
-
 def _fit_colour(src, dst, groups, ridge):
-    sb, db = _blocks(src), _blocks(dst)
+    sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
     tis = [_lab(d)[..., 0] < 85 for d in db]
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
     wflat = lambda idx: np.concatenate([tis[i].reshape(-1) for i in idx]).astype(np.float64)  # noqa: E731
