@@ -775,8 +775,15 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
 @click.option("--batch-size", default=None, type=int, help="Global batch per optimizer step (all processes and accumulation).")
 @click.option("--accumulate", default=1, show_default=True, type=int, help="Gradient accumulation micro-steps per step.")
 @click.option("--lr", default=None, type=float, help="Peak learning rate (default: the recipe's).")
-@click.option("--augment", default="shiftkit", show_default=True, type=click.Choice(["shiftkit", "stain", "scanner", "dino"]),
-              help="Domain shift in the views: stain + scanner (shiftkit), one of them, or none (dino).")
+@click.option("--augment", default="shiftkit", show_default=True,
+              type=click.Choice(["shiftkit", "synthetic", "stain", "scanner", "dino"]),
+              help="Domain shift in the views: stain + scanner (shiftkit), the same without the bundled learned scanner "
+                   "transfers (synthetic), one of them, or none (dino).")
+@click.option("--transfers", default="", help="Comma-separated learned scanner-transfer profiles (bundled names or JSON "
+              "files from `shiftkit fit-scanner`; training profiles only) applied as a view step of their own "
+              "(strength 0.6-1.0, p 0.5).")
+@click.option("--pair-views", is_flag=True, help="Where the manifest pairs tiles (pair_id + scanner or condition), make "
+              "the second global view from the registered twin under another scanner, cropped with its partner's box.")
 @click.option("--max-per-slide", default=None, type=int, help="Keep at most N tiles per slide (slide column, else folder).")
 @click.option("--balance-by", default="", help="Comma-separated manifest columns to balance, e.g. site,scanner.")
 @click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every); default: the "
@@ -792,8 +799,9 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
               help="JSON file of PretrainConfig fields (command-line options win).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.pass_context
-def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, lr, augment, max_per_slide, balance_by, val,
-             knn_every, checkpoint_every, export_dtype, workers, device, seed, config_file, resume):
+def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, lr, augment, transfers, pair_views,
+             max_per_slide, balance_by, val, knn_every, checkpoint_every, export_dtype, workers, device, seed, config_file,
+             resume):
     """Self-supervised DINO pretraining under controlled stain/scanner shift; writes RUN_DIR/encoder.safetensors.
 
     One process on CPU or GPU, or many under torchrun (NCCL on GPU, Gloo on CPU):
@@ -825,6 +833,11 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
     cols = tuple(c.strip() for c in balance_by.split(",") if c.strip())
     if cols:
         given["balance_by"] = cols
+    profiles = tuple(t.strip() for t in transfers.split(",") if t.strip())
+    if profiles:
+        given["transfers"] = profiles
+    if pair_views:
+        given["pair_views"] = True
     try:
         if resume and (Path(out_dir) / "checkpoint.pt").is_file():
             base = checkpoint_config(out_dir)

@@ -1,6 +1,7 @@
 """Scanner and slide-preparation shifts: registry, severity monotonicity on real tiles, identities, references."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -162,6 +163,43 @@ def test_sensor_noise_statistics_in_linear_light():
     assert abs(lin.var().item() - mu / 200) / (mu / 200) < 0.15  # variance = x / λ
 
 
+@pytest.mark.parametrize("lam", [0.05, 0.7, 3.0, 9.5, 15.99])
+def test_poisson_inverse_cdf_equals_scipy_ppf(lam):
+    """The exact low-count branch: the count is scipy's Poisson quantile of the pixel's uniform."""
+    from scipy.stats import poisson
+
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(3))
+    k = K.poisson_inverse_cdf(torch.full_like(u, lam), u)
+    ref = poisson.ppf(u.double().numpy(), lam)
+    assert (k.numpy() != ref).mean() < 1e-4  # float32 CDF: a draw may differ only where u sits on a step
+
+
+@pytest.mark.parametrize("lam,read", [(60.0, 0.004), (200.0, 0.0), (1000.0, 0.008)])
+def test_sensor_noise_mean_and_variance_per_intensity_equal_the_exact_model(lam, read):
+    """Sampler 2 (exact counts below SHOT_EXACT_BELOW photons, variance-matched normal above) against the exact
+    Poisson-Gaussian model: mean x and variance x/λ + σ² per linear level, on both sides of the switch."""
+    levels = torch.tensor([0.002, 0.01, 0.04, 0.1, 0.26, 0.27, 0.6])
+    assert (levels * lam < K.SHOT_EXACT_BELOW).any() and (levels * lam >= K.SHOT_EXACT_BELOW).any()
+    g = torch.Generator().manual_seed(int(lam))
+    shape = (len(levels), 1, 256, 256)
+    out = K.poisson_gaussian(levels.view(-1, 1, 1, 1).expand(shape).contiguous(), torch.full((len(levels),), lam),
+                             torch.full((len(levels),), read), torch.rand(shape, generator=g), torch.randn(shape, generator=g))
+    for i, x in enumerate(levels.tolist()):
+        v, n = x / lam + read ** 2, out[i].numel()
+        assert abs(out[i].mean().item() - x) < 4 * math.sqrt(v / n), (x, lam)
+        assert abs(out[i].var().item() / v - 1) < 0.03, (x, lam)  # 4 SE of a variance at n = 65,536 is 2.2 %
+
+
+def test_sensor_noise_draws_are_stable_under_tiny_input_changes(tiles):
+    """One uniform and one normal per pixel: a 1e-6 change of the input (another device's rounding) moves few pixels'
+    counts, instead of reshuffling every later draw as a rejection sampler does."""
+    t = shiftkit.get_shift("sensor-noise", 5, seed=0)
+    a = t(tiles)
+    b = t((tiles + 1e-6 * torch.randn(tiles.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1),
+          params=dict(t._params))
+    assert ((a - b).abs() > 1e-4).float().mean() < 1e-3
+
+
 def test_shift_transform_per_sample_draws_and_batch_independence(tiles):
     t = shiftkit.get_shift("sensor-noise", 3, seed=0)
     out = t(tiles)
@@ -234,8 +272,15 @@ def test_cpu_equals_cuda_for_the_same_parameters(name, tiles):
     t = shiftkit.get_shift(name, 3, seed=0)
     cpu = t(tiles)
     gpu = t.to("cuda")(tiles.cuda(), params={k: v for k, v in t._params.items()}).cpu()
-    tol = 1.5 / 255 if name in ("jpeg", "jpeg-reencode", "jpeg2000") or name.startswith("scanner") else 1e-4
-    assert (cpu - gpu).abs().max() <= tol
+    d = (cpu - gpu).abs()
+    if name == "stain-hue" or name.startswith("scanner-profile"):
+        # per-tile stain estimation (a percentile of the data) and noise drawn after device-rounded kernels: a
+        # device's rounding may move a pixel across a percentile or a Poisson step (measured on CPU with 1e-6 input
+        # noise: stain-hue 0.003 % of pixels beyond 1.5/255), so almost every pixel, not every one, agrees
+        assert (d > 1.5 / 255).float().mean() < 1e-3 and d.mean() < 1e-3
+    else:
+        tol = 1.5 / 255 if name in ("jpeg", "jpeg-reencode", "jpeg2000") else 1e-4
+        assert d.max() <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

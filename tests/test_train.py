@@ -261,6 +261,87 @@ def test_views_rotate_and_flip_exactly():
     torch.testing.assert_close(y, x.flip(-1).rot90(1, (-2, -1)), rtol=0, atol=1e-5)
 
 
+def test_twin_index_pairs_rows_of_one_pair_id_under_other_scanners():
+    from shiftkit.train import twin_index
+
+    rec = lambda pid, sc: TileRecord(Path(f"{pid}_{sc}.png"), f"{pid}_{sc}", {"pair_id": pid, "scanner": sc})  # noqa: E731
+    recs = [rec("a", "aperio"), rec("a", "hamamatsu"), rec("b", "aperio"), rec("c", "aperio"), rec("c", "leica"),
+            rec("c", "hamamatsu"), TileRecord(Path("x.png"), "x", {})]
+    assert twin_index(recs) == {0: [1], 1: [0], 3: [4, 5], 4: [3, 5], 5: [3, 4]}  # b has no twin, x no pair_id
+
+
+def _pair_views(aug, x, twin, has, step=3):
+    return aug(x, step=step, twin=twin, has_twin=has)
+
+
+def test_pair_views_make_the_second_global_view_from_the_twin_with_the_partners_box():
+    """With geometry-only views (augment dino, colour jitter and blur off by construction below), the second global
+    view of a paired row is the twin cut with the first view's box: equal to the first view's crop of the twin up to
+    the view's own flips/rotation; an unpaired row keeps an independent crop of itself."""
+    aug = MultiCropAugment(2, 2, 24, 12, global_scale=(0.3, 0.6), augment="dino", seed=2)
+    g = torch.Generator().manual_seed(0)
+    x, twin = torch.rand(4, 3, 48, 48, generator=g), torch.rand(4, 3, 48, 48, generator=g)
+    has = torch.tensor([True, False, True, False])
+    plain = aug(x, step=3)
+    paired = _pair_views(aug, x, twin, has)
+    torch.testing.assert_close(paired[0], plain[0])  # the first global view is untouched
+    torch.testing.assert_close(paired[1][~has], plain[1][~has])  # rows without a twin: as before
+    # the twin's view uses view 0's box: cut the twin by view 0's parameters with view 1's flips and colour
+    p0 = aug._draw(aug._gen(3, "view", 0), 4, aug.global_scale, 1.0)
+    p1 = aug._draw(aug._gen(3, "view", 1), 4, aug.global_scale, 0.1)
+    for k in ("area", "ratio", "x", "y"):
+        p1[k] = torch.where(has, p0[k], p1[k])
+    ref = MultiCropAugment._make_view(twin, p1, 24)
+    torch.testing.assert_close(paired[1][has], ref[has])
+    # and the twin's tissue, not the tile's, is what the view shows
+    assert (paired[1][has] - plain[1][has]).abs().mean() > 0.05
+    # a twin of the wrong shape is refused
+    with pytest.raises(Exception, match="twin"):
+        aug(x, step=3, twin=twin[:, :, :40], has_twin=has)
+
+
+def test_pretrain_pair_views_reads_twins_and_refuses_data_without_pairs(tmp_path):
+    root = tmp_path / "pairs"
+    root.mkdir()
+    a = synthetic_he(4, 64, seed=1)[0]
+    rows = []
+    for i, t in enumerate(a):
+        for sc, im in (("aperio", t), ("hamamatsu", (t * 0.9).clamp(0, 1))):
+            write_image(root / f"{sc}_{i}.png", (im.permute(1, 2, 0) * 255).round().byte().numpy())
+            rows.append(f"{sc}_{i}.png,p{i},{sc},s{i % 2}")
+    (root / "m.csv").write_text("path,pair_id,scanner,slide\n" + "\n".join(rows) + "\n")
+    s = pretrain(_cfg(root / "m.csv", tmp_path / "run", steps=2, pair_views=True))
+    assert s["status"] == "finished" and np.isfinite(_losses(tmp_path / "run")).all()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pair_views"] is True
+    from shiftkit.core import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="pair_id"):
+        pretrain(_cfg(_tiles(tmp_path / "nopairs", n=4), tmp_path / "run2", steps=1, pair_views=True))
+
+
+def test_transfer_views_use_training_profiles_and_refuse_held_out_ones(tmp_path):
+    from shiftkit.core import InvalidArgumentError
+    from shiftkit.shifts.transfer import bundled_profiles
+    from shiftkit.shifts import get_spec
+
+    train = [p for p in bundled_profiles() if not get_spec(f"scanner-transfer:{p}").held_out]
+    held = [p for p in bundled_profiles() if get_spec(f"scanner-transfer:{p}").held_out]
+    assert train and held
+    aug = MultiCropAugment(2, 2, 32, 16, augment="dino", seed=1, transfers=train)
+    assert aug.domain[-1].shifts == [f"scanner-transfer:{p}" for p in train]
+    x = synthetic_he(8, 48, seed=3)[0]
+    shifted = aug(x, step=1)
+    assert not torch.allclose(shifted[0], MultiCropAugment(2, 2, 32, 16, augment="dino", seed=1)(x, step=1)[0])
+    with pytest.raises(InvalidArgumentError, match="held-out"):
+        MultiCropAugment(2, 2, 32, 16, augment="dino", transfers=held[:1])
+    with pytest.raises(InvalidArgumentError, match="held-out"):
+        PretrainConfig(data="x", out=str(tmp_path), transfers=(held[0],)).resolved()
+    # 'synthetic' leaves the learned transfers out of the scanner step; 'shiftkit' keeps them
+    fams = lambda a: {get_spec(n).family for n in a.domain[-1].shifts}  # noqa: E731
+    assert "scanner-transfer" not in fams(MultiCropAugment(augment="synthetic"))
+    assert "scanner-transfer" in fams(MultiCropAugment(augment="shiftkit"))
+
+
 # --------------------------------------------------------------------------------------------- distributed
 def _torchrun(args, nproc, cwd, env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

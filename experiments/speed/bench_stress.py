@@ -43,13 +43,13 @@ DEVICE = "cpu"
 def plain_loop(spec: str, data: Path, batch: int) -> float:
     from shiftkit.data.shifted import TileDataset
     from shiftkit.models import load_encoder
-    from shiftkit.stress.runner import _batches
+    from shiftkit.stress.runner import _Stream
 
     enc = load_encoder(spec)
     ds = TileDataset(data)
     t0 = time.perf_counter()
     n = 0
-    for _, xb, _ in _batches(ds, list(range(len(ds))), batch, 0):
+    for _, xb, _ in _Stream(ds, batch, 0)(list(range(len(ds)))):
         enc.embed(xb, batch_size=batch, device=DEVICE)
         n += xb.shape[0]
     return n / (time.perf_counter() - t0)

@@ -195,7 +195,7 @@ class SimulationReport:
 
 #: Version of the random draws of the shift kernels: bumped whenever a kernel draws or applies its randomness
 #: differently, so that a shifted set made by an older sampler is never resumed as if it were the same.
-SAMPLER_VERSION = 1
+SAMPLER_VERSION = 2  # 2: sensor noise by inverse-CDF Poisson / variance-matched normal (one uniform + one normal per pixel)
 #: simulate's own files inside OUT_DIR: configuration, journals, temporary files.
 STATE_DIR = ".shiftkit"
 

@@ -242,8 +242,63 @@ def exposure(images: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return _keep_where(gain == 1, images, linear_to_srgb(srgb_to_linear(images) * _per_sample(gain, images)))
 
 
+#: expected photon count below which the shot noise is drawn exactly (Poisson by inverse CDF); above it a normal
+#: of the same mean and variance is used (skewness 1/sqrt(16) = 0.25 at the switch, falling from there)
+SHOT_EXACT_BELOW = 16.0
+_SHOT_KMAX = int(SHOT_EXACT_BELOW + 10 * math.sqrt(SHOT_EXACT_BELOW) + 10)  # P(count > kmax) < 1e-12 below the switch
+
+
+def poisson_inverse_cdf(lam: torch.Tensor, u: torch.Tensor, kmax: int = _SHOT_KMAX) -> torch.Tensor:
+    """Poisson counts ``min{k : F(k; λ) >= u}`` for uniforms ``u`` (counts capped at ``kmax + 1``).
+
+    One uniform per pixel whatever λ is, so a pixel's draw depends only on its own λ and ``u``: a tiny change of the
+    input moves a count only where ``u`` sits on a step of the CDF (a rejection sampler such as ``torch.poisson``
+    consumes a λ-dependent number of uniforms, so one changed pixel reshuffles every later pixel's draw). The loop
+    stops once every CDF has passed its uniform."""
+    lam, u = lam.float(), u.float()
+    p = torch.exp(-lam)
+    cdf = p.clone()
+    k = torch.zeros_like(lam)
+    below = torch.empty_like(lam, dtype=torch.bool)
+    for j in range(1, kmax + 1):
+        torch.lt(cdf, u, out=below)
+        if j % 8 == 0 and not bool(below.any()):
+            break
+        k += below
+        p.mul_(lam).div_(j)
+        cdf += p
+    return k
+
+
+def poisson_gaussian(lin: torch.Tensor, photons: torch.Tensor, read_sigma: torch.Tensor, u: torch.Tensor,
+                     z: torch.Tensor) -> torch.Tensor:
+    """Linear light with shot and read noise from given uniforms ``u`` and normals ``z`` (sampler 2), unclipped.
+
+    ``lin``, ``u``, ``z``: contiguous ``(B, C, H, W)`` float32 (``lin`` is clamped at 0 in place); ``photons``,
+    ``read_sigma``: ``(B,)``. Below :data:`SHOT_EXACT_BELOW` expected photons the count is
+    ``poisson_inverse_cdf(λx, u)`` and the value ``count/λ + σ_r z``; above, ``x + sqrt(x/λ + σ_r²) z``."""
+    lam, var_read = photons.float(), read_sigma.float() ** 2
+    x = lin.clamp_min_(0.0)
+    out = x + (x / lam.view(-1, 1, 1, 1) + var_read.view(-1, 1, 1, 1)).sqrt_() * z  # variance-matched normal
+    # exact counts where few photons are expected: one nonzero, then gathers on the flat tensors
+    per = x[0].numel()
+    idx = (x < SHOT_EXACT_BELOW / lam.view(-1, 1, 1, 1)).view(-1).nonzero().squeeze(1)
+    if idx.numel():
+        owner = idx // per
+        lam_i = lam[owner]
+        counts = poisson_inverse_cdf(x.view(-1)[idx] * lam_i, u.view(-1)[idx])
+        out.view(-1)[idx] = counts / lam_i + var_read[owner].sqrt() * z.view(-1)[idx]
+    return out
+
+
 def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Poisson–Gaussian sensor noise in linear light: ``Poisson(λ·x)/λ + N(0, σ_r²)``.
+
+    Sampler (version 2): per pixel one uniform ``u`` and one normal ``z`` from the sample's own generator. Where the
+    expected count ``λx`` is below :data:`SHOT_EXACT_BELOW` the count is drawn exactly by inverse CDF from ``u``
+    (``k/λ + σ_r z``); above it by the variance-matched normal ``x + sqrt(x/λ + σ_r²) z``. Mean and variance equal
+    the exact model's at every intensity; the cost is two draws per pixel, not a rejection sampler's loop. Draws and
+    arithmetic run on the CPU, so one seed gives the same pixels on every device.
 
     Args:
         images: ``(B, 3, H, W)`` float in ``[0, 1]`` (sRGB).
@@ -251,22 +306,24 @@ def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.
         read_sigma: ``(B,)`` read-noise σ in linear units.
         seed: ``(B,)`` int64 per-sample seeds of the noise fields (generated on CPU: the same on any device).
     """
-    lin = srgb_to_linear(images.float()).cpu()
-    out = torch.empty_like(lin)
-    lams, sigmas, seeds = photons.double().tolist(), read_sigma.double().tolist(), seed.long().tolist()
+    # linear light on the CPU too: the same float input on every device, so the same seed gives the same draws
+    lin = srgb_to_linear(images.detach().float().cpu()).contiguous()
+    u, z = torch.empty_like(lin), torch.empty_like(lin)
+    seeds = seed.long().tolist()
 
-    def one(i: int) -> None:  # its own generator: the result does not depend on the thread that runs it
+    def draw(i: int) -> None:  # its own generator: the result does not depend on the thread that runs it
         g = torch.Generator().manual_seed(int(seeds[i]))
-        out[i] = torch.poisson(lin[i] * lams[i], generator=g) / lams[i] + sigmas[i] * torch.randn(lin[i].shape, generator=g)
+        torch.rand(lin[i].shape, generator=g, out=u[i])
+        torch.randn(lin[i].shape, generator=g, out=z[i])
 
-    # torch.poisson runs on one core; tiles are independent, so they run in threads (the ops release the GIL)
     workers = min(lin.shape[0], torch.get_num_threads())
-    if workers > 1:
+    if workers > 1:  # the draws release the GIL
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one, range(lin.shape[0])))
+            list(pool.map(draw, range(lin.shape[0])))
     else:
         for i in range(lin.shape[0]):
-            one(i)
+            draw(i)
+    out = poisson_gaussian(lin, photons.detach().float().cpu(), read_sigma.detach().float().cpu(), u, z)
     return linear_to_srgb(out, overwrite=True).to(images)
 
 
@@ -396,6 +453,8 @@ __all__ = [
     "stitching_seam",
     "exposure",
     "sensor_noise",
+    "poisson_gaussian",
+    "poisson_inverse_cdf",
     "gamma_curve",
     "saturation",
     "white_balance",

@@ -90,16 +90,27 @@ def _collate(items):
     return items
 
 
-def _batches(ds: TileDataset, indices: Sequence[int], batch_size: int, workers: int):
-    """Stream ``(indices, float batch, failures)`` in order; memory holds a few batches, never the whole set."""
-    loader = torch.utils.data.DataLoader(_Tiles(ds, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=_collate, prefetch_factor=2 if workers else None)
-    for items in loader:
-        ok = [(i, x) for i, x, err in items if x is not None]
-        bad = [(i, err) for i, x, err in items if x is None]
-        yield [i for i, _ in ok], (torch.stack([x for _, x in ok]) if ok else None), bad
+class _Stream:
+    """Streams ``(indices, float batch, failures)`` in order over a tile list; memory holds a few batches, never the
+    whole set. One ``DataLoader`` per tile list, with persistent workers: the units of a run reuse its processes
+    instead of starting ``workers`` new ones per shift x severity (which cost more than the units on a GPU)."""
 
+    def __init__(self, ds: TileDataset, batch_size: int, workers: int):
+        self.ds, self.batch_size, self.workers, self.loaders = ds, batch_size, workers, {}
 
+    def __call__(self, indices: Sequence[int]):
+        key = tuple(indices)
+        if key not in self.loaders:
+            self.loaders[key] = torch.utils.data.DataLoader(
+                _Tiles(self.ds, indices), batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+                collate_fn=_collate, prefetch_factor=2 if self.workers else None, persistent_workers=self.workers > 0)
+        for items in self.loaders[key]:
+            ok = [(i, x) for i, x, err in items if x is not None]
+            bad = [(i, err) for i, x, err in items if x is None]
+            yield [i for i, _ in ok], (torch.stack([x for _, x in ok]) if ok else None), bad
+
+    def close(self) -> None:
+        self.loaders.clear()  # persistent workers end with their loader
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> str:
@@ -234,10 +245,11 @@ def run_stress_test(
             fh.write(json.dumps({"unit": unit, "sha256": shas, **extra}) + "\n")
         done[unit] = {"unit": unit, "sha256": shas, **extra}
 
+    stream = _Stream(ds, batch_size, workers)
     # clean unit: which tiles decode, and their embeddings
     if "clean" in mine and not verified("clean"):
         valid, failed, embs = [], [], {m: [] for m, _ in models}
-        for idx, xb, bad in _batches(ds, candidates, batch_size, workers):
+        for idx, xb, bad in stream(candidates):
             failed += [(str(ds.records[i].path), err) for i, err in bad]
             if xb is None:
                 continue
@@ -255,7 +267,7 @@ def run_stress_test(
             if unit in mine and not verified(unit):
                 try:
                     embs, used = {m: [] for m, _ in models}, []
-                    for idx, xb, _ in _batches(ds, known_valid if known_valid is not None else candidates, batch_size, workers):
+                    for idx, xb, _ in stream(known_valid if known_valid is not None else candidates):
                         if xb is None:
                             continue
                         seeds = [sample_seed(seed, name, sev, ds.records[i].sample_id) for i in idx]
@@ -268,6 +280,7 @@ def run_stress_test(
                     done[unit] = {"unit": unit, "error": f"{type(exc).__name__}: {exc}"}
             if progress and unit in mine:
                 progress(1)
+    stream.close()
     if shard is not None:
         summary = {"shard": list(shard), "units": sorted(mine), "out_dir": str(out)}
         if world > 1 and shard == (rank, world):  # torchrun: rank 0 gathers once every rank is done

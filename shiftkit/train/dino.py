@@ -98,6 +98,8 @@ class PretrainConfig:
     local_scale: Tuple[float, float] = (0.05, 0.32)
     load_size: int = 224
     augment: str = "shiftkit"
+    transfers: Tuple[str, ...] = ()
+    pair_views: bool = False
     mpp: float = 0.5
     max_per_slide: Optional[int] = None
     balance_by: Tuple[str, ...] = ()
@@ -148,6 +150,13 @@ class PretrainConfig:
         c.weight_decay, c.teacher_temp = tuple(c.weight_decay), tuple(c.teacher_temp)
         c.momentum, c.balance_by = tuple(c.momentum), tuple(c.balance_by)
         c.global_scale, c.local_scale = tuple(c.global_scale), tuple(c.local_scale)
+        c.transfers = tuple(str(t) for t in c.transfers)
+        if c.transfers:
+            from .views import transfer_shift_names
+
+            transfer_shift_names(c.transfers)  # unknown or held-out profiles are refused before any work
+        if c.pair_views and c.n_global < 2:
+            raise InvalidArgumentError(f"`pair_views` needs two global views: expected n_global >= 2, got {c.n_global}")
         return c
 
     def to_dict(self) -> dict:
@@ -225,8 +234,8 @@ class _StepBatches(torch.utils.data.Dataset):
     """Item ``step``: this rank's micro-batches of that step as uint8 ``(A, b, 3, S, S)`` (S = load size)."""
 
     def __init__(self, dataset, sampler: DiversitySampler, global_batch: int, accumulate: int, rank: int,
-                 world: int, load_size: int):
-        self.ds, self.sampler = dataset, sampler
+                 world: int, load_size: int, twins: Optional[Dict[int, List[int]]] = None, seed: int = 0):
+        self.ds, self.sampler, self.twins, self.seed = dataset, sampler, twins, int(seed)
         self.gb, self.acc, self.rank, self.world, self.size = global_batch, accumulate, rank, world, load_size
         self.micro = global_batch // (accumulate * world)
         self._cache: Dict[int, np.ndarray] = {}
@@ -261,8 +270,12 @@ class _StepBatches(torch.utils.data.Dataset):
         return img, ""
 
     def __getitem__(self, step: int):
+        """``(tiles, bad, twins)``: uint8 ``(A, b, 3, S, S)``, the unreadable tiles met, and with pair views the
+        registered twins ``(A, b, 3, S, S)`` and which rows have one ``(A, b)`` (else None)."""
         idx = self.sampler.global_batch(step, self.gb)
         out = np.empty((self.acc, self.micro, self.size, self.size, 3), np.uint8)
+        tw = np.zeros_like(out) if self.twins is not None else None
+        has = np.zeros((self.acc, self.micro), bool)
         bad: List[str] = []
         for k in range(self.acc):
             lo, hi = self.positions(k)
@@ -277,7 +290,16 @@ class _StepBatches(torch.utils.data.Dataset):
                     i = self.sampler.indices[(np.searchsorted(self.sampler.indices, i) + 1) % len(self.sampler)]
                     img, err = self._load(int(i))
                 out[k, j] = img
-        return torch.from_numpy(out).permute(0, 1, 4, 2, 3), bad
+                if tw is not None and int(i) in self.twins:  # one twin per tile and step, drawn from (seed, step, row)
+                    cands = self.twins[int(i)]
+                    t = cands[derive_seed(self.seed, "twin", int(step), lo + j) % len(cands)]
+                    timg, err = self._load(int(t))
+                    if timg is None:
+                        bad.append(err)
+                    else:
+                        tw[k, j], has[k, j] = timg, True
+        twins = None if tw is None else (torch.from_numpy(tw).permute(0, 1, 4, 2, 3), torch.from_numpy(has))
+        return torch.from_numpy(out).permute(0, 1, 4, 2, 3), bad, twins
 
 
 #: Fields that may change when a run is resumed: the length of the run and bookkeeping. Any other field must be
@@ -395,6 +417,23 @@ def knn_monitor(backbone: nn.Module, images: torch.Tensor, labels: np.ndarray, s
     return balanced_accuracy(labels, pred)
 
 
+def twin_index(records) -> Dict[int, List[int]]:
+    """Registered twins by record index: rows sharing a ``pair_id`` under another ``scanner`` (else ``condition``)."""
+    groups: Dict[str, List[int]] = {}
+    for i, r in enumerate(records):
+        pid = str(r.meta.get("pair_id", "") or "").strip()
+        if pid:
+            groups.setdefault(pid, []).append(i)
+    out: Dict[int, List[int]] = {}
+    for members in groups.values():
+        for i in members:
+            dom = lambda j: str(records[j].meta.get("scanner") or records[j].meta.get("condition") or "")  # noqa: E731
+            others = [j for j in members if dom(j) and dom(j) != dom(i)]
+            if others and dom(i):
+                out[i] = others
+    return out
+
+
 def split_validation(records) -> Tuple[list, list]:
     """Training and validation records: a manifest ``split`` column of ``val`` marks validation tiles, which are
     then never trained on."""
@@ -480,7 +519,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
         torch.distributed.init_process_group(backend)
         owns_pg = True
     device = torch.device(f"cuda:{local_rank}" if c.device == "cuda" and world > 1 else c.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # plain "cuda" is the current device already
         torch.cuda.set_device(device)
 
     dataset = TileDataset(c.data)
@@ -506,7 +545,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     ddp = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     model = ddp if ddp is not None else student
     augment = MultiCropAugment(c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale,
-                               c.augment, c.mpp, c.seed).to(device)
+                               c.augment, c.mpp, c.seed, transfers=c.transfers).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     val_images, val_labels = _load_val(c, split_val) if rank == 0 else (None, None)
@@ -517,7 +556,13 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
                                                      "python": platform.python_version()}, indent=2))
         (run / "diversity.json").write_text(json.dumps(sampler.stats, indent=2))
 
-    steps_data = _StepBatches(dataset, sampler, c.batch_size, c.accumulate, rank, world, c.load_size)
+    twins = None
+    if c.pair_views:
+        twins = twin_index(dataset.records)
+        if not twins:
+            raise InvalidArgumentError(f"`pair_views` found no registered twins in {c.data}: expected manifest columns "
+                                       "`pair_id` and `scanner` (or `condition`), with rows of one pair_id under two values")
+    steps_data = _StepBatches(dataset, sampler, c.batch_size, c.accumulate, rank, world, c.load_size, twins, c.seed)
     loader = torch.utils.data.DataLoader(steps_data, batch_size=None, sampler=range(start, c.steps),
                                          num_workers=c.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=2 if c.workers else None)
@@ -563,7 +608,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
             log.write(json.dumps({"step": 0, "knn_balanced_accuracy": acc}) + "\n")
             log.flush()
         t_wait = time.perf_counter()
-        for step, (batches, bad) in zip(range(start, c.steps), loader):
+        for step, (batches, bad, twin_batches) in zip(range(start, c.steps), loader):
             t0 = time.perf_counter()
             data_wait = t0 - t_wait
             for b in bad:
@@ -582,7 +627,11 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
             for k in range(c.accumulate):
                 ta = time.perf_counter()
                 x = batches[k].to(device, non_blocking=True).float().div_(255)
-                views = augment(x, step, offset=steps_data.positions(k)[0], global_batch=c.batch_size)
+                tw = has = None
+                if twin_batches is not None:
+                    tw = twin_batches[0][k].to(device, non_blocking=True).float().div_(255)
+                    has = twin_batches[1][k]
+                views = augment(x, step, offset=steps_data.positions(k)[0], global_batch=c.batch_size, twin=tw, has_twin=has)
                 views = [(v - mean) / std for v in views]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

@@ -6,7 +6,9 @@ device):
 
 1. **Domain shift on the whole tile** at its native resolution (so physical units such as blur in µm stay right):
    shiftkit :class:`~shiftkit.StainAugment` and :class:`~shiftkit.RandomScanner` at training severities (held-out
-   shifts never), drawn independently for each global view; local views crop from these shifted copies in turn.
+   shifts never), drawn independently for each global view; then, where ``transfers`` are given, a learned scanner
+   transfer (one of the profiles, strength 0.6–1.0 of the fitted real change, p 0.5). Local views crop from these
+   shifted copies in turn.
 2. **Geometry per view**: random resized crop (area ``scale``, aspect 3/4–4/3), horizontal and vertical flips
    (p 0.5 each), 90° rotations.
 3. **Colour per view** (the DINO recipe with a pathology-safe hue, REFERENCES B6): brightness/contrast/saturation
@@ -29,12 +31,35 @@ from ..core.rng import derive_seed
 from ..transforms.base import slice_parameters
 
 #: What each ``augment`` preset adds to the geometric and colour views (step 1 above).
+#: ``scanner`` draws from every training shift outside the stain family (the bundled training scanner transfers
+#: included); ``synthetic`` leaves the learned transfers out, so that a study can add them alone (``transfers``).
 AUGMENT_PRESETS: Dict[str, dict] = {
-    "dino": {"stain": None, "scanner": None},
-    "stain": {"stain": "medium", "scanner": None},
-    "scanner": {"stain": None, "scanner": (1, 2)},
-    "shiftkit": {"stain": "medium", "scanner": (1, 2)},
+    "dino": {"stain": None, "scanner": None, "learned": True},
+    "stain": {"stain": "medium", "scanner": None, "learned": True},
+    "scanner": {"stain": None, "scanner": (1, 2), "learned": True},
+    "synthetic": {"stain": "medium", "scanner": (1, 2), "learned": False},
+    "shiftkit": {"stain": "medium", "scanner": (1, 2), "learned": True},
 }
+
+#: Severities of the learned-transfer view step (strength severity/5 of the fitted change) and its probability.
+TRANSFER_SEVERITIES, TRANSFER_P = (3, 5), 0.5
+
+
+def transfer_shift_names(transfers: Sequence[str]) -> List[str]:
+    """``scanner-transfer:`` shift names of profiles (bundled names or JSON paths), refusing held-out ones: what a
+    model trains on is never what the stress test reports as held-out."""
+    from ..core.errors import InvalidArgumentError
+    from ..shifts import get_spec
+
+    names = []
+    for t in transfers:
+        name = t if str(t).startswith("scanner-transfer:") else f"scanner-transfer:{t}"
+        spec = get_spec(name)
+        if spec.held_out:
+            raise InvalidArgumentError(f"`transfers` names a held-out profile: expected training profiles only, got {t!r} "
+                                       "(its JSON has held_out: true; the stress test reports it as unseen)")
+        names.append(spec.name)
+    return names
 
 
 class MultiCropAugment(torch.nn.Module):
@@ -51,11 +76,13 @@ class MultiCropAugment(torch.nn.Module):
         augment: a key of :data:`AUGMENT_PRESETS` (``"shiftkit"`` = stain + scanner shifts; ``"dino"`` = none).
         mpp: µm per pixel of the tiles (scanner shifts are specified in µm).
         seed: run seed.
+        transfers: learned scanner-transfer profiles (bundled names or JSON paths, training profiles only) applied
+            as a view step of their own (strength 0.6–1.0, p 0.5), after the preset's shifts.
     """
 
     def __init__(self, n_global: int = 2, n_local: int = 6, global_size: int = 224, local_size: int = 96,
                  global_scale: Sequence[float] = (0.32, 1.0), local_scale: Sequence[float] = (0.05, 0.32),
-                 augment: str = "shiftkit", mpp: float = 0.5, seed: int = 0):
+                 augment: str = "shiftkit", mpp: float = 0.5, seed: int = 0, transfers: Sequence[str] = ()):
         super().__init__()
         if augment not in AUGMENT_PRESETS:
             raise UnknownNameError("augment", augment, AUGMENT_PRESETS)
@@ -63,6 +90,7 @@ class MultiCropAugment(torch.nn.Module):
         self.global_size, self.local_size = int(global_size), int(local_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.augment, self.mpp, self.seed = augment, float(mpp), int(seed)
+        self.transfers = list(transfers)
         preset = AUGMENT_PRESETS[augment]
         self.domain = torch.nn.ModuleList()
         if preset["stain"]:
@@ -72,25 +100,47 @@ class MultiCropAugment(torch.nn.Module):
         if preset["scanner"]:
             from ..transforms.random_scanner import RandomScanner
 
-            self.domain.append(RandomScanner(severity_range=preset["scanner"], mpp=self.mpp, p=0.5, seed=0))
+            shifts = None
+            if not preset["learned"]:
+                from ..shifts import get_spec, list_shifts
+
+                shifts = [n for n in list_shifts(held_out=False) if get_spec(n).family not in ("stain", "scanner-transfer")]
+            self.domain.append(RandomScanner(shifts, severity_range=preset["scanner"], mpp=self.mpp, p=0.5, seed=0))
+        if self.transfers:
+            from ..transforms.random_scanner import RandomScanner
+
+            self.domain.append(RandomScanner(transfer_shift_names(self.transfers), severity_range=TRANSFER_SEVERITIES,
+                                             mpp=self.mpp, p=TRANSFER_P, seed=0))
 
     def config(self) -> dict:
         return {"n_global": self.n_global, "n_local": self.n_local, "global_size": self.global_size,
                 "local_size": self.local_size, "global_scale": list(self.global_scale),
-                "local_scale": list(self.local_scale), "augment": self.augment, "mpp": self.mpp}
+                "local_scale": list(self.local_scale), "augment": self.augment, "mpp": self.mpp,
+                "transfers": list(self.transfers)}
 
     def _gen(self, step: int, *tag) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, "views", int(step), *tag))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, step: int, offset: int = 0, global_batch: Optional[int] = None) -> List[torch.Tensor]:
-        """Views of the rows ``offset .. offset + b`` of the global batch of ``step`` (size ``global_batch``)."""
+    def forward(self, x: torch.Tensor, step: int, offset: int = 0, global_batch: Optional[int] = None,
+                twin: Optional[torch.Tensor] = None, has_twin: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Views of the rows ``offset .. offset + b`` of the global batch of ``step`` (size ``global_batch``).
+
+        ``twin``: ``(b, 3, H, W)`` registered twins of the rows from another scanner, used where ``has_twin``
+        ``(b,)`` is true as the source of the second global view, cropped with the first global view's box."""
         b = x.shape[0]
         gb = b if global_batch is None else int(global_batch)
         lo, hi = int(offset), int(offset) + b
+        paired = twin is not None and has_twin is not None and self.n_global >= 2 and bool(has_twin.any())
+        if paired:
+            if twin.shape != x.shape:
+                from ..core.errors import InvalidArgumentError
+
+                raise InvalidArgumentError(f"`twin` does not match the batch: expected shape {tuple(x.shape)}, got {tuple(twin.shape)}")
+            has = has_twin.to(x.device).view(-1, 1, 1, 1)
         shifted = []
         for v in range(self.n_global):
-            y = x
+            y = torch.where(has, twin.to(x), x) if paired and v == 1 else x
             for t_i, t in enumerate(self.domain):
                 full = t.draw_parameters((gb, *x.shape[1:]), self._gen(step, "domain", v, t_i))
                 y = t(y, params=slice_parameters(full, lo, hi, gb))
@@ -104,6 +154,11 @@ class MultiCropAugment(torch.nn.Module):
             blur_p = (1.0 if v == 0 else 0.1) if is_global else 0.5
             p = self._draw(self._gen(step, "view", v), gb, scale, blur_p)
             p = {k: t[lo:hi].to(x.device) for k, t in p.items()}
+            if paired and v == 0:
+                box0 = {k: p[k] for k in ("area", "ratio", "x", "y")}
+            if paired and v == 1:  # the twin's view: the partner's crop box (aligned tissue), its own flips and colour
+                for k, t in box0.items():
+                    p[k] = torch.where(has_twin.to(t.device), t, p[k])
             views.append(self._make_view(src, p, size))
         return views
 
