@@ -24,16 +24,24 @@ def unit_rows(x) -> np.ndarray:
 def knn_predict(train, train_labels, test, k: int = 20, chunk: int = 2048, exclude_same: Optional[tuple] = None) -> np.ndarray:
     """Majority vote of the k nearest training samples (cosine on centred, L2-normalised features; ties → the
     smallest label). ``exclude_same=(train_groups, test_groups)`` ignores neighbours of the same group (slide)."""
-    tr = as_numpy(train).astype(np.float64)
-    mu = tr.mean(0, keepdims=True)
-    tr, te = unit_rows(tr - mu), unit_rows(as_numpy(test).astype(np.float64) - mu)
+    # float32 in place: one copy of the training set and one test chunk at a time, so memory stays near the
+    # embeddings themselves at any number of tiles (float64 copies cost ~7x the embeddings)
+    tr = np.array(as_numpy(train), dtype=np.float32)
+    mu = tr.mean(0, keepdims=True, dtype=np.float64).astype(np.float32)
+    tr -= mu
+    tr /= np.maximum(np.linalg.norm(tr, axis=1, keepdims=True), 1e-12)
+    test = as_numpy(test)
     y = as_numpy(train_labels)
     classes, yi = np.unique(y, return_inverse=True)
-    out = np.empty(te.shape[0], dtype=classes.dtype)
-    # similarity block <= 32 MB: -sim and argpartition make copies of it, so the temporaries stay near 130 MB
-    chunk = max(1, min(int(chunk), (32 << 20) // (8 * max(1, tr.shape[0]))))
-    for s in range(0, te.shape[0], chunk):
-        sim = te[s : s + chunk] @ tr.T
+    out = np.empty(test.shape[0], dtype=classes.dtype)
+    # similarity block <= 8 MB: -sim, the group mask and argpartition's int64 indices add ~4x it, so the
+    # temporaries stay near 40 MB whatever the number of tiles
+    chunk = max(1, min(int(chunk), (8 << 20) // (4 * max(1, tr.shape[0]))))
+    for s in range(0, test.shape[0], chunk):
+        te = np.array(test[s : s + chunk], dtype=np.float32)
+        te -= mu
+        te /= np.maximum(np.linalg.norm(te, axis=1, keepdims=True), 1e-12)
+        sim = te @ tr.T
         if exclude_same is not None:
             g_tr, g_te = (as_numpy(g) for g in exclude_same)
             sim[g_te[s : s + chunk, None] == g_tr[None]] = -np.inf

@@ -19,6 +19,9 @@ _DEFAULT_STAGE = {"stain": "stain", "tissue": "tissue", "optics": "optics", "ill
                   "scanner-transfer": "storage"}
 #: Pixel-valued severities are given at this resolution and rescaled to the tile's µm/px.
 REFERENCE_MPP = 0.5
+#: Version of the severity tables and augmentation presets: bumped with any change of a shift's values per severity
+#: or a preset's ranges (with the golden outputs in tests/golden), recorded in every manifest and report.
+SEVERITY_TABLE_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from ..core.errors import InvalidArgumentError
 from ..core.files import file_sha256
 from ..core.rng import derive_seed
+from ..core.shift_registry import SEVERITY_TABLE_VERSION
 from .io import IMAGE_SUFFIXES, icc_description, list_images, read_image, write_image
 from .naming import ensure_inside, overlaps, plan_output_names, shift_folder, source_key
 
@@ -223,12 +224,13 @@ def _state_config(specs, seed: int, mpp: Optional[float], fmt: str) -> dict:
 
     return {"format": "shiftkit-simulate-state/1", "seed": int(seed), "mpp": mpp, "output_format": fmt,
             "shiftkit_version": __version__, "torch": torch.__version__, "sampler_version": SAMPLER_VERSION,
-            "shifts": {sp.name: spec_hash(sp) for sp in specs}}
+            "severity_table_version": SEVERITY_TABLE_VERSION, "shifts": {sp.name: spec_hash(sp) for sp in specs}}
 
 
 def _config_differences(old: dict, new: dict) -> List[str]:
     diffs = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in ("seed", "mpp", "output_format", "shiftkit_version", "torch",
-                                                                "sampler_version", "apply_icc") if old.get(k) != new.get(k)]
+                                                                "sampler_version", "severity_table_version", "apply_icc")
+             if old.get(k) != new.get(k)]
     old_shifts = old.get("shifts", {})
     diffs += [f"shift {n!r} configuration (content hash {old_shifts[n][:12]} -> {h[:12]})"
               for n, h in new["shifts"].items() if n in old_shifts and old_shifts[n] != h]
@@ -507,7 +509,8 @@ def simulate(
 
     manifest_config = {"shifts": [sp.to_dict() for sp in specs], "severities": sevs, "seed": int(seed), "mpp": mpp,
                        "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
-                       "sampler_version": SAMPLER_VERSION, "torch": torch.__version__, "apply_icc": ds.apply_icc,
+                       "sampler_version": SAMPLER_VERSION, "severity_table_version": SEVERITY_TABLE_VERSION,
+                       "torch": torch.__version__, "apply_icc": ds.apply_icc,
                        "python": platform.python_version(), "device": device}
     stem = f"manifest-{shard[0]}-of-{shard[1]}" if shard else "manifest"
     n_rows = _write_manifests(out, stem, journal_path, manifest_config, report, {out_rel(n, s, r) for n, s, r in plan})

@@ -152,8 +152,11 @@ def _load_run_encoder(cfg_path: Path, weights: Optional[str]) -> Encoder:
     if not wpath.is_file():
         raise InvalidArgumentError(f"`model` {cfg_path} has no weights: expected {wpath}, got no such file")
     wsha = _load_weights(module, wpath)
+    extras = "".join([f", transfers {', '.join(Path(str(t)).stem for t in meta['transfers'])}" if meta.get("transfers") else "",
+                      ", pair views" if meta.get("pair_views") else ""])
     info = {"architecture": f"{meta['spec'][5:]} (timm)", "weights": f"{wpath.name}: {meta.get('trained_by', '')}, "
-            f"step {meta.get('step')}, augment {meta.get('augment')}, data {Path(str(meta.get('data', ''))).name}"}
+            f"recipe {meta.get('recipe')}, step {meta.get('step')}, augment {meta.get('augment')}{extras}, "
+            f"data {Path(str(meta.get('data', ''))).name}", "recipe": meta.get("recipe", "")}
     return Encoder(module.eval(), str(cfg_path.parent if cfg_path.name == "encoder.json" else cfg_path),
                    int(meta.get("input_size", 224)), tuple(meta.get("mean", IMAGENET_MEAN)),
                    tuple(meta.get("std", IMAGENET_STD)), wsha, info)

@@ -120,7 +120,7 @@ def headline(run: dict, records: list) -> dict:
         not_measured.append(f"{len(failed)} shift × severity cells failed: {', '.join(failed[:6])}" + (" …" if len(failed) > 6 else ""))
     info = run.get("model_info", {})
     return {"metric": METRIC_WORDS, "model": model, "architecture": info.get("architecture", ""),
-            "caveat": _encoder_caveat(model, info), "n_tiles": run["n_tiles"], "n_shifts": len(cos), "severities": sevs,
+            "weights": info.get("weights", ""), "caveat": _encoder_caveat(model, info), "n_tiles": run["n_tiles"], "n_shifts": len(cos), "severities": sevs,
             "worst_families": families[:3], "worst_shifts": worst[:3], "clean_knn_balanced_accuracy": clean.get("knn_ba"),
             "worst_retention": retention[:3], "not_measured": not_measured}
 
@@ -135,7 +135,8 @@ def _headline_html(h: dict, e) -> str:
     worst = "; ".join(f"<b>{e(w['shift'])}</b> ({e(w['family'])}) {_fmt_ci({'value': w['cosine'], 'ci_low': w['ci_low'], 'ci_high': w['ci_high']})}"
                       for w in h["worst_shifts"]) or "–"
     sev_top = h["worst_shifts"][0]["severity"] if h["worst_shifts"] else "–"
-    enc = e(h["model"]) + (f", {e(h['architecture'])}" if h["architecture"] else "")
+    enc = e(h["model"]) + (f", {e(h['architecture'])}" if h["architecture"] else "") \
+        + (f"; weights {e(h['weights'])}" if h.get("weights") else "")
     items = [
         f"<li id='headline-metric'><b>Measured:</b> {e(h['metric'])}. {h['n_tiles']} tiles, {h['n_shifts']} shifts, "
         f"severities {', '.join(map(str, h['severities']))}.</li>",
@@ -159,6 +160,7 @@ def _headline_md(h: dict) -> list:
     out = [f"**Measured.** {_md(h['metric'])}. {h['n_tiles']} tiles, {h['n_shifts']} shifts, severities "
            f"{', '.join(map(str, h['severities']))}.", "",
            f"**Encoder.** {_md(h['model'])}" + (f" ({_md(h['architecture'])})" if h["architecture"] else "")
+           + (f"; weights {_md(h['weights'])}" if h.get("weights") else "")
            + (f": {_md(h['caveat'])}." if h["caveat"] else "."), "",
            f"**Most affected families** (mean cosine at severities 3–5): {fams}.", "",
            f"**Worst shifts** at the highest severity (cosine, 95 % CI): {worst}.", ""]

@@ -22,7 +22,8 @@ import torch
 from .. import __version__
 from ..core.files import file_sha256
 from ..data.io import write_image
-from ..data.shifted import TileDataset, sample_seed, shift_tiles
+from ..core.shift_registry import SEVERITY_TABLE_VERSION
+from ..data.shifted import SAMPLER_VERSION, TileDataset, sample_seed, shift_tiles
 from ..metrics import functional as M
 from ..models import load_encoder
 from ..shifts import get_spec, list_shifts
@@ -42,6 +43,16 @@ def _loo_knn(emb_ref: np.ndarray, labels: np.ndarray, emb_query: np.ndarray, k: 
     """kNN prediction of each query from the *other* reference samples (leave one out, i ↔ i excluded)."""
     ids = np.arange(len(labels))
     return M.knn_predict(emb_ref, labels, emb_query, k=k, exclude_same=(ids, ids))
+
+
+def _centred_cosine(clean: np.ndarray, shifted: np.ndarray, mu: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """``cos(clean_i − μ, shifted_i − μ)`` per row, a chunk at a time (no full-size copies of either store)."""
+    out = np.empty(clean.shape[0], np.float64)
+    for s in range(0, clean.shape[0], chunk):
+        a = np.asarray(clean[s:s + chunk], np.float64) - mu
+        b = np.asarray(shifted[s:s + chunk], np.float64) - mu
+        out[s:s + chunk] = M.cosine_consistency(a, b)
+    return out
 
 
 def _probe_folds(labels: np.ndarray, seed: int):
@@ -321,7 +332,8 @@ def run_stress_test(
                    "input_size": models[0][1].input_size, "batch_size": batch_size, "workers": workers},
         "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
         "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
-        "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     "sampler": SAMPLER_VERSION, "severity tables": SEVERITY_TABLE_VERSION},
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                      "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
         "runtime_s": time.time() - t0, "gallery": gallery_items,
@@ -345,11 +357,12 @@ def _records_from_store(out, models, names, severities, recs, done, label_column
     # k = 20, but below the smallest class (leave-one-out votes would otherwise be won by the other class)
     k = max(1, min(20, (min(np.unique(labels, return_counts=True)[1]) - 1) if has_labels else 20))
     folds = _probe_folds(labels, seed) if has_labels and min(np.unique(labels, return_counts=True)[1]) >= 2 else None
-    probe_clean, knn_clean, clean_emb = {}, {}, {}
+    probe_clean, knn_clean, clean_emb, clean_mu = {}, {}, {}, {}
     for mname, _ in models:
         e = np.load(unit_files("clean")[mname], mmap_mode="r")
         e = np.asarray(e, dtype=np.float32)
         clean_emb[mname] = e
+        clean_mu[mname] = e.mean(0, keepdims=True, dtype=np.float64)
         if has_labels:
             pred = _loo_knn(e, labels, e, k)
             knn_clean[mname] = (pred, M.balanced_accuracy(labels, pred))
@@ -377,9 +390,9 @@ def _records_from_store(out, models, names, severities, recs, done, label_column
                                     error=unit.get("error", "not computed")))
                 continue
             for mname, _ in models:
-                e = np.asarray(np.load(unit_files(f"{name}__{sev}")[mname], mmap_mode="r"), dtype=np.float32)
-                mu = clean_emb[mname].mean(0, keepdims=True)  # centred: pooled features share a large common direction
-                cos = M.cosine_consistency(clean_emb[mname] - mu, e - mu)
+                e = np.load(unit_files(f"{name}__{sev}")[mname], mmap_mode="r")  # memory-mapped: the metrics read it in chunks
+                # centred: pooled features share a large common direction
+                cos = _centred_cosine(clean_emb[mname], e, clean_mu[mname])
                 est, lo, hi = M.bootstrap_ci(cos, groups=groups, seed=seed)
                 records.append(_rec(mname, name, spec.family, sev, "cosine", est, (lo, hi), n, seed))
                 if mname == models[0][0] and sev == max(severities):

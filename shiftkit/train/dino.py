@@ -386,7 +386,8 @@ def _export_encoder(run: Path, teacher: MultiCropModel, c: PretrainConfig, kwarg
     meta = {"format": "shiftkit-encoder/1", "spec": c.model, "timm_kwargs": kwargs, "input_size": c.global_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "weights": ENCODER_WEIGHTS,
             "weights_dtype": c.export_dtype, "trained_by": "shiftkit pretrain (DINO, teacher backbone)",
-            "step": step, "recipe": c.recipe, "augment": c.augment, "data": c.data, "seed": c.seed}
+            "step": step, "recipe": c.recipe, "augment": c.augment, "data": c.data, "seed": c.seed,
+            "transfers": list(c.transfers), "pair_views": bool(c.pair_views)}
     _write_atomic_bytes(run / ENCODER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 

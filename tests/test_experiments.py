@@ -1,0 +1,51 @@
+"""Smoke tests of the experiment scripts that are not part of CI themselves (the study runs for hours)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lightly")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SHIFTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "mitos_scanner_pairs_dev").is_dir(), reason="needs ../shared/data (the MITOS pairs)")
+def test_shift_pretraining_study_runs_end_to_end_in_smoke_mode(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "experiments" / "shift_pretraining" / "run.py"), "all", "--smoke",
+           "--work", str(work), "--results", str(results)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prepared = json.loads((work / "prepared.json").read_text())
+    assert prepared["heldout"] == "05" and "05" not in prepared["train_slides"]
+    rows = list(csv.DictReader(open(work / "manifest.csv")))
+    paired = [row for row in rows if row["pair_id"]]
+    assert paired and {row["scanner"] for row in paired} == {"aperio", "hamamatsu"}
+    assert not any(row["slide"] == "mitos/05" for row in rows)  # the held-out slide is never a training tile
+    profile = json.loads((work / "mitos_transfer.json").read_text())
+    assert profile["held_out"] is False
+    res = json.loads((results / "results.json").read_text())
+    names = list(res["rows"])
+    assert {"(a) plain DINO", "(c) + stain + synthetic scanner", "(e) + real twins"} <= set(names)
+    assert "reference: grayscale pixels (NCC)" in names and "bundled encoder (today)" in names
+    for row in res["rows"].values():
+        assert row["n_pairs"] == 20 and 0 <= row["top1"][0] <= 1 and 0 <= row["knn_ba"][0] <= 1
+        lo, hi = row["bootstrap_over_pairs"]["top1"]
+        assert lo <= row["top1"][0] <= hi
+    # registered crops of the same tissue: structure alone finds most twins (the sanity ceiling of the study)
+    assert res["rows"]["reference: grayscale pixels (NCC)"]["top1"][0] >= 0.8
+    assert len(res["encoders"]) == 3 and all(np.isfinite(e["synthetic_cosine"]) for e in res["encoders"])
+    assert "synthetic vs real_centred_cosine" in res["spearman"]
+    cfg = json.loads((work / "runs" / "e_seed0" / "config.json").read_text())
+    assert cfg["pair_views"] is True and any(t.endswith("mitos_transfer.json") for t in cfg["transfers"])
+    assert (results / "results.md").is_file() and (results / "shift_pretraining.png").is_file()
