@@ -329,3 +329,26 @@ def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
                 if v[f] is not None:
                     assert abs(v[f] - got[k][f]) <= 1e-4, (other.name, k, f)
     assert (ranks / "report.html").exists()
+
+
+def test_severity_to_match_real_interpolates_each_familys_curve():
+    """The synthetic severity whose family-mean cosine equals the real paired cosine: linear between severities
+    (severity 0 = cosine 1), 'beyond' when even the highest severity moves embeddings less than the real change."""
+    from shiftkit.report.html import severity_to_match_real
+
+    def rec(shift, fam, sev, metric, value):
+        return {"model": "m", "shift": shift, "family": fam, "severity": sev, "metric": metric, "value": value}
+
+    records = [rec("real:aperio|hamamatsu", "real", 0, "paired_cosine", 0.85)]
+    for sev, (a, b, c) in enumerate([(0.95, 0.99, 0.80), (0.90, 0.98, 0.70), (0.80, 0.97, 0.6),
+                                     (0.70, 0.96, 0.5), (0.60, 0.95, 0.4)], start=1):
+        records += [rec("blur", "optics", sev, "cosine", a), rec("jpeg", "storage", sev, "cosine", b),
+                    rec("hue", "stain", sev, "cosine", c), rec("hue2", "stain", sev, "cosine", c + 0.1)]
+    records.append(rec("blur", "optics", 3, "cosine", None))  # a failed cell is ignored
+    records += [rec("gamma", "isp", 1, "cosine", 0.95), rec("gamma", "isp", 2, "cosine", 0.75)]
+    m = {d["family"]: d for d in severity_to_match_real(records, "m")}
+    assert m["optics"]["severity"] == pytest.approx(2.5)  # 0.90 at 2, 0.80 at 3
+    assert m["storage"]["beyond"] and m["storage"]["severity"] is None and m["storage"]["cosine_at_max"] == pytest.approx(0.95)
+    assert m["stain"]["severity"] == pytest.approx(1.0)  # family mean (0.80 + 0.90) / 2 = 0.85 at severity 1
+    assert m["isp"]["severity"] == pytest.approx(1.5)  # 0.95 at 1, 0.75 at 2
+    assert severity_to_match_real([r for r in records if r["metric"] != "paired_cosine"], "m") == []

@@ -490,3 +490,53 @@ def test_old_configs_replay_as_they_were_and_newer_ones_are_refused(real_tile):
     assert np.abs(replay.augment(real_tile[None]).astype(int) - real_tile[None]).max() <= 1
     with pytest.raises(InvalidArgumentError, match="config version"):
         transform_from_dict({**old, "version": 99})
+
+
+# ----------------------------------------------------------------------------- Reinhard, 8-bit OpenCV route
+def _reinhard_reference_8bit(img, tm, ts, thr=0.8):
+    """Reinhard by hand in OpenCV's 8-bit LAB, float arithmetic, no lookup table: the parity reference."""
+    import cv2
+
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float64)
+    tissue = lab[..., 0] < thr * 255
+    scale, off = np.array([255 / 100, 1, 1]), np.array([0, 128, 128])
+    m, s = lab[tissue].mean(0), lab[tissue].std(0)
+    t_m, t_s = np.asarray(tm) * scale + off, np.asarray(ts) * scale
+    out = np.clip(np.rint((lab - m) / s * t_s + t_m), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+
+
+def test_reinhard_opencv8_route_equals_a_hand_written_opencv_lab_transfer():
+    tiles = load_sample_tiles()[:6]
+    norm = StainNormalizer("reinhard", route="opencv8").fit(load_sample("slideflow"))
+    out, status = norm.normalize(tiles, return_status=True)
+    assert out.dtype == np.uint8 and out.shape == tiles.shape and status == ["ok"] * 6
+    tm, ts = norm.target_mean.tolist(), norm.target_std.tolist()
+    for a, t in zip(out, tiles):
+        ref = _reinhard_reference_8bit(t, tm, ts)
+        d = np.abs(a.astype(int) - ref.astype(int))
+        assert (d <= 1).mean() > 0.999 and d.max() <= 2  # cv2.meanStdDev vs numpy moments: rounding at a LUT step
+    # torch (B, 3, H, W) uint8 on the CPU takes the same route and layout
+    t = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(norm(t), torch.from_numpy(out).permute(0, 3, 1, 2))
+    # one image (H, W, 3)
+    np.testing.assert_array_equal(norm(tiles[0]), out[0])
+
+
+def test_reinhard_opencv8_route_stays_near_the_float_route_and_keeps_blank_tiles():
+    tiles = load_sample_tiles()[:6]
+    target = load_sample("slideflow")
+    f = StainNormalizer("reinhard").fit(target)
+    o = StainNormalizer("reinhard", route="opencv8").fit(target)
+    d = np.abs(f(tiles).astype(int) - o(tiles).astype(int))
+    assert d.mean() < 2.0 and np.percentile(d, 99) <= 8  # 8-bit LAB quantisation and clipping, not another method
+    blank = np.full((2, 64, 64, 3), 245, np.uint8)
+    out, status = o.normalize(blank, return_status=True)
+    assert status == ["low-tissue", "low-tissue"] and np.array_equal(out, blank)
+    # float input takes the float route (the same numbers as a float-route normalizer)
+    xf = torch.from_numpy(tiles[:2]).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(o(xf), f(xf))
+    with pytest.raises(InvalidArgumentError, match="reinhard"):
+        StainNormalizer("macenko", route="opencv8")
+    with pytest.raises(UnknownNameError):
+        StainNormalizer("reinhard", route="uint8")

@@ -265,8 +265,9 @@ def main(argv=None):
         for method in args.methods.split(","):
             libs = [("shiftkit", lambda m, d: shiftkit_adapter(m, d)),
                     ("shiftkit[all pixels]", lambda m, d: shiftkit_adapter(m, d, max_pixels=None))]
-            if method == "reinhard":
-                libs = libs[:1]
+            if method == "reinhard":  # the default float route and the opt-in 8-bit OpenCV route
+                libs = libs[:1] + ([("shiftkit[opencv8]", lambda m, d: shiftkit_adapter(m, d, route="opencv8"))]
+                                   if args.device == "cpu" else [])
             libs += [(p, PEERS[p]) for p in args.peers.split(",") if p in PEERS]
             runs, fits = {}, {}
             for name, make in libs:

@@ -12,11 +12,12 @@ from .augment import (
     space_to_rgb,
     transfer_statistics,
 )
-from .stain import lab_to_rgb, normalize_stains, reinhard_normalize, rgb_to_lab
+from .stain import lab_to_rgb, normalize_stains, reinhard_normalize, reinhard_opencv8, rgb_to_lab
 
 __all__ = [
     "normalize_stains",
     "reinhard_normalize",
+    "reinhard_opencv8",
     "rgb_to_lab",
     "lab_to_rgb",
     "perturb_stains",

@@ -214,3 +214,44 @@ def reinhard_normalize(
         tm, ts = tm[None], ts[None]
     out = (lab - source_mean.to(lab)[..., None, None]) / source_std.to(lab)[..., None, None] * ts[..., None, None] + tm[..., None, None]
     return lab_to_rgb(out)
+
+
+# ----------------------------------------------------------------------------- Reinhard, 8-bit OpenCV route
+#: OpenCV's 8-bit CIELAB: L·255/100, a + 128, b + 128 (D65, sRGB).
+_LAB8_SCALE = (255.0 / 100.0, 1.0, 1.0)
+_LAB8_OFFSET = (0.0, 128.0, 128.0)
+
+
+def reinhard_opencv8(image, target_mean, target_std, *, luminosity_threshold: float = 0.8, min_tissue_pixels: int = 256,
+                     min_tissue_fraction: float = 0.01, min_std: float = 1e-2, source=None):
+    """Reinhard's transfer on one uint8 RGB image ``(H, W, 3)`` in OpenCV's 8-bit CIELAB: ``cvtColor`` to LAB,
+    tissue-masked ``meanStdDev`` (tissue: L*/100 below ``luminosity_threshold``), the per-channel affine map as a
+    256-entry lookup table per channel (``cv2.LUT``: exact for 8-bit LAB), ``cvtColor`` back.
+
+    ``target_mean``/``target_std`` (and ``source``, a ``(mean, std)`` pair to use instead of the image's own) are
+    in float CIELAB units (L 0–100, a, b), as :class:`~shiftkit.StainNormalizer` fits them. Returns ``(uint8
+    image, status code)``; a tile with too little tissue or a flat channel is returned unchanged (status 1 or 2).
+    The quantisation of OpenCV's 8-bit LAB (L in steps of 0.39) makes this route differ from the float route by
+    about one level; it is opt-in (``StainNormalizer("reinhard", route="opencv8")``)."""
+    import cv2
+    import numpy as np
+
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    scale, offset = np.array(_LAB8_SCALE), np.array(_LAB8_OFFSET)
+    mask = np.ascontiguousarray(lab[..., 0] < luminosity_threshold * 255.0).view(np.uint8)
+    n_tissue, n = int(cv2.countNonZero(mask)), mask.size
+    if n_tissue < min_tissue_pixels or n_tissue / n < min_tissue_fraction:
+        return image, 1
+    if source is None:
+        m8, s8 = cv2.meanStdDev(lab, mask=mask)
+        m8, s8 = m8.ravel(), s8.ravel()
+    else:
+        m8, s8 = np.asarray(source[0], float) * scale + offset, np.asarray(source[1], float) * scale
+    if (s8 / scale < min_std).any():
+        return image, 2
+    tm = np.asarray(target_mean, float) * scale + offset
+    ts = np.asarray(target_std, float) * scale
+    v = np.arange(256, dtype=np.float64)[:, None]
+    lut = np.clip(np.rint((v - m8) * (ts / s8) + tm), 0, 255).astype(np.uint8)  # (256, 3)
+    out = cv2.cvtColor(cv2.LUT(lab, lut[None]), cv2.COLOR_LAB2RGB)
+    return out, 0

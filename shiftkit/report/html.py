@@ -77,6 +77,36 @@ def _encoder_caveat(model: str, info: dict) -> str:
     return ""
 
 
+def severity_to_match_real(records: list, model: str) -> list:
+    """Per family, the synthetic severity whose mean cosine equals the run's real paired shift (the first real pair
+    comparison): linear interpolation between severities; ``None`` with ``beyond`` when even the highest severity
+    moves embeddings less than the real change. Empty without real pairs."""
+    main = [r for r in records if r["model"] == model]
+    real = [r for r in main if r["metric"] == "paired_cosine" and r["value"] is not None]
+    if not real:
+        return []
+    target = real[0]["value"]
+    by = defaultdict(lambda: defaultdict(list))
+    for r in main:
+        if r["metric"] == "cosine" and r["value"] is not None and r["family"] not in ("real", "none"):
+            by[r["family"]][r["severity"]].append(r["value"])
+    out = []
+    for fam, d in sorted(by.items()):
+        sevs = sorted(d)
+        curve = [(sv, float(np.mean(d[sv]))) for sv in sevs]
+        match, prev = None, (0, 1.0)  # severity 0 = the clean tile, cosine 1
+        for sv, c in curve:
+            if c <= target:
+                s0, c0 = prev
+                match = s0 + (sv - s0) * (c0 - target) / (c0 - c) if c0 != c else sv
+                break
+            prev = (sv, c)
+        out.append({"family": fam, "severity": None if match is None else round(float(match), 2),
+                    "beyond": match is None, "cosine_at_max": curve[-1][1], "max_severity": curve[-1][0],
+                    "real_comparison": real[0]["shift"], "real_cosine": target})
+    return out
+
+
 def headline(run: dict, records: list) -> dict:
     """The report's opening facts, from the records alone: what was measured, the encoder and its caveat, the most
     affected families and shifts (with their numbers), retention, and what was not measured and why."""
@@ -122,7 +152,8 @@ def headline(run: dict, records: list) -> dict:
     return {"metric": METRIC_WORDS, "model": model, "architecture": info.get("architecture", ""),
             "weights": info.get("weights", ""), "caveat": _encoder_caveat(model, info), "n_tiles": run["n_tiles"], "n_shifts": len(cos), "severities": sevs,
             "worst_families": families[:3], "worst_shifts": worst[:3], "clean_knn_balanced_accuracy": clean.get("knn_ba"),
-            "worst_retention": retention[:3], "not_measured": not_measured}
+            "worst_retention": retention[:3], "severity_to_match_real": severity_to_match_real(records, model),
+            "not_measured": not_measured}
 
 
 def _code(escaped: str) -> str:
@@ -297,6 +328,15 @@ def build_report(run_dir) -> Path:
         parts.append("<div class='scroll'><table><tr><th>comparison</th><th>metric</th><th>value [95% CI]</th><th>n</th></tr>" + "".join(
             f"<tr><td>{e(r['shift'])}</td><td>{e(r['metric'])}</td><td>{_fmt_ci(r)}</td><td>{r['n']}</td></tr>"
             for r in real) + "</table></div>")
+        match = severity_to_match_real(records, main_model)
+        if match:
+            parts.append(f"<p>Synthetic severity each family needs to move embeddings as far as the real shift "
+                         f"({e(match[0]['real_comparison'])}, centred cosine {match[0]['real_cosine']:.3f}); "
+                         "interpolated between severities, &gt; when even the highest falls short:</p>"
+                         "<div class='scroll'><table><tr><th>family</th><th>severity matching the real shift</th>"
+                         "<th>cosine at the highest severity</th></tr>" + "".join(
+                             f"<tr><td>{e(m['family'])}</td><td>{'&gt; ' + str(m['max_severity']) if m['beyond'] else m['severity']}</td>"
+                             f"<td>{m['cosine_at_max']:.3f}</td></tr>" for m in match) + "</table></div>")
     else:
         parts.append("<p>Not measured: the data has no registered twins and no site labels. Add <code>pair_id</code> and "
                      "<code>condition</code> columns (the same tissue under two scanners or stains) or a <code>site</code> "

@@ -425,7 +425,7 @@ def _records_from_store(out, models, names, severities, recs, done, label_column
 
     # real paired shift: same tissue (pair_id) under several conditions
     pair_ids = np.array([r.meta.get("pair_id", "") for r in recs])
-    conds = np.array([r.meta.get("condition", "") for r in recs])
+    conds = np.array([r.meta.get("condition", "") or r.meta.get("scanner", "") for r in recs])
     if all(pair_ids != "") and len(set(conds)) > 1:
         e = clean_emb[models[0][0]]
         e = e - e.mean(0, keepdims=True)  # centred, as for the synthetic-shift cosine

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,6 +73,12 @@ def _strided_pixels(images: Sequence[Any], max_pixels: int) -> list:
     return [x.permute(1, 0, 2, 3).reshape(3, -1)[:, ::step].reshape(1, 3, 1, -1) for x in batches]
 
 
+def _is_cpu_uint8(images: Any) -> bool:
+    if isinstance(images, np.ndarray):
+        return images.dtype == np.uint8
+    return isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.device.type == "cpu"
+
+
 def _lab_status(cfg: EstimatorConfig, n_tissue: torch.Tensor, n: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Reinhard's per-tile (or pooled) status codes: low-tissue, degenerate (a flat LAB channel), else ok."""
     flat = (std < _MIN_LAB_STD).any(-1)
@@ -105,6 +112,10 @@ class StainNormalizer(nn.Module):
         on_failure: ``"reference"``, ``"identity"`` or ``"raise"``.
         clamp_concentrations: clamp concentrations at 0 (stain methods).
         max_scale: bound on the per-stain concentration rescaling factor (stain methods).
+        route: ``"float"`` (default: float CIELAB on any device, tissue rule of the estimator options) or, for
+            Reinhard, ``"opencv8"``: uint8 images on the CPU through OpenCV's 8-bit CIELAB and a lookup table per
+            channel (:func:`~shiftkit.functional.reinhard_opencv8`; luminosity tissue rule; about one level from
+            the float route). Other inputs (float, or on a GPU) take the float route.
         **options: estimator options (see :func:`shiftkit.estimate_stains`), e.g. ``i0=240/255``.
 
     Shape:
@@ -126,6 +137,7 @@ class StainNormalizer(nn.Module):
         on_failure: str = "reference",
         clamp_concentrations: bool = True,
         max_scale: float = 5.0,
+        route: str = "float",
         **options: Any,
     ):
         super().__init__()
@@ -135,6 +147,11 @@ class StainNormalizer(nn.Module):
             raise UnknownNameError("on_failure", on_failure, FAILURE_POLICIES)
         if not (isinstance(max_scale, (int, float)) and max_scale >= 1.0 and math.isfinite(max_scale)):
             raise InvalidArgumentError(f"`max_scale` out of range: expected a finite number >= 1, got {max_scale!r}")
+        if route not in ("float", "opencv8"):
+            raise UnknownNameError("route", route, ("float", "opencv8"))
+        if route == "opencv8" and method != "reinhard":
+            raise InvalidArgumentError(f"`route` 'opencv8' is Reinhard's: expected method 'reinhard', got {method!r}")
+        self.route = route
         self.method = method
         self.on_failure = on_failure
         self.clamp_concentrations = bool(clamp_concentrations)
@@ -223,6 +240,8 @@ class StainNormalizer(nn.Module):
             pooled = None if source == "tile" else self.pooled_source(images)
         else:
             pooled = self._check_source(source)
+        if self.route == "opencv8" and _is_cpu_uint8(images):
+            return self._normalize_opencv8(images, pooled, return_status)
         codes = []
 
         def run(x, lo, hi, u8):
@@ -291,6 +310,42 @@ class StainNormalizer(nn.Module):
 
     def forward(self, images: Any) -> Any:
         return self.normalize(images)
+
+    def _normalize_opencv8(self, images: Any, pooled: Optional[LabStatistics], return_status: bool):
+        """Reinhard through OpenCV's 8-bit LAB, tile by tile, for uint8 images on the CPU (numpy or torch)."""
+        from ..functional.stain import reinhard_opencv8
+
+        if not bool(self.fitted):
+            raise InvalidArgumentError("`StainNormalizer('reinhard')` is not fitted: expected a call to .fit(target) first, got none")
+        is_torch = isinstance(images, torch.Tensor)
+        arr = images.numpy() if is_torch else images
+        if arr.ndim not in (3, 4):
+            to_batch(images, "images")  # raises the contract's error naming what came
+        single = arr.ndim == 3
+        chw = is_torch  # torch follows (B, 3, H, W); numpy (B, H, W, 3)
+        batch = arr[None] if single else arr
+        hwc = np.ascontiguousarray(np.moveaxis(batch, 1, -1)) if chw else batch
+        if hwc.shape[-1] != 3:
+            to_batch(images, "images")
+        cfg = self.config
+        src = None if pooled is None or int(pooled.status_code.reshape(-1)[0]) != STATUS_OK else \
+            (pooled.mean.reshape(-1).tolist(), pooled.std.reshape(-1).tolist())
+        tm, ts = self.target_mean.tolist(), self.target_std.tolist()
+        out = np.empty_like(hwc)
+        codes = []
+        for i, tile in enumerate(hwc):
+            out[i], c = reinhard_opencv8(np.ascontiguousarray(tile), tm, ts, luminosity_threshold=cfg.luminosity_threshold,
+                                         min_tissue_pixels=cfg.min_tissue_pixels, min_tissue_fraction=cfg.min_tissue_fraction,
+                                         min_std=_MIN_LAB_STD, source=src)
+            codes.append(c)
+        if self.on_failure == "raise" and any(codes):
+            bad = [(i, STATUS_NAMES[c]) for i, c in enumerate(codes) if c]
+            raise StainEstimationError(f"normalization failed for tiles {bad}: expected status 'ok' for every tile (on_failure='raise')")
+        res = np.moveaxis(out, -1, 1) if chw else out
+        res = res[0] if single else res
+        if is_torch:
+            res = torch.from_numpy(np.ascontiguousarray(res))
+        return (res, [STATUS_NAMES[c] for c in codes]) if return_status else res
 
     def _normalize_chunk(self, x: torch.Tensor, u8: Optional[torch.Tensor] = None,
                          pooled: Union[None, StainEstimate, LabStatistics] = None) -> tuple[torch.Tensor, torch.Tensor]:
