@@ -1,9 +1,18 @@
-"""`shiftkit simulate` throughput and peak memory on N tiles (cut from the bundled images), 3 shifts × 5 severities.
+"""`shiftkit simulate` throughput and peak memory on N tiles (cut from the bundled images), 3 shifts × 5 severities,
+and head to head with a plain OpenCV script.
 
-    python experiments/speed/bench_simulate.py --tiles 1000 5000
+    python experiments/speed/bench_simulate.py --tiles 1000 5000          # throughput and peak memory per size
+    python experiments/speed/bench_simulate.py --versus-plain 256 --rounds 3
 
 Each size runs in a fresh subprocess so that peak RSS (ru_maxrss) is measured independently; peak memory must
 not grow with the number of tiles.
+
+``--versus-plain N``: in one process, interleaved rounds on the same N tiles, (a) ``shiftkit.data.simulate`` as
+``shiftkit simulate`` runs it (checksums, journal, atomic writes, manifest) and (b) a plain script: ``cv2.imread`` →
+the same corruption at severity 3 written with OpenCV/numpy (Gaussian blur σ from the severity table; JPEG at its
+quality; Poisson–Gaussian noise in linear light) → ``cv2.imwrite`` PNG at OpenCV's default compression (the level
+simulate writes with). Both single-process, the same threads. Prints outputs/s, the ratio per round, and where
+simulate's time goes (decode, shift kernels, encode + write, the rest = bookkeeping) from a profiled extra run.
 """
 
 from __future__ import annotations
@@ -57,9 +66,100 @@ def child(n: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+VERSUS = ["jpeg", "gaussian-defocus", "sensor-noise"]
+
+
+def plain_script(src: Path, out: Path, files) -> int:
+    """The 30-line OpenCV loop a user would write: read, corrupt at severity 3, write PNG."""
+    import cv2
+    import numpy as np
+
+    from shiftkit.shifts import get_spec
+
+    sigma = get_spec("gaussian-defocus").values(3)["sigma"]
+    quality = int(get_spec("jpeg").values(3)["quality"])
+    noise = get_spec("sensor-noise").values(3)
+    rng = np.random.default_rng(0)
+    n = 0
+    for f in files:
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        rel = f.relative_to(src)
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        outs = {"jpeg": cv2.imdecode(buf, cv2.IMREAD_COLOR),
+                "gaussian-defocus": cv2.GaussianBlur(bgr, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)}
+        x = bgr.astype(np.float32) / 255
+        lin = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+        lam = noise["photons"]
+        y = rng.poisson(lin * lam) / lam + noise["read_sigma"] * rng.standard_normal(lin.shape)
+        y = np.clip(y, 0, 1)
+        s = np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055)
+        outs["sensor-noise"] = np.clip(np.rint(s * 255), 0, 255).astype(np.uint8)
+        for name, img in outs.items():
+            p = out / name / "3" / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(p), img)
+            n += 1
+    return n
+
+
+def versus_plain(n: int, rounds: int) -> dict:
+    import cProfile
+    import pstats
+
+    import numpy as np
+    import torch
+
+    from shiftkit.data import list_images, simulate
+
+    work = Path(tempfile.mkdtemp())
+    try:
+        make_tiles(n, work / "tiles")
+        files = list_images(work / "tiles")
+        simulate(work / "tiles", work / "warm", VERSUS, [3], seed=0, batch_size=64)  # imports, kernels, caches
+        plain_script(work / "tiles", work / "warm_plain", files[:8])
+        rows = []
+        for r in range(rounds):
+            for name in (("shiftkit", "plain") if r % 2 == 0 else ("plain", "shiftkit")):
+                out = work / f"out_{name}_{r}"
+                t0 = time.perf_counter()
+                if name == "shiftkit":
+                    k = simulate(work / "tiles", out, VERSUS, [3], seed=0, batch_size=64).written
+                else:
+                    k = plain_script(work / "tiles", out, files)
+                rows.append({"round": r, "who": name, "outputs": k, "outputs_per_s": k / (time.perf_counter() - t0)})
+                shutil.rmtree(out, ignore_errors=True)
+        ratios = [next(x["outputs_per_s"] for x in rows if x["round"] == r and x["who"] == "shiftkit")
+                  / next(x["outputs_per_s"] for x in rows if x["round"] == r and x["who"] == "plain") for r in range(rounds)]
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        simulate(work / "tiles", work / "out_prof", VERSUS, [3], seed=0, batch_size=64)
+        prof.disable()
+        total = time.perf_counter() - t0
+        st = pstats.Stats(prof)
+        cum = {}
+        for (file, _, func), (_, _, _, ct, _) in st.stats.items():
+            key = (Path(file).name, func)
+            cum[key] = max(cum.get(key, 0.0), ct)
+        part = lambda *keys: sum(cum.get(k, 0.0) for k in keys)  # noqa: E731
+        decode = part(("io.py", "read_image"), ("files.py", "read_image"))
+        kernel = part(("shifted.py", "shift_tiles"))
+        encode = part(("io.py", "write_image"))
+        breakdown = {"total_s_profiled": total, "decode_s": decode, "shift_kernels_s": kernel, "encode_write_s": encode,
+                     "bookkeeping_s": max(0.0, total - decode - kernel - encode)}
+        return {"tiles": n, "shifts": VERSUS, "severity": 3, "threads": torch.get_num_threads(), "rounds": rows,
+                "ratio_per_round": ratios, "ratio_median": float(np.median(ratios)),
+                "ratio_quartiles": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+                "simulate_breakdown": breakdown}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiles", type=int, nargs="+", default=[1000, 5000])
+    ap.add_argument("--versus-plain", type=int, default=None, metavar="N", help="Head to head with a plain OpenCV script on N tiles.")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -69,6 +169,17 @@ def main(argv=None):
     from bench_normalize import machine
 
     print("machine:", json.dumps(machine("cpu")))
+    if args.versus_plain:
+        res = versus_plain(args.versus_plain, args.rounds)
+        for row in res["rounds"]:
+            print(f"round {row['round']}: {row['who']:8s} {row['outputs_per_s']:7.1f} outputs/s")
+        q = res["ratio_quartiles"]
+        print(f"shiftkit simulate / plain script: {res['ratio_median']:.2f}x (quartiles {q[0]:.2f}-{q[1]:.2f})")
+        b = res["simulate_breakdown"]
+        print("simulate, profiled: " + ", ".join(f"{k.replace('_s', '').replace('_', ' ')} {v:.1f} s" for k, v in b.items()))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine("cpu"), "versus_plain": res}, indent=2))
+        return 0
     results = []
     for n in args.tiles:
         out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
