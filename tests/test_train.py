@@ -469,3 +469,24 @@ def test_split_column_holds_out_a_validation_set_for_the_knn_monitor(tmp_path):
 
     train, val = split_validation(TileDataset(m).records)
     assert {r.sample_id for r in val} == val_paths and not ({r.sample_id for r in train} & val_paths)
+
+
+@pytest.mark.gpu
+def test_cuda_pair_views_and_transfers_run_is_finite(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs CUDA")
+    from shiftkit.shifts import get_spec
+    from shiftkit.shifts.transfer import bundled_profiles
+
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = []
+    for i, t in enumerate(synthetic_he(4, 64, seed=1)[0]):
+        for sc, im in (("aperio", t), ("hamamatsu", (t * 0.9).clamp(0, 1))):
+            write_image(root / f"{sc}_{i}.png", (im.permute(1, 2, 0) * 255).round().byte().numpy())
+            rows.append(f"{sc}_{i}.png,p{i},{sc}")
+    (root / "m.csv").write_text("path,pair_id,scanner\n" + "\n".join(rows) + "\n")
+    train = [p for p in bundled_profiles() if not get_spec(f"scanner-transfer:{p}").held_out]
+    s = pretrain(_cfg(root / "m.csv", tmp_path / "run", steps=3, device="cuda", augment="synthetic",
+                      pair_views=True, transfers=tuple(train)))
+    assert s["status"] == "finished" and np.isfinite(_losses(tmp_path / "run")).all()
