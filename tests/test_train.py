@@ -390,8 +390,8 @@ def test_micro_batches_of_all_ranks_tile_the_global_batch(data):
     seen = []
     for rank in range(2):
         sb = _StepBatches(ds, sampler, gb, accumulate=2, rank=rank, world=2, load_size=64)
-        x, bad = sb[5]
-        assert x.shape == (2, 4, 3, 64, 64) and x.dtype == torch.uint8 and not bad
+        x, bad, twins = sb[5]
+        assert x.shape == (2, 4, 3, 64, 64) and x.dtype == torch.uint8 and not bad and twins is None
         for k in range(2):
             lo, hi = sb.positions(k)
             seen.extend(range(lo, hi))

@@ -26,8 +26,9 @@ Metrics per encoder:
 * paired cross-scanner retrieval on the held-out slide: query = the 224² centre crop of each Aperio crop, gallery =
   the centre crops of all Hamamatsu crops of the slide; cosine on raw embeddings (no centring, no statistic of the
   test set); top-1 = the twin ranks first, top-5 likewise; twin cosine;
-* kNN balanced accuracy on the Kather 2016 8-class tiles (k = min(20, smallest class - 1), leave-one-source-image-out
-  folds); NCT-CRC has one tile per class here, too few for a kNN fold, and is not used;
+* kNN balanced accuracy on the Kather 2016 8-class tiles (3 tiles of 150² per class, each as its four 112² corner
+  crops; k = min(20, smallest class - 1) = 11; leave-one-source-image-out folds, so a tile's own crops never vote
+  for it); NCT-CRC has one tile per class here, too few for a grouped fold, and is not used;
 * Camelyon17 centre predictability: macro one-vs-rest AUC of a logistic regression, folds grouped by source patch
   (lower is better).
 
@@ -206,9 +207,12 @@ def eval_sets(heldout: str) -> dict:
     kather, klab, kgrp = [], [], []
     for d in sorted((DATA / "kather2016_8classes").glob("0*")):
         for p in sorted(d.glob("*.tif")):
-            kather.append(read_image(p))
-            klab.append(d.name)
-            kgrp.append(p.name.split("_", 1)[1].split(".tif")[0])  # the source image of the tile
+            img = read_image(p)  # 150²: its four 112² corner crops, grouped with their tile's source image
+            for y in (0, img.shape[0] - 112):
+                for x in (0, img.shape[1] - 112):
+                    kather.append(img[y:y + 112, x:x + 112])
+                    klab.append(d.name)
+                    kgrp.append(p.name.split("_", 1)[1].split(".tif")[0])  # the source image of the tile
     cam, csite, cgrp = [], [], []
     for p in sorted((DATA / "camelyon17_5centers").glob("center*.png")):
         img = read_image(p)
@@ -483,6 +487,7 @@ def write_results(res: dict) -> None:
 
 
 def main(argv=None):
+    global WORK, RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["prepare", "train", "evaluate", "all"], nargs="?", default="all")
     ap.add_argument("--steps", type=int, default=150)
@@ -496,7 +501,6 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="A minute-long check of the whole pipeline (CI): 2 crops per "
                     "image, arms a, c and e, seed 0, 2 steps, two synthetic shifts.")
     a = ap.parse_args(argv)
-    global WORK, RESULTS
     WORK, RESULTS = Path(a.work), Path(a.results)
     only = None
     if a.smoke:
