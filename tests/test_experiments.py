@@ -28,7 +28,7 @@ def test_shift_pretraining_study_runs_end_to_end_in_smoke_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     prepared = json.loads((work / "prepared.json").read_text())
     assert prepared["heldout"] == "05" and "05" not in prepared["train_slides"]
-    rows = list(csv.DictReader(open(work / "manifest.csv")))
+    rows = list(csv.DictReader((work / "manifest.csv").read_text().splitlines()))
     paired = [row for row in rows if row["pair_id"]]
     assert paired and {row["scanner"] for row in paired} == {"aperio", "hamamatsu"}
     assert not any(row["slide"] == "mitos/05" for row in rows)  # the held-out slide is never a training tile

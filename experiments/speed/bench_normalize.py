@@ -232,7 +232,7 @@ def summarize(rates: dict, ours: str) -> dict:
 def machine(device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
