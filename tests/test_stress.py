@@ -1,10 +1,11 @@
 """Stress test and report: metric sanity, encoder comparison, failures as records, report contents, browser."""
 
 import base64
-import json
 import html.parser
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,7 +204,10 @@ def test_report_opens_with_a_headline_a_reader_gets_in_ten_seconds(tmp_path):
     assert f"{lowest['value']:.3f} [{lowest['ci_low']:.3f}, {lowest['ci_high']:.3f}]" in page  # CI at the value's precision
     assert any("pair_id" in x for x in h["not_measured"]) and any("corruption error" in x for x in h["not_measured"])
     assert '{"shiftkit"' not in page and "shiftkit " in page  # protocol rows in words, not raw JSON
+    assert "id='headline-validity'" in page and h["synthetic_vs_real"]["rho"] < 0
+    assert f"ρ = {h['synthetic_vs_real']['rho']:.2f}" in page
     md = (tmp_path / "summary.md").read_text()
+    assert "**Synthetic vs real.**" in md and "ρ" in md
     assert "**Measured.**" in md and "cosine similarity" in md and "**Not measured.**" in md and "severity 5" in md
 
 
@@ -329,6 +333,19 @@ def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
                 if v[f] is not None:
                     assert abs(v[f] - got[k][f]) <= 1e-4, (other.name, k, f)
     assert (ranks / "report.html").exists()
+
+
+def test_the_reports_study_citation_equals_the_committed_study_results():
+    from shiftkit.report.html import STUDY_SYNTHETIC_VS_REAL, study_citation
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "shift_pretraining" / "results"
+                      / "results.json").read_text())
+    rho, lo, hi = res["spearman"]["synthetic vs real_centred_cosine"]
+    s = STUDY_SYNTHETIC_VS_REAL
+    assert abs(s["rho"] - rho) < 5e-4 and abs(s["ci"][0] - lo) < 5e-4 and abs(s["ci"][1] - hi) < 5e-4
+    assert s["n_encoders"] == len(res["encoders"]) >= 15
+    text = study_citation()
+    assert f"{rho:.2f}" in text and ("did not predict" in text) == (hi < 0)
 
 
 def test_severity_to_match_real_interpolates_each_familys_curve():
