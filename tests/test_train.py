@@ -93,6 +93,8 @@ def test_run_folder_is_a_stress_test_model(data, tmp_path):
     enc = load_encoder(str(run))
     meta = json.loads((run / "encoder.json").read_text())
     assert enc.input_size == 32 and meta["spec"] == "timm:resnet10t" and meta["step"] == 2
+    from shiftkit.core.shift_registry import SEVERITY_TABLE_VERSION  # the presets' version travels with the weights
+    assert meta["severity_table_version"] == SEVERITY_TABLE_VERSION
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     teacher_bb = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
     for k, v in enc.module.state_dict().items():

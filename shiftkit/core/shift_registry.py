@@ -21,7 +21,9 @@ _DEFAULT_STAGE = {"stain": "stain", "tissue": "tissue", "optics": "optics", "ill
 REFERENCE_MPP = 0.5
 #: Version of the severity tables and augmentation presets: bumped with any change of a shift's values per severity
 #: or a preset's ranges (with the golden outputs in tests/golden), recorded in every manifest and report.
-SEVERITY_TABLE_VERSION = 1
+#: 1: the first tables. 2: stain-hue severities (3, 6, 9, 12, 15)° (were 2, 4, 6, 9, 12) and the StainAugment
+#: "strong" preset's angle 0–15° (was 0–10°), calibrated on a real scanner change (experiments/calibration).
+SEVERITY_TABLE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,11 @@ SPECS = [
               "Tellez HED light 0.05 / strong 0.2; [T] σ 0.025; OpenMidnight ±0.05", False,
               lambda x, p: hed_jitter(x, p["alpha"].to(x), p["beta"].to(x), background_od=0.3), _intensity_sample),
     ShiftSpec("stain-hue", "stain", "Other H/E formulations: rotate both stain vectors (Macenko per tile) by an angle.",
-              {"angle": (2, 4, 6, 9, 12)}, {"angle": "degrees"},
-              "proposed; to validate against PLISM stainings", True, _hue_kernel, _hue_sample),
+              {"angle": (3, 6, 9, 12, 15)}, {"angle": "degrees"},
+              "tables v2: severity 5 = the largest eosin-vector rotation between Aperio XT and Hamamatsu 2.0-HT scans "
+              "of the same slides (MITOS slides 03/04, pooled Macenko: E 14.4-15.3 deg, H 6-7 deg; "
+              "experiments/calibration/stain_angles.py), 1-4 linear below it (v1: 2, 4, 6, 9, 12)", True,
+              _hue_kernel, _hue_sample),
 ]
 
 for _spec in SPECS:

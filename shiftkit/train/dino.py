@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.errors import InvalidArgumentError, ShiftkitError, UnknownNameError
 from ..core.rng import derive_seed
+from ..core.shift_registry import SEVERITY_TABLE_VERSION
 from ..models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from .sampling import DiversitySampler
 from .views import AUGMENT_PRESETS, MultiCropAugment
@@ -387,7 +388,8 @@ def _export_encoder(run: Path, teacher: MultiCropModel, c: PretrainConfig, kwarg
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "weights": ENCODER_WEIGHTS,
             "weights_dtype": c.export_dtype, "trained_by": "shiftkit pretrain (DINO, teacher backbone)",
             "step": step, "recipe": c.recipe, "augment": c.augment, "data": c.data, "seed": c.seed,
-            "transfers": list(c.transfers), "pair_views": bool(c.pair_views)}
+            "transfers": list(c.transfers), "pair_views": bool(c.pair_views),
+            "severity_table_version": SEVERITY_TABLE_VERSION}
     _write_atomic_bytes(run / ENCODER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
