@@ -16,9 +16,14 @@ make_golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_golden)
 
 
+@pytest.fixture(scope="module", params=make_golden.ROUTES)
+def route(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def golden():
-    path = make_golden.golden_path()
+def golden(route):
+    path = make_golden.golden_path(route)
     if not path.is_file():
         pytest.fail(f"no golden outputs for this sampler/severity-table version: expected {path.name} (a version was "
                     "bumped: run python tests/golden/make_golden.py and commit the file with the change)")
@@ -27,8 +32,8 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def current():
-    return make_golden.outputs()
+def current(route):
+    return make_golden.outputs(route)
 
 
 def test_every_registered_shift_has_golden_outputs(golden, current):
@@ -47,7 +52,7 @@ def test_shift_outputs_equal_the_golden_pixels(golden, current):
     assert not bad, "shift outputs changed without a version bump:\n" + "\n".join(bad)
 
 
-def test_golden_check_catches_a_one_level_severity_change(golden):
+def test_golden_check_catches_a_one_level_severity_change(golden):  # gamma is in both routes' files
     """The tolerance is tight enough to see a real change: gamma one severity step off is caught."""
     a, b = golden["gamma|3"].astype(np.int16), golden["gamma|5"].astype(np.int16)
     d = np.abs(a - b)

@@ -1,6 +1,9 @@
-"""Shift kernels at severity 3 (batch 64, 224²): shiftkit batched next to a plain per-tile numpy/OpenCV version of
-the same corruption (the way imagecorruptions implements them), same tiles, one process. Where a plain version
-exists, the two run in interleaved rounds (``paired_rates`` of bench_normalize, 0.2 s pause) and the ratio is the
+"""Shift kernels at severity 3 (batch 64, 224²): shiftkit next to a plain per-tile numpy/OpenCV version of the same
+corruption (the way imagecorruptions implements them), same tiles, one process. shiftkit runs twice: the batched
+float transform on float tiles ("float", as in a training pipeline after collation) and ``shift_tiles`` on the uint8
+tiles with per-tile seeds ("uint8", what ``shiftkit simulate`` and the stress test run: the 8-bit CPU route where the
+shift has one, else the float route and a rounding back). Where a plain version exists, the three run in
+interleaved rounds (``paired_rates`` of bench_normalize, 0.2 s pause) and each ratio to the plain version is the
 median of the per-round ratios with its quartiles; shifts without one get the median of ``--passes`` calls.
 
     python experiments/speed/bench_shifts.py [--device cuda] [--json out.json]
@@ -18,9 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_normalize import machine, paired_rates, summarize, tiles_224, timed  # noqa: E402
+from bench_normalize import machine, paired_rates, summarize, tiles_224  # noqa: E402
 
 import shiftkit  # noqa: E402
+from shiftkit.data.shifted import shift_route, shift_tiles  # noqa: E402
 
 
 def srgb_lin(x):
@@ -33,9 +37,12 @@ def lin_srgb(x):
 
 
 def _disk(r):
-    k = np.zeros((2 * int(np.ceil(r)) + 1,) * 2, np.float32)
-    cv2.circle(k, (k.shape[0] // 2,) * 2, int(r), 1.0, -1)
-    return k / k.sum()
+    """shiftkit's anti-aliased pillbox (9×9 at r = 3), so that both sides apply the same PSF. A cruder plain
+    circle (``cv2.circle`` into 7×7, aliased) costs 49 taps instead of 81: against it the 8-bit route ran at
+    0.53× (run 2026-12-05, docs/benchmarks.md)."""
+    from shiftkit.functional.scanner import disk_kernel
+
+    return disk_kernel(torch.tensor([float(r)]))[0].float().numpy()
 
 
 # plain per-tile versions on uint8 HWC tiles (severity-3 values of the registry)
@@ -44,7 +51,7 @@ def baselines():
     rng = np.random.default_rng(0)
     return {
         "gaussian-defocus": lambda t: cv2.GaussianBlur(t, (0, 0), v("gaussian-defocus")["sigma"]),
-        "disk-defocus": lambda t: cv2.filter2D(t, -1, _disk(v("disk-defocus")["radius"])),
+        "disk-defocus": lambda t, k=_disk(v("disk-defocus")["radius"]): cv2.filter2D(t, -1, k),
         "motion-blur": lambda t: cv2.filter2D(t, -1, np.full((1, int(v("motion-blur")["length"])), 1 / int(v("motion-blur")["length"]), np.float32)),
         "sensor-noise": lambda t: (lin_srgb(rng.poisson(srgb_lin(t / 255) * 200) / 200 + rng.normal(0, 0.008, t.shape)) * 255).astype(np.uint8),
         "exposure": lambda t: (lin_srgb(srgb_lin(t / 255) * 1.2) * 255).astype(np.uint8),
@@ -66,7 +73,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     batch = tiles_224(64)
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255).to(args.device)
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float().div_(255).to(args.device)
+    x8 = torch.from_numpy(batch).permute(0, 3, 1, 2).to(args.device)  # uint8, as simulate stacks decoded tiles
+    seeds = list(range(len(batch)))
     base = baselines()
     yy, xx = np.mgrid[-1:1:224j, -1:1:224j]
     gain = (1 - 0.07 * (xx**2 + yy**2) / 2)[..., None]
@@ -82,19 +91,31 @@ def main(argv=None):
                 torch.cuda.synchronize()
             return y
 
+        def run_u8(name=name):
+            y = shift_tiles(x8, name, 3, seeds)[0]
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return y
+
+        route = shift_route(name, x8)
         if name in base:
-            pair = {"shiftkit": (run, 64), "plain": (lambda f=base[name]: [f(tile) for tile in batch], 64)}
-            summ = summarize(paired_rates(pair, args.passes, pause=0.2), "shiftkit")
-            ours, plain = summ["shiftkit"]["tiles_per_s"], summ["plain"]["tiles_per_s"]
-            r = summ["plain"]
-            rec = {"shift": name, "shiftkit_tiles_per_s": ours, "plain_tiles_per_s": plain,
-                   "ratio_median": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"]}
-            line = (f"{name:22s} shiftkit {ours:9.1f} tiles/s   plain numpy/OpenCV {plain:9.1f} tiles/s   "
-                    f"ratio {r['ratio_median']:5.2f}x (quartiles {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})")
+            runs = {"uint8": (run_u8, 64), "float": (run, 64), "plain": (lambda f=base[name]: [f(tile) for tile in batch], 64)}
+            rates = paired_rates(runs, args.passes, pause=0.2)
+            s8, sf = summarize(rates, "uint8"), summarize(rates, "float")
+            plain = s8["plain"]["tiles_per_s"]
+            rec = {"shift": name, "route": route, "uint8_tiles_per_s": s8["uint8"]["tiles_per_s"],
+                   "float_tiles_per_s": sf["float"]["tiles_per_s"], "plain_tiles_per_s": plain,
+                   "uint8_ratio_median": s8["plain"]["ratio_median"], "uint8_ratio_q1": s8["plain"]["ratio_q1"],
+                   "uint8_ratio_q3": s8["plain"]["ratio_q3"], "float_ratio_median": sf["plain"]["ratio_median"],
+                   "float_ratio_q1": sf["plain"]["ratio_q1"], "float_ratio_q3": sf["plain"]["ratio_q3"]}
+            line = (f"{name:22s} [{route:9s}] uint8 {rec['uint8_tiles_per_s']:8.1f} tiles/s "
+                    f"({rec['uint8_ratio_median']:5.2f}x plain, quartiles {rec['uint8_ratio_q1']:.2f}-{rec['uint8_ratio_q3']:.2f})   "
+                    f"float {rec['float_tiles_per_s']:8.1f} ({rec['float_ratio_median']:5.2f}x)   plain {plain:8.1f}")
         else:
-            ours = 64 / timed(run, args.passes)
-            rec = {"shift": name, "shiftkit_tiles_per_s": ours}
-            line = f"{name:22s} shiftkit {ours:9.1f} tiles/s"
+            rates = paired_rates({"uint8": (run_u8, 64), "float": (run, 64)}, args.passes, pause=0.2)
+            rec = {"shift": name, "route": route, "uint8_tiles_per_s": summarize(rates, "uint8")["uint8"]["tiles_per_s"],
+                   "float_tiles_per_s": summarize(rates, "uint8")["float"]["tiles_per_s"]}
+            line = f"{name:22s} [{route:9s}] uint8 {rec['uint8_tiles_per_s']:8.1f} tiles/s   float {rec['float_tiles_per_s']:8.1f}"
         print(line, flush=True)
         records.append(rec)
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -41,6 +41,10 @@ class ShiftSpec:
         kernel: ``kernel(x, params) -> x`` with ``params`` a dict of ``(B, ...)`` tensors.
         sample: ``sample(values, generator, batch) -> params``: ``values`` maps each table parameter to its
             ``(B,)`` values at the sample's severity; the sampler adds the random parts (directions, seeds).
+        kernel_u8: optional 8-bit CPU twin of ``kernel``: ``kernel_u8(tiles, params) -> tiles`` on uint8 numpy
+            ``(B, H, W, 3)``, same parameters (the "uint8-cpu" route, :func:`shiftkit.shifts.apply_u8`).
+        pointwise: ``kernel`` maps each channel value on its own (a tone curve), so the 8-bit route applies it as
+            one 256-entry lookup table per sample and channel, computed by ``kernel`` itself.
     """
 
     name: str
@@ -53,6 +57,8 @@ class ShiftSpec:
     kernel: Callable = field(repr=False, compare=False)
     sample: Callable = field(repr=False, compare=False)
     stage: str = ""  # position in PHYSICAL_ORDER; default from the family (flat-field errors act in the optics)
+    kernel_u8: Optional[Callable] = field(default=None, repr=False, compare=False)
+    pointwise: bool = False
 
     @property
     def order(self) -> int:

@@ -2,8 +2,10 @@
 
 Every output is a pure function of ``(source pixels, shift, severity, mpp, sample seed)`` where the sample seed is
 ``derive_seed(seed, shift, severity, sample_id)`` and ``sample_id`` is the tile's path relative to the dataset
-root. Batch size, worker count, order, shard and device do not change the pixels (CPU vs CUDA within float
-tolerance). Outputs are written atomically; a journal line (with the output's SHA-256) follows each write, so a
+root. Batch size, worker count, order and shard do not change the pixels. The device picks the route
+(:func:`shift_route`): on CPU, shifts with an 8-bit kernel run on the uint8 tiles as they are ("uint8-cpu"); on
+other devices every shift takes the float route, equal to the 8-bit route within the tolerances tests/test_shifts.py
+states. The route is part of the run's configuration, recorded in the manifest and checked on resume. Outputs are written atomically; a journal line (with the output's SHA-256) follows each write, so a
 killed run restarted with the same arguments verifies what exists and finishes only what is missing.
 """
 
@@ -122,19 +124,44 @@ def sample_seed(seed: int, shift: str, severity: int, sample_id: str) -> int:
 
 
 def shift_tiles(images: torch.Tensor, shift: str, severity: int, seeds: Sequence[int], mpp: float = 0.5) -> Tuple[torch.Tensor, List[dict]]:
-    """Apply ``shift`` at ``severity`` to a float batch, each tile with its own seed.
+    """Apply ``shift`` at ``severity`` to a batch ``(B, 3, H, W)``, each tile with its own seed.
 
-    Returns the shifted batch and each tile's drawn parameters (JSON-serializable).
+    The route follows the input (:func:`shift_route`): uint8 tiles on CPU take the 8-bit route where the shift has
+    one (OpenCV calls and lookup tables on the tiles as they are); other uint8 input takes the float route and is
+    rounded back; float input in [0, 1] takes the float route and stays float. ``shiftkit simulate``,
+    :class:`ShiftedDataset` and the stress test all call this, so the same tiles, seed and device give the same
+    pixels everywhere.
+
+    Returns the shifted batch (the input's dtype) and each tile's drawn parameters (JSON-serializable).
     """
+    from ..shifts.routes import apply_u8, route_for
     from ..transforms.shift import Shift
 
     t = Shift(shift, severity=severity, mpp=mpp, seed=0).to(images.device)
     per = [t.draw_parameters((1, *images.shape[1:]), torch.Generator().manual_seed(int(s))) for s in seeds]
     params = {k: torch.cat([p[k] for p in per]) for k in per[0] if k != "forward_input_shape"}
-    params["forward_input_shape"] = torch.tensor(tuple(images.shape))
-    out = t(images, params=params)
     drawn = [{k: v[0].tolist() for k, v in p.items() if k not in ("batch_prob", "forward_input_shape")} for p in per]
-    return out, drawn
+    if images.dtype == torch.uint8:
+        if route_for(t.spec, images) == "uint8-cpu":
+            kernel_params = {k: v for k, v in params.items() if k != "batch_prob"}
+            y = apply_u8(t.spec, images.permute(0, 2, 3, 1).numpy(), kernel_params)
+            return torch.from_numpy(y).permute(0, 3, 1, 2), drawn
+        x = images.contiguous().float().div_(255)  # NCHW-contiguous: the float kernels are slower on channels-last
+        params["forward_input_shape"] = torch.tensor(tuple(x.shape))
+        y = t(x, params=params)
+        if y.data_ptr() != x.data_ptr() and y.is_floating_point():  # the kernel's own output: round it in place
+            return y.clamp_(0, 1).mul_(255).round_().to(torch.uint8), drawn
+        return (y.clamp(0, 1) * 255).round_().to(torch.uint8), drawn
+    params["forward_input_shape"] = torch.tensor(tuple(images.shape))
+    return t(images, params=params), drawn
+
+
+def shift_route(shift: str, images: torch.Tensor) -> str:
+    """The route :func:`shift_tiles` takes for ``images``: ``"uint8-cpu"`` or ``"float"``."""
+    from ..shifts.registry import get_spec
+    from ..shifts.routes import route_for
+
+    return route_for(get_spec(shift), images)
 
 
 class ShiftedDataset(torch.utils.data.Dataset):
@@ -167,9 +194,8 @@ class ShiftedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img, rec = self.base[i]
-        x = img[None].float() / 255
-        out, _ = shift_tiles(x, self.shift, self.severity, [sample_seed(self.seed, self.shift, self.severity, rec.sample_id)], self.tile_mpp(rec))
-        return (out[0] * 255).round().byte(), rec
+        out, _ = shift_tiles(img[None], self.shift, self.severity, [sample_seed(self.seed, self.shift, self.severity, rec.sample_id)], self.tile_mpp(rec))
+        return out[0].contiguous(), rec
 
     def materialize(self, out_dir: Any, **kwargs) -> "SimulationReport":
         """Write this shift/severity under ``out_dir`` exactly as ``shiftkit simulate`` does."""
@@ -219,12 +245,22 @@ def spec_hash(spec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _state_config(specs, seed: int, mpp: Optional[float], fmt: str) -> dict:
+def shift_routes(names: Sequence[str], device: str = "cpu") -> Dict[str, str]:
+    """Each shift's route for uint8 tiles on ``device`` (what :func:`shift_tiles` takes there)."""
+    from ..shifts.registry import get_spec
+    from ..shifts.routes import has_u8_route
+
+    cpu = torch.device(device).type == "cpu"
+    return {n: "uint8-cpu" if cpu and has_u8_route(get_spec(n)) else "float" for n in names}
+
+
+def _state_config(specs, seed: int, mpp: Optional[float], fmt: str, device: str = "cpu") -> dict:
     from .. import __version__
 
     return {"format": "shiftkit-simulate-state/1", "seed": int(seed), "mpp": mpp, "output_format": fmt,
             "shiftkit_version": __version__, "torch": torch.__version__, "sampler_version": SAMPLER_VERSION,
-            "severity_table_version": SEVERITY_TABLE_VERSION, "shifts": {sp.name: spec_hash(sp) for sp in specs}}
+            "severity_table_version": SEVERITY_TABLE_VERSION, "shifts": {sp.name: spec_hash(sp) for sp in specs},
+            "routes": shift_routes([sp.name for sp in specs], device)}
 
 
 def _config_differences(old: dict, new: dict) -> List[str]:
@@ -234,6 +270,9 @@ def _config_differences(old: dict, new: dict) -> List[str]:
     old_shifts = old.get("shifts", {})
     diffs += [f"shift {n!r} configuration (content hash {old_shifts[n][:12]} -> {h[:12]})"
               for n, h in new["shifts"].items() if n in old_shifts and old_shifts[n] != h]
+    old_routes = old.get("routes", {})  # sets made before routes existed took the float route everywhere
+    diffs += [f"routes: shift {n!r} ({old_routes.get(n, 'float')!r} -> {r!r}; another device)"
+              for n, r in new.get("routes", {}).items() if n in old_shifts and old_routes.get(n, "float") != r]
     return diffs
 
 
@@ -259,7 +298,8 @@ def _prepare_out_dir(out: Path, config: dict, force: bool) -> None:
                 f"format, versions and shift definitions to resume it, got differences in: {'; '.join(diffs)}. "
                 "Use another OUT_DIR, or --force to regenerate every output")
         if not diffs:
-            config = {**config, "shifts": {**old.get("shifts", {}), **config["shifts"]}}
+            config = {**config, "shifts": {**old.get("shifts", {}), **config["shifts"]},
+                      "routes": {**old.get("routes", {}), **config["routes"]}}
     elif out.is_dir() and any(out.iterdir()) and not force:
         examples = sorted(p.name for p in out.iterdir())[:3]
         raise ConfigMismatchError(
@@ -352,7 +392,7 @@ def simulate(
     if dry_run:
         report.failed = sorted(bad_rows.items())
         return report
-    config = {**_state_config(specs, seed, mpp, fmt), "apply_icc": ds.apply_icc}
+    config = {**_state_config(specs, seed, mpp, fmt, device), "apply_icc": ds.apply_icc}
     _prepare_out_dir(out, config, force)
     state = out / STATE_DIR
     tag = f"{shard[0]}-of-{shard[1]}" if shard else "all"
@@ -438,10 +478,10 @@ def simulate(
         return file_sha256(target)
 
     def run_batch(name, sev, items):
-        x = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2).float().div(255).to(device)
+        x = torch.from_numpy(np.stack([it[1] for it in items])).permute(0, 3, 1, 2).to(device)  # uint8 tiles
         seeds = [sample_seed(seed, name, sev, it[0].sample_id) for it in items]
         y, drawn = shift_tiles(x, name, sev, seeds, tile_mpp(items[0][0]))
-        return (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy(), seeds, drawn
+        return y.permute(0, 2, 3, 1).cpu().numpy(), seeds, drawn
 
     with open(journal_path, "a") as journal:
         pending: Dict[tuple, list] = {}
@@ -511,7 +551,8 @@ def simulate(
                        "format": fmt, "shard": list(shard) if shard else None, "shiftkit_version": __version__,
                        "sampler_version": SAMPLER_VERSION, "severity_table_version": SEVERITY_TABLE_VERSION,
                        "torch": torch.__version__, "apply_icc": ds.apply_icc,
-                       "python": platform.python_version(), "device": device}
+                       "python": platform.python_version(), "device": device,
+                       "routes": config["routes"]}
     stem = f"manifest-{shard[0]}-of-{shard[1]}" if shard else "manifest"
     n_rows = _write_manifests(out, stem, journal_path, manifest_config, report, {out_rel(n, s, r) for n, s, r in plan})
     _write_atomic(out / "README.txt", _readme(manifest_config, n_rows, report))

@@ -76,7 +76,8 @@ def _grouped_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(y, wgt, groups=b * c).view(b, c, h, w)
 
 
-def _gaussian_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+def gaussian_kernel_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Normalized 1-D Gaussian taps ``(B, 2·radius + 1)`` (float64), one row per σ; σ <= 0 gives the identity."""
     ax = torch.arange(-radius, radius + 1, dtype=torch.float64)
     s = sigma.double().clamp_min(1e-6)[:, None]
     k = torch.exp(-(ax[None] ** 2) / (2 * s * s))
@@ -93,7 +94,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return images.clone()
     radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
     radius = min(radius, min(images.shape[-2:]) - 1)
-    k = _gaussian_1d(sigma.cpu(), radius).to(images)
+    k = gaussian_kernel_1d(sigma.cpu(), radius).to(images)
     if _on_cpu_without_grad(images):  # both passes in one OpenCV call per plane
         src = images.contiguous().numpy()
         kn = k.to(images.dtype).numpy()
@@ -140,13 +141,17 @@ def motion_blur(images: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """Line-scan motion/sync blur: a 1-D box of ``length`` px along the scan axis (image x); fractional ends."""
     if images.shape[0] == 0:
         return images.clone()
+    return _grouped_conv(images, motion_kernel(length)[:, None, :].to(images))
+
+
+def motion_kernel(length: torch.Tensor) -> torch.Tensor:
+    """Horizontal box kernels ``(B, K)`` (float64) of ``length`` px with fractional ends; length <= 1 is the identity."""
     half = max(1, int(math.ceil(float(length.max()) / 2)))
     ax = torch.arange(-half, half + 1, dtype=torch.float64)
     l = length.double().cpu()[:, None]
     k = ((l / 2 + 0.5) - ax[None].abs()).clamp(0.0, 1.0)  # coverage of each pixel by a centred box of length l
     k = torch.where(l <= 1, (ax[None] == 0).double(), k)
-    k = k / k.sum(-1, keepdim=True)
-    return _grouped_conv(images, k[:, None, :].to(images))
+    return k / k.sum(-1, keepdim=True)
 
 
 def focal_tilt(images: torch.Tensor, sigma_max: torch.Tensor, angle: torch.Tensor, levels: int = 6) -> torch.Tensor:
@@ -439,6 +444,8 @@ def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0
 
 
 __all__ = [
+    "gaussian_kernel_1d",
+    "motion_kernel",
     "line_stripes",
     "focal_tilt",
     "chromatic_aberration",

@@ -10,6 +10,7 @@ import torch
 from ..core.files import read_image, sample_path
 from ..functional import artifacts as A
 from ..functional import scanner as K
+from ..functional import scanner_u8 as U
 from ..functional.augment import hed_jitter, perturb_stains
 from ..stain.estimate import estimator_config, estimate_batch
 from .registry import ShiftSpec, composite, direction, register_shift
@@ -81,19 +82,27 @@ def _reencode_kernel(x, p):
     return K.jpeg(first, p["quality"], offset=p["offset"])
 
 
+def _reencode_u8(t, p):
+    first = U.jpeg_u8(t, torch.full((t.shape[0],), 80))
+    return U.jpeg_u8(first, p["quality"], offset=p["offset"])
+
+
 SPECS = [
     ShiftSpec("gaussian-defocus", "optics", "Autofocus error / uneven coverslip: Gaussian PSF of σ px.",
               {"sigma": (1.1, 1.7, 2.6, 3.5, 5.0)}, {"sigma": "px@0.5um"},
               "[S] k = 5/9/15/21/31; [IC] σ 1, 2, 3, 4, 6; [T] k = 15", False,
-              lambda x, p: K.gaussian_blur(x, p["sigma"]), _none),
+              lambda x, p: K.gaussian_blur(x, p["sigma"]), _none,
+              kernel_u8=lambda t, p: U.gaussian_blur_u8(t, p["sigma"])),
     ShiftSpec("disk-defocus", "optics", "Geometric defocus of a high-NA objective: pillbox PSF of radius r px.",
               {"radius": (1, 2, 3, 4, 6)}, {"radius": "px@0.5um"},
               "[IC] r 3, 4, 6, 8, 10 (natural images), scaled to tissue", True,
-              lambda x, p: K.disk_blur(x, p["radius"]), _none),
+              lambda x, p: K.disk_blur(x, p["radius"]), _none,
+              kernel_u8=lambda t, p: U.disk_blur_u8(t, p["radius"])),
     ShiftSpec("motion-blur", "optics", "Line-scan stage / TDI desync: 1-D box along the scan axis, length L px.",
               {"length": (3, 5, 7, 11, 15)}, {"length": "px@0.5um"},
               "[IC] radius 10–20 at a random angle (unphysical); here along the scan axis", True,
-              lambda x, p: K.motion_blur(x, p["length"]), _none),
+              lambda x, p: K.motion_blur(x, p["length"]), _none,
+              kernel_u8=lambda t, p: U.motion_blur_u8(t, p["length"])),
     ShiftSpec("vignetting", "illumination", "Flat-field error: radial linear-light falloff, corner drop d.",
               {"drop": (0.02, 0.04, 0.07, 0.10, 0.15)}, {"drop": "fraction"},
               "[W] illumination map 0.8–1.1; [R] grid shading", True,
@@ -110,19 +119,20 @@ SPECS = [
     ShiftSpec("exposure", "sensor", "Lamp ageing / exposure: linear-light gain g (up or down).",
               {"gain": (1.05, 1.1, 1.2, 1.3, 1.45)}, {"gain": "factor (or 1/factor)"},
               "[S] PIL 1 ± 0.1…0.9; [IC] HSV V + .1….5", False,
-              lambda x, p: K.exposure(x, p["gain"]), _signed_factor("gain")),
+              lambda x, p: K.exposure(x, p["gain"]), _signed_factor("gain"), pointwise=True),
     ShiftSpec("gamma", "isp", "Scanner encoding gamma / ignored profile: x^γ (or x^(1/γ)).",
               {"gamma": (1.1, 1.2, 1.35, 1.5, 1.8)}, {"gamma": "exponent"},
               "[T] γ U[0.5, 1.5]", False,
-              lambda x, p: K.gamma_curve(x, p["gamma"]), _signed_factor("gamma")),
+              lambda x, p: K.gamma_curve(x, p["gamma"]), _signed_factor("gamma"), pointwise=True),
     ShiftSpec("saturation", "isp", "ISP saturation / display profile: HSV S × a (or ÷ a).",
               {"factor": (1.15, 1.3, 1.5, 1.75, 2.0)}, {"factor": "factor (or 1/factor)"},
               "[IC] saturate; values of B3", True,
-              lambda x, p: K.saturation(x, p["factor"]), _signed_factor("factor")),
+              lambda x, p: K.saturation(x, p["factor"]), _signed_factor("factor"),
+              kernel_u8=lambda t, p: U.saturation_u8(t, p["factor"])),
     ShiftSpec("white-balance", "isp", "Calibration differences: per-channel linear-light gains (luminance kept).",
               {"gain_dev": (0.01, 0.025, 0.05, 0.075, 0.10)}, {"gain_dev": "relative gain of R and B"},
               "proposed (B3 asks for a colour matrix fitted to ΔE2000 1–10; not yet fitted)", False,
-              lambda x, p: K.white_balance(x, p["gains"]), _wb_sample),
+              lambda x, p: K.white_balance(x, p["gains"]), _wb_sample, pointwise=True),
     ShiftSpec("sharpening", "isp", "Vendor unsharp masking: amount at radius 1 px.",
               {"amount": (0.3, 0.6, 1.0, 1.5, 2.0)}, {"amount": "factor"},
               "proposed", True,
@@ -130,18 +140,20 @@ SPECS = [
     ShiftSpec("jpeg", "storage", "Vendor lossy tile storage: JPEG quality Q, 4:2:0 chroma (libjpeg via OpenCV).",
               {"quality": (90, 80, 70, 50, 30)}, {"quality": "JPEG quality"},
               "[R] SVS Q = 70 (also 30), NDPI 80; [S] Q 5–75", False,
-              lambda x, p: K.jpeg(x, p["quality"]), _none),
+              lambda x, p: K.jpeg(x, p["quality"]), _none,
+              kernel_u8=lambda t, p: U.jpeg_u8(t, p["quality"])),
     ShiftSpec("jpeg-reencode", "storage", "Export pipelines re-tiling WSIs: Q₁ = 80, then Q₂ on a grid offset by 1–7 px.",
               {"quality": (90, 80, 70, 60, 50)}, {"quality": "JPEG quality of the second pass"},
-              "proposed", True, _reencode_kernel, _reencode_sample),
+              "proposed", True, _reencode_kernel, _reencode_sample, kernel_u8=_reencode_u8),
     ShiftSpec("resample", "storage", "Different scanner µm/px or pyramid level: down-sample by f and back.",
               {"factor": (0.95, 0.9, 0.8, 0.7, 0.5)}, {"factor": "scale"},
               "[IC] pixelate .6 … .25", True,
-              lambda x, p: K.resample(x, p["factor"]), _none),
+              lambda x, p: K.resample(x, p["factor"]), _none,
+              kernel_u8=lambda t, p: U.resample_u8(t, p["factor"])),
     ShiftSpec("section-thickness", "stain", "Microtome setting: Beer–Lambert OD × t (thicker) or ÷ t (thinner).",
               {"scale": (1.15, 1.3, 1.5, 1.75, 2.0)}, {"scale": "OD factor (or 1/factor)"},
               "Beer–Lambert; [W] regional saturation ×0.5–0.8", False,
-              lambda x, p: K.section_thickness(x, p["scale"]), _signed_factor("scale")),
+              lambda x, p: K.section_thickness(x, p["scale"]), _signed_factor("scale"), pointwise=True),
     ShiftSpec("stain-intensity", "stain", "Reagent batch / staining time: HED α and β of H and E (random signs).",
               {"alpha_dev": (0.05, 0.1, 0.2, 0.3, 0.5), "beta": (0.01, 0.02, 0.03, 0.05, 0.08)},
               {"alpha_dev": "|α − 1|", "beta": "natural-log OD"},
@@ -181,7 +193,8 @@ MORE = [
     ShiftSpec("jpeg2000", "storage", "Aperio J2K / archives: JPEG 2000 at a compression ratio (OpenJPEG via OpenCV).",
               {"ratio": (10, 20, 35, 60, 100)}, {"ratio": "compression ratio :1"},
               "[R] 35:1 common (Helin 2018); Chen 2020", True,
-              lambda x, p: K.jpeg2000(x, p["ratio"]), _none),
+              lambda x, p: K.jpeg2000(x, p["ratio"]), _none,
+              kernel_u8=lambda t, p: U.jpeg2000_u8(t, p["ratio"])),
     ShiftSpec("fading", "stain", "Ageing slides: hematoxylin concentration loss h (eosin h/2), HED deconvolution.",
               {"h_loss": (0.05, 0.1, 0.2, 0.3, 0.45)}, {"h_loss": "fraction"},
               "proposed", True,

@@ -23,7 +23,7 @@ from .. import __version__
 from ..core.files import file_sha256
 from ..data.io import write_image
 from ..core.shift_registry import SEVERITY_TABLE_VERSION
-from ..data.shifted import SAMPLER_VERSION, TileDataset, sample_seed, shift_tiles
+from ..data.shifted import SAMPLER_VERSION, TileDataset, sample_seed, shift_routes, shift_tiles
 from ..metrics import functional as M
 from ..models import load_encoder
 from ..shifts import get_spec, list_shifts
@@ -76,8 +76,9 @@ def _probe_predict(clean: np.ndarray, labels: np.ndarray, query: np.ndarray, fol
 
 
 class _Tiles(torch.utils.data.Dataset):
-    """The tiles of a run, decoded in DataLoader workers and resized to the working size: ``(index, float (3, S, S)
-    in [0, 1] or None, error)``."""
+    """The tiles of a run, decoded in DataLoader workers and resized to the working size: ``(index, uint8 (3, S, S)
+    or None, error)``. Resized tiles are rounded to 8 bits, so the shifts see what ``shiftkit simulate`` would see
+    for the same tiles at that size and take the same route (:func:`shiftkit.data.shifted.shift_route`)."""
 
     def __init__(self, ds: TileDataset, indices: Sequence[int], size: int = 224):
         self.ds, self.indices, self.size = ds, list(indices), size
@@ -91,10 +92,14 @@ class _Tiles(torch.utils.data.Dataset):
             img, _ = self.ds[i]
         except Exception as exc:  # recorded as a failed input by the clean pass
             return i, None, str(exc)
-        x = img.float()
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = torch.nn.functional.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
-        return i, x / 255, ""
+        if tuple(img.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(img[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+            img = x.clamp_(0, 255).round_().to(torch.uint8)
+        return i, img, ""
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def _collate(items):
@@ -203,18 +208,23 @@ def run_stress_test(
     config = {"format": "shiftkit-stress-units/1",
               "models": [[m, e.weights_sha256, e.input_size, e.precision] for m, e in models],
               "data": [ds.records[i].sample_id for i in candidates][:100000], "n_candidates": len(candidates),
-              "shifts": {n: spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__}
+              "shifts": {n: spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__,
+              "routes": shift_routes(names, device)}
     state = out / ".shiftkit"
     cfg_path = state / "stress.json"
     if cfg_path.is_file() and not force:
         old = json.loads(cfg_path.read_text())
         diffs = [k for k in ("models", "data", "n_candidates", "seed", "shiftkit") if old.get(k) != config[k]]
         diffs += [f"shift {n!r}" for n, h in config["shifts"].items() if n in old.get("shifts", {}) and old["shifts"][n] != h]
+        old_routes = old.get("routes", {})
+        diffs += [f"route of {n!r} ({old_routes.get(n)} -> {r}; another device)" for n, r in config["routes"].items()
+                  if n in old.get("shifts", {}) and old_routes.get(n) != r]
         if diffs:
             raise StressConfigError(f"`out_dir` {out} holds a stress test made with another configuration: expected the "
                                     f"same model, weights, data, seed and shift definitions to resume it, got differences in "
                                     f"{', '.join(diffs)}. Use another --out, or --force to start over")
         config["shifts"] = {**old.get("shifts", {}), **config["shifts"]}
+        config["routes"] = {**old_routes, **config["routes"]}
     # folders only once the data and the encoders are known good: an early failure leaves nothing behind
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
     (out / "gallery").mkdir(exist_ok=True)
@@ -265,8 +275,9 @@ def run_stress_test(
             if xb is None:
                 continue
             valid += idx
+            xf = _as_float(xb)
             for m, enc in models:
-                embs[m].append(enc.embed(xb, batch_size=batch_size, device=device))
+                embs[m].append(enc.embed(xf, batch_size=batch_size, device=device))
         if not valid:
             raise ValueError(f"`data` has no readable tile: expected images, got failures {failed[:3]}")
         record_unit("clean", {m: np.concatenate(v) for m, v in embs.items()}, {"valid": valid, "failed": failed})
@@ -282,7 +293,8 @@ def run_stress_test(
                         if xb is None:
                             continue
                         seeds = [sample_seed(seed, name, sev, ds.records[i].sample_id) for i in idx]
-                        shifted = shift_tiles(xb, name, sev, seeds, ds.records[idx[0]].mpp or 0.5)[0]
+                        # on the run's device: uint8 on CPU takes the 8-bit route, as in simulate; elsewhere float
+                        shifted = _as_float(shift_tiles(xb.to(device), name, sev, seeds, ds.records[idx[0]].mpp or 0.5)[0])
                         used += idx
                         for m, enc in models:
                             embs[m].append(enc.embed(shifted, batch_size=batch_size, device=device))
@@ -329,7 +341,8 @@ def run_stress_test(
         "config": {"model": model, "weights": weights, "reference_model": reference_model, "data": str(data or "bundled sample tiles"),
                    "shifts": names, "severities": list(severities), "seed": seed, "label_column": label_column,
                    "site_column": site_column, "device": device, "precision": precision,
-                   "input_size": models[0][1].input_size, "batch_size": batch_size, "workers": workers},
+                   "input_size": models[0][1].input_size, "batch_size": batch_size, "workers": workers,
+                   "routes": config["routes"]},
         "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
         "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
         "versions": {"shiftkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -459,8 +472,8 @@ def _gallery(out, ds, valid, names, severities, seed, mpp, worst):
             _, x, _ = _Tiles(ds, [i])[0]
             shifted = shift_tiles(x[None], name, sev, [sample_seed(seed, name, sev, ds.records[i].sample_id)], mpp[int(j)])[0][0]
             fn = f"{_safe(name)}__{int(j)}.png"
-            pair = torch.cat([x, torch.ones(3, x.shape[-2], 4), shifted], dim=-1)
-            write_image(out / "gallery" / fn, (pair.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+            pair = torch.cat([x, torch.full((3, x.shape[-2], 4), 255, dtype=torch.uint8), shifted], dim=-1)
+            write_image(out / "gallery" / fn, pair.permute(1, 2, 0).contiguous().numpy())
             items.append({"shift": name, "severity": sev, "tile": ds.records[i].sample_id, "cosine": float(cos[j]), "file": fn})
     return items
 

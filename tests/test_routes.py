@@ -1,0 +1,181 @@
+"""The 8-bit CPU route of the shifts ("uint8-cpu") against the float route: which shifts take it, how close the two
+routes are (equal bytes for the codecs and the tone curves, within one level for the filters and saturation, a
+stated small tolerance for resampling), replay per route, and that simulate, ShiftedDataset and the stress test
+take the same route for the same tiles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shiftkit.data import ShiftedDataset, load_sample_tiles, read_image, simulate
+from shiftkit.data.shifted import sample_seed, shift_route, shift_routes, shift_tiles
+from shiftkit.functional import scanner_u8 as U
+from shiftkit.shifts import get_spec, list_shifts
+from shiftkit.shifts.routes import apply_u8, has_u8_route
+
+#: the shifts with an 8-bit kernel and what the 8-bit route must match against round(255 · float route(x / 255)):
+#: "equal" (every byte), "one" (no pixel off by more than one level), or "resample" (mean under 0.4 levels,
+#: under 0.3 % of values off by more than one level, none by more than 8: the 8-bit route rounds the
+#: down-sampled image to 8 bits before the bicubic up-sampling, which overshoots at edges)
+TOLERANCE = {"jpeg": "equal", "jpeg-reencode": "equal", "jpeg2000": "equal", "exposure": "equal", "gamma": "equal",
+             "white-balance": "equal", "section-thickness": "equal", "gaussian-defocus": "one", "disk-defocus": "one",
+             "motion-blur": "one", "saturation": "one", "resample": "resample"}
+
+
+@pytest.fixture(scope="module")
+def tiles_u8():
+    t = load_sample_tiles()[[0, 3, 5, 9, 14]]
+    return torch.from_numpy(np.ascontiguousarray(t)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_the_routed_shifts_are_the_ones_with_a_stated_tolerance():
+    assert sorted(n for n in list_shifts() if has_u8_route(get_spec(n))) == sorted(TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(TOLERANCE))
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_the_8bit_route_matches_the_float_route(tiles_u8, name, severity):
+    seeds = [sample_seed(3, name, severity, str(i)) for i in range(len(tiles_u8))]
+    assert shift_route(name, tiles_u8) == "uint8-cpu"
+    a, drawn_a = shift_tiles(tiles_u8, name, severity, seeds)
+    f, drawn_f = shift_tiles(tiles_u8.float() / 255, name, severity, seeds)
+    assert a.dtype == torch.uint8 and a.shape == tiles_u8.shape and drawn_a == drawn_f
+    b = (f.clamp(0, 1) * 255).round().to(torch.uint8)
+    d = (a.int() - b.int()).abs()
+    if TOLERANCE[name] == "equal":
+        assert int(d.max()) == 0
+    elif TOLERANCE[name] == "one":
+        assert int(d.max()) <= 1
+    else:
+        assert float(d.float().mean()) < 0.4 and float((d > 1).float().mean()) < 0.003 and int(d.max()) <= 8
+    assert not torch.equal(a, tiles_u8)  # the shift did something
+
+
+def test_the_saturation_closed_form_equals_kornias_hsv_round_trip():
+    """Independent check of saturation_u8's formula on random colours, both directions, clamp at S = 1 included."""
+    import kornia
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    factor = torch.tensor([0.5, 1.5, 2.0, 4.0])
+    ours = U.saturation_u8(x, factor).astype(int)
+    xf = torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255
+    ref = kornia.enhance.adjust_saturation(xf, factor.double()).clamp(0, 1)
+    ref = (ref * 255).round().permute(0, 2, 3, 1).numpy().astype(int)
+    assert np.abs(ours - ref).max() <= 1
+
+
+def test_the_lookup_table_route_is_the_float_kernel_on_every_level():
+    """A pointwise kernel through pointwise_lut equals the kernel on k / 255 for all 256 levels of each channel."""
+    levels = np.arange(256, dtype=np.uint8)
+    x = np.stack([np.stack([levels, levels[::-1], levels], -1)[None]] * 2)  # (2, 1, 256, 3)
+    params = {"gamma": torch.tensor([1.35, 1 / 1.8])}
+    kernel = get_spec("gamma").kernel
+    ours = U.pointwise_lut(kernel, x, params)
+    ref = kernel(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, params)
+    ref = (ref.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(ours, ref)
+
+
+def test_composites_and_noise_stay_on_the_float_route_and_round_back(tiles_u8):
+    for name in ("sensor-noise", "scanner-profile-a", "scanner-profile-b", "stain-hue"):
+        assert shift_route(name, tiles_u8) == "float"
+        seeds = list(range(len(tiles_u8)))
+        a, _ = shift_tiles(tiles_u8, name, 3, seeds)
+        f, _ = shift_tiles(tiles_u8.float() / 255, name, 3, seeds)
+        assert a.dtype == torch.uint8 and torch.equal(a, (f.clamp(0, 1) * 255).round().to(torch.uint8))
+
+
+def test_replay_per_route_is_exact_and_independent_of_batch_mates(tiles_u8):
+    seeds = [sample_seed(0, "jpeg-reencode", 4, str(i)) for i in range(len(tiles_u8))]
+    a, _ = shift_tiles(tiles_u8, "jpeg-reencode", 4, seeds)
+    b, _ = shift_tiles(tiles_u8, "jpeg-reencode", 4, seeds)
+    one, _ = shift_tiles(tiles_u8[2:3], "jpeg-reencode", 4, seeds[2:3])
+    assert torch.equal(a, b) and torch.equal(a[2:3], one)
+
+
+def test_apply_u8_refuses_float_tiles_by_name():
+    with pytest.raises(ValueError, match="gamma.*expected uint8"):
+        apply_u8(get_spec("gamma"), np.zeros((1, 8, 8, 3), np.float32), {"gamma": torch.tensor([1.2])})
+
+
+def test_the_route_follows_device_and_dtype():
+    assert shift_routes(["jpeg", "sensor-noise"], "cpu") == {"jpeg": "uint8-cpu", "sensor-noise": "float"}
+    assert shift_routes(["jpeg", "sensor-noise"], "cuda") == {"jpeg": "float", "sensor-noise": "float"}
+    assert shift_route("jpeg", torch.zeros(1, 3, 8, 8)) == "float"
+
+
+@pytest.fixture()
+def src(tmp_path):
+    from shiftkit.data import write_image
+
+    d = tmp_path / "src"
+    for i, t in enumerate(load_sample_tiles()[:3]):
+        write_image(d / f"t{i}.png", t)
+    return d
+
+
+def test_simulate_records_routes_and_shifted_dataset_gives_its_pixels(src, tmp_path):
+    names = ["jpeg", "saturation", "resample", "sensor-noise"]
+    simulate(src, tmp_path / "out", names, [2], seed=4)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["routes"] == {"jpeg": "uint8-cpu", "saturation": "uint8-cpu", "resample": "uint8-cpu",
+                                            "sensor-noise": "float"}
+    for name in names:
+        ds = ShiftedDataset(src, name, 2, seed=4)
+        for i in range(len(ds)):
+            y, rec = ds[i]
+            row = next(r for r in manifest["outputs"] if r["source"] == rec.sample_id and r["shift"] == name)
+            assert np.array_equal(y.permute(1, 2, 0).numpy(), read_image(tmp_path / "out" / row["output"]))
+
+
+def test_simulate_refuses_to_resume_a_run_of_another_route(src, tmp_path):
+    from shiftkit.data.shifted import ConfigMismatchError
+
+    out = tmp_path / "out"
+    simulate(src, out, ["jpeg"], [1], seed=0)
+    state = out / ".shiftkit" / "simulate.json"
+    config = json.loads(state.read_text())
+    config["routes"] = {"jpeg": "float"}  # as a CUDA run would have written it
+    state.write_text(json.dumps(config))
+    with pytest.raises(ConfigMismatchError, match="routes"):
+        simulate(src, out, ["jpeg"], [1], seed=0)
+
+
+def test_the_stress_test_shifts_what_simulate_writes(src, tmp_path):
+    """Same 224² tiles, seed and device: the shifted tiles of the stress test's gallery (written from the same
+    shift_tiles call whose output it embeds) are simulate's files, byte for byte; and its run records the routes."""
+    from shiftkit.stress import run_stress_test
+
+    run_stress_test(data=src, out_dir=tmp_path / "run", shifts=["gaussian-defocus"], severities=[3], seed=7,
+                    label_column=None, site_column=None)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["routes"] == {"gaussian-defocus": "uint8-cpu"}
+    simulate(src, tmp_path / "out", ["gaussian-defocus"], [3], seed=7)
+    items = run["gallery"]
+    assert items
+    for item in items:
+        pair = read_image(tmp_path / "run" / "gallery" / item["file"])
+        shifted = pair[:, pair.shape[1] - 224:]
+        assert np.array_equal(shifted, read_image(tmp_path / "out" / "gaussian-defocus" / "3" / item["tile"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(TOLERANCE))
+def test_uint8_tiles_on_cuda_take_the_float_route_within_the_stated_tolerance(tiles_u8, name):
+    """simulate --device cuda and the stress test on a GPU: uint8 tiles on the device, float route, uint8 back."""
+    seeds = [sample_seed(0, name, 3, str(i)) for i in range(len(tiles_u8))]
+    gpu = tiles_u8.cuda()
+    assert shift_route(name, gpu) == "float"
+    a, _ = shift_tiles(tiles_u8, name, 3, seeds)
+    g, _ = shift_tiles(gpu, name, 3, seeds)
+    assert g.dtype == torch.uint8 and g.device.type == "cuda"
+    d = (a.int() - g.cpu().int()).abs()
+    # CPU 8-bit route vs CUDA float route: the route tolerance plus a device's float rounding (one more level)
+    limit = {"equal": 1, "one": 2}.get(TOLERANCE[name], 9)
+    assert int(d.max()) <= limit and float(d.float().mean()) < 0.4
