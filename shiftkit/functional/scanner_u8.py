@@ -3,7 +3,7 @@
 This is what ``shiftkit simulate`` and the stress test run on a CPU: tiles arrive as 8-bit images and leave as
 8-bit images, so converting to float, filtering planes and rounding back costs more than the corruption itself.
 Each kernel takes the same per-sample parameters as its float twin in :mod:`shiftkit.functional.scanner` and
-builds the same PSF; results equal ``round(255 · float_route(x / 255))`` exactly for the codecs (JPEG, JPEG 2000,
+builds the same PSF; tiles are spread over ``torch.get_num_threads()`` threads; results equal ``round(255 · float_route(x / 255))`` exactly for the codecs (JPEG, JPEG 2000,
 which already ran through 8 bits) and within one level for the filters (OpenCV's 8-bit filtering rounds once at
 the end; tests/test_shifts.py states the tolerances). Pointwise tone curves use :func:`pointwise_lut`: a
 256-entry table per sample computed by the float kernel itself, so they are equal to the float route up to float
@@ -13,6 +13,7 @@ rounding of the same operations.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict
 
 import cv2
@@ -30,6 +31,20 @@ def _tiles(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _each(n: int, fn: Callable[[int], None]) -> None:
+    """``fn(i)`` for every tile, spread over ``torch.get_num_threads()`` threads: OpenCV's codecs and filters
+    release the GIL and a 224² tile is too small for their own threading. A tile's result does not depend on the
+    thread. One thread (e.g. in a DataLoader worker) or one tile: a plain loop. The pool lives for one call, so a
+    forked process never inherits a pool without threads."""
+    workers = min(n, torch.get_num_threads())
+    if workers <= 1:
+        for i in range(n):
+            fn(i)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, range(n)))
+
+
 def gaussian_blur_u8(images: np.ndarray, sigma: torch.Tensor) -> np.ndarray:
     """:func:`~shiftkit.functional.scanner.gaussian_blur` on 8-bit tiles (the same separable kernel and radius)."""
     x = _tiles(images)
@@ -39,11 +54,15 @@ def gaussian_blur_u8(images: np.ndarray, sigma: torch.Tensor) -> np.ndarray:
     radius = min(radius, min(x.shape[1:3]) - 1)
     k = gaussian_kernel_1d(sigma.cpu(), radius).float().numpy()
     out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        if float(sigma[i]) <= 0:
+    identity = (sigma.cpu() <= 0).tolist()
+
+    def one(i: int) -> None:
+        if identity[i]:
             out[i] = x[i]
         else:
             cv2.sepFilter2D(x[i], -1, k[i], k[i], dst=out[i], borderType=cv2.BORDER_REFLECT_101)
+
+    _each(x.shape[0], one)
     return out
 
 
@@ -52,11 +71,13 @@ def _filter_u8(x: np.ndarray, kernels: np.ndarray, identity) -> np.ndarray:
     kh, kw = kernels.shape[-2:]
     if kh // 2 >= x.shape[1] or kw // 2 >= x.shape[2]:
         raise ValueError(f"`kernel` is too large for the tile: expected a kernel smaller than {x.shape[1:3]}, got {(kh, kw)}")
-    for i in range(x.shape[0]):
+    def one(i: int) -> None:
         if identity[i]:
             out[i] = x[i]
         else:
             cv2.filter2D(x[i], -1, kernels[i], dst=out[i], borderType=cv2.BORDER_REFLECT_101)
+
+    _each(x.shape[0], one)
     return out
 
 
@@ -84,16 +105,18 @@ def saturation_u8(images: np.ndarray, factor: torch.Tensor) -> np.ndarray:
     x = _tiles(images)
     out = np.empty_like(x)
     factors = factor.cpu().double().tolist()
-    for i in range(x.shape[0]):
+    def one(i: int) -> None:
         if factors[i] == 1:
             out[i] = x[i]
-            continue
+            return
         r, g, b = cv2.split(x[i])
         v = cv2.max(cv2.max(r, g), b).astype(np.float32)
         d = v - cv2.min(cv2.min(r, g), b)
         k = np.minimum(np.float32(factors[i]), cv2.divide(v, d))  # OpenCV's x / 0 = 0: grey pixels stay (v - c = 0)
         v3, k3 = cv2.merge([v, v, v]), cv2.merge([k, k, k])
         cv2.convertScaleAbs(v3 - k3 * (v3 - x[i].astype(np.float32)), dst=out[i])  # >= 0; rounds half to even
+
+    _each(x.shape[0], one)
     return out
 
 
@@ -116,7 +139,7 @@ def jpeg_u8(images: np.ndarray, quality: torch.Tensor, offset: torch.Tensor | No
     out = np.empty_like(x)
     qualities = quality.long().tolist()
     offsets = offset.long().tolist() if offset is not None else [(0, 0)] * x.shape[0]
-    for i in range(x.shape[0]):
+    def one(i: int) -> None:
         tile = cv2.cvtColor(x[i], cv2.COLOR_RGB2BGR)
         dy, dx = offsets[i]
         if dy or dx:
@@ -125,6 +148,8 @@ def jpeg_u8(images: np.ndarray, quality: torch.Tensor, offset: torch.Tensor | No
         if not ok:
             raise RuntimeError("OpenCV could not JPEG-encode a tile")
         _decode_rgb(buf, out[i], dy, dx)
+
+    _each(x.shape[0], one)
     return out
 
 
@@ -132,12 +157,16 @@ def jpeg2000_u8(images: np.ndarray, ratio: torch.Tensor) -> np.ndarray:
     """:func:`~shiftkit.functional.scanner.jpeg2000` on 8-bit tiles (equal bytes)."""
     x = _tiles(images)
     out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        rate = int(max(1, min(1000, round(1000.0 / float(ratio[i])))))
+    ratios = ratio.cpu().double().tolist()
+
+    def one(i: int) -> None:
+        rate = int(max(1, min(1000, round(1000.0 / ratios[i]))))
         ok, buf = cv2.imencode(".jp2", cv2.cvtColor(x[i], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, rate])
         if not ok:
             raise RuntimeError("OpenCV could not JPEG 2000-encode a tile")
         _decode_rgb(buf, out[i], 0, 0)
+
+    _each(x.shape[0], one)
     return out
 
 
