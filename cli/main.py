@@ -341,8 +341,9 @@ def _shard(text):
 @click.option("--seed", default=0, show_default=True, type=int, help="Base seed; per-output seeds derive from it.")
 @click.option("--mpp", default=None, type=float, help="µm per pixel of the tiles (default: the manifest's mpp column, else 0.5).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Threads that encode and write files (the pixels do not depend on it).")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="Threads that encode and write files (default: one per CPU core, at most 8; 0 = none). "
+              "The pixels do not depend on it.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
 @click.option("--shard", default=None, help="Process only shard i/n of the samples (split by sample id).")

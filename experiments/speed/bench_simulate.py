@@ -11,7 +11,9 @@ not grow with the number of tiles.
 ``shiftkit simulate`` runs it (checksums, journal, atomic writes, manifest) and (b) a plain script: ``cv2.imread`` →
 the same corruption at severity 3 written with OpenCV/numpy (Gaussian blur σ from the severity table; JPEG at its
 quality; Poisson–Gaussian noise in linear light) → ``cv2.imwrite`` PNG at OpenCV's default compression (the level
-simulate writes with). Both single-process, the same threads. Prints outputs/s, the ratio per round, and where
+simulate writes with). Both single-process; simulate as users run it (encoding threads by core count, its
+default), the plain loop once serial (the script a user writes) and once over a thread pool of the same size (the
+same threads). Prints outputs/s, the ratios per round, and where
 simulate's time goes (decode, shift kernels, encode + write, the rest = bookkeeping) from a profiled extra run.
 """
 
@@ -69,8 +71,15 @@ def child(n: int) -> None:
 VERSUS = ["jpeg", "gaussian-defocus", "sensor-noise"]
 
 
-def plain_script(src: Path, out: Path, files) -> int:
-    """The 30-line OpenCV loop a user would write: read, corrupt at severity 3, write PNG."""
+def plain_script(src: Path, out: Path, files, threads: int = 1) -> int:
+    """The 30-line OpenCV loop a user would write: read, corrupt at severity 3, write PNG. ``threads`` > 1 runs the
+    loop body over the files in a thread pool (the same threads simulate encodes with)."""
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = [files[i::threads] for i in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(lambda fs: plain_script(src, out, fs), chunks))
     import cv2
     import numpy as np
 
@@ -110,6 +119,9 @@ def versus_plain(n: int, rounds: int) -> dict:
     import torch
 
     from shiftkit.data import list_images, simulate
+    from shiftkit.data.shifted import default_workers
+
+    threads = default_workers()
 
     work = Path(tempfile.mkdtemp())
     try:
@@ -119,17 +131,19 @@ def versus_plain(n: int, rounds: int) -> dict:
         plain_script(work / "tiles", work / "warm_plain", files[:8])
         rows = []
         for r in range(rounds):
-            for name in (("shiftkit", "plain") if r % 2 == 0 else ("plain", "shiftkit")):
+            order = ("shiftkit", "plain", "plain_threads")
+            for name in (order if r % 2 == 0 else order[::-1]):
                 out = work / f"out_{name}_{r}"
                 t0 = time.perf_counter()
-                if name == "shiftkit":
+                if name == "shiftkit":  # as users run it: default workers (encoding threads, one per core)
                     k = simulate(work / "tiles", out, VERSUS, [3], seed=0, batch_size=64).written
                 else:
-                    k = plain_script(work / "tiles", out, files)
+                    k = plain_script(work / "tiles", out, files, threads if name == "plain_threads" else 1)
                 rows.append({"round": r, "who": name, "outputs": k, "outputs_per_s": k / (time.perf_counter() - t0)})
                 shutil.rmtree(out, ignore_errors=True)
-        ratios = [next(x["outputs_per_s"] for x in rows if x["round"] == r and x["who"] == "shiftkit")
-                  / next(x["outputs_per_s"] for x in rows if x["round"] == r and x["who"] == "plain") for r in range(rounds)]
+        rate = lambda r, who: next(x["outputs_per_s"] for x in rows if x["round"] == r and x["who"] == who)  # noqa: E731
+        ratios = [rate(r, "shiftkit") / rate(r, "plain") for r in range(rounds)]
+        ratios_threads = [rate(r, "shiftkit") / rate(r, "plain_threads") for r in range(rounds)]
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
@@ -147,9 +161,14 @@ def versus_plain(n: int, rounds: int) -> dict:
         encode = part(("io.py", "write_image"))
         breakdown = {"total_s_profiled": total, "decode_s": decode, "shift_kernels_s": kernel, "encode_write_s": encode,
                      "bookkeeping_s": max(0.0, total - decode - kernel - encode)}
-        return {"tiles": n, "shifts": VERSUS, "severity": 3, "threads": torch.get_num_threads(), "rounds": rows,
+        return {"tiles": n, "shifts": VERSUS, "severity": 3, "threads": torch.get_num_threads(),
+                "simulate_workers": threads, "rounds": rows,
                 "ratio_per_round": ratios, "ratio_median": float(np.median(ratios)),
                 "ratio_quartiles": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+                "ratio_vs_threaded_plain_per_round": ratios_threads,
+                "ratio_vs_threaded_plain_median": float(np.median(ratios_threads)),
+                "ratio_vs_threaded_plain_quartiles": [float(np.percentile(ratios_threads, 25)),
+                                                      float(np.percentile(ratios_threads, 75))],
                 "simulate_breakdown": breakdown}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -175,6 +194,9 @@ def main(argv=None):
             print(f"round {row['round']}: {row['who']:8s} {row['outputs_per_s']:7.1f} outputs/s")
         q = res["ratio_quartiles"]
         print(f"shiftkit simulate / plain script: {res['ratio_median']:.2f}x (quartiles {q[0]:.2f}-{q[1]:.2f})")
+        q = res["ratio_vs_threaded_plain_quartiles"]
+        print(f"shiftkit simulate / plain script in {res['simulate_workers']} threads: "
+              f"{res['ratio_vs_threaded_plain_median']:.2f}x (quartiles {q[0]:.2f}-{q[1]:.2f})")
         b = res["simulate_breakdown"]
         print("simulate, profiled: " + ", ".join(f"{k.replace('_s', '').replace('_', ' ')} {v:.1f} s" for k, v in b.items()))
         if args.json:

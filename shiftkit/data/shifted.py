@@ -245,6 +245,16 @@ def spec_hash(spec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def default_workers() -> int:
+    """simulate's encoding threads when not given: one per CPU core available to this process, at most 8 (PNG
+    encoding is about half of simulate's time on 224² tiles and releases the GIL)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
 def shift_routes(names: Sequence[str], device: str = "cpu") -> Dict[str, str]:
     """Each shift's route for uint8 tiles on ``device`` (what :func:`shift_tiles` takes there)."""
     from ..shifts.registry import get_spec
@@ -327,7 +337,7 @@ def simulate(
     shard: Optional[Tuple[int, int]] = None,
     dry_run: bool = False,
     progress: Optional[Callable[[int], None]] = None,
-    workers: int = 0,
+    workers: Optional[int] = None,
     force: bool = False,
     max_pixels: Optional[int] = None,
     apply_icc: Optional[bool] = None,
@@ -347,7 +357,8 @@ def simulate(
 
     Isolation: a source that cannot be read (missing, corrupt, over ``max_pixels``, a bad manifest row) or a tile
     whose shift raises fails alone (a batch that raises is retried tile by tile); every other output completes.
-    ``workers`` > 0 encodes and writes files in that many threads; the pixels do not depend on it.
+    ``workers`` threads encode and write files (default ``None``: one per CPU core, at most 8, chosen from
+    experiments/speed/bench_simulate.py; 0 writes in the calling thread); the pixels do not depend on it.
 
     Colour profiles: each source's embedded ICC profile is recorded in the manifest (``icc``, its description);
     ``apply_icc=True`` converts sources with one to sRGB before the shift (default: the dataset's setting).
@@ -468,7 +479,9 @@ def simulate(
 
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(max_workers=workers) if workers and workers > 0 else None
+    if workers is None:
+        workers = default_workers()
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
 
     def write_one(rel, a):
         target = ensure_inside(out, out / rel)
