@@ -285,14 +285,21 @@ def main(argv=None):
                     n = min(n, SLOW.get((name, method, size), 16 if size == 224 else 4))
                 fits[name] = timed(lambda fit=fit: fit(target), max(1, args.passes // 2))
                 runs[name] = (lambda run=run, sub=batch[:n]: run(sub), n)
-            for name, rec in summarize(paired_rates(runs, args.passes), "shiftkit").items():
+            rates = paired_rates(runs, args.passes)
+            alt = summarize(rates, "shiftkit[opencv8]") if isinstance(rates.get("shiftkit[opencv8]"), list) else {}
+            for name, rec in summarize(rates, "shiftkit").items():
                 rec = {"library": name, "method": method, "size": size, "tiles": runs[name][1], **rec}
+                if "ratio_median" in alt.get(name, {}) and not name.startswith("shiftkit"):  # the 8-bit route ÷ peer
+                    rec.update({f"opencv8_{k}": alt[name][k] for k in ("ratio_median", "ratio_q1", "ratio_q3")})
                 if "tiles_per_s" in rec:
                     rec["fit_s"] = fits[name]
                 records.append(rec)
                 if "tiles_per_s" in rec:
                     ratio = (f"   shiftkit ÷ this: {rec['ratio_median']:5.2f}x (quartiles {rec['ratio_q1']:.2f}-{rec['ratio_q3']:.2f})"
                              if "ratio_median" in rec else "")
+                    if "opencv8_ratio_median" in rec:
+                        ratio += (f"   shiftkit[opencv8] ÷ this: {rec['opencv8_ratio_median']:5.2f}x "
+                                  f"(quartiles {rec['opencv8_ratio_q1']:.2f}-{rec['opencv8_ratio_q3']:.2f})")
                     msg = f"{rec['tiles_per_s']:9.1f} tiles/s  (fit {rec['fit_s']*1000:7.1f} ms, {rec['tiles']} tiles){ratio}"
                 else:
                     msg = rec["error"]
