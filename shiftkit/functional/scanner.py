@@ -260,19 +260,37 @@ def poisson_inverse_cdf(lam: torch.Tensor, u: torch.Tensor, kmax: int = _SHOT_KM
     input moves a count only where ``u`` sits on a step of the CDF (a rejection sampler such as ``torch.poisson``
     consumes a λ-dependent number of uniforms, so one changed pixel reshuffles every later pixel's draw). The loop
     stops once every CDF has passed its uniform."""
-    lam, u = lam.float(), u.float()
+    shape = u.shape
+    lam, u = lam.float().reshape(-1), u.float().reshape(-1)
     p = torch.exp(-lam)
     cdf = p.clone()
     k = torch.zeros_like(lam)
+    out, pos = k, None  # pos: where the active entries sit in ``out`` (None = all of them, in order)
     below = torch.empty_like(lam, dtype=torch.bool)
     for j in range(1, kmax + 1):
         torch.lt(cdf, u, out=below)
-        if j % 8 == 0 and not bool(below.any()):
-            break
+        if j % 8 == 0:
+            # drop the entries whose CDF has passed their uniform (their count is final): the same arithmetic on
+            # fewer entries, so the counts are those of the full loop
+            keep = below.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < 0.75 * below.numel():
+                if pos is None:
+                    out = k
+                    pos = keep
+                else:
+                    out[pos] = k
+                    pos = pos[keep]
+                lam, u, p, cdf, k = lam[keep], u[keep], p[keep], cdf[keep], k[keep]
+                below = torch.ones_like(lam, dtype=torch.bool)
         k += below
         p.mul_(lam).div_(j)
         cdf += p
-    return k
+    if pos is None:
+        return k.reshape(shape)
+    out[pos] = k
+    return out.reshape(shape)
 
 
 def poisson_gaussian(lin: torch.Tensor, photons: torch.Tensor, read_sigma: torch.Tensor, u: torch.Tensor,
