@@ -674,14 +674,15 @@ def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_si
     n = len(ds)
     encs = [load_encoder(model, weights)] + ([load_encoder(reference_model)] if reference_model else [])
     k = min(batch_size, n)
-    x = torch.stack([torch.nn.functional.interpolate(ds[i][0][None].float(), size=(224, 224), mode="bilinear",
-                                                     antialias=True)[0] / 255 for i in range(k)])
+    x8 = torch.stack([torch.nn.functional.interpolate(ds[i][0][None].float(), size=(224, 224), mode="bilinear",
+                                                      antialias=True)[0].clamp(0, 255).round().to(torch.uint8) for i in range(k)])
+    x = x8.float() / 255
     t0 = time.perf_counter()
     for e in encs:
         e.embed(x, batch_size=batch_size, device=device)
     per_tile = (time.perf_counter() - t0) / k
     t0 = time.perf_counter()
-    shift_tiles(x, names[0], sevs[-1], list(range(k)))
+    shift_tiles(x8.to(device), names[0], sevs[-1], list(range(k)))  # uint8 on the run's device: the run's route
     shift_per_tile = (time.perf_counter() - t0) / k
     units = 1 + len(names) * len(sevs)
     passes = units * n * len(encs)
