@@ -1,5 +1,6 @@
 """Shifted test sets: determinism, resume after a kill, bad inputs, manifest replay, shards, dataset API."""
 
+import hashlib
 import json
 import shutil
 
@@ -31,11 +32,15 @@ def _files(root):
 
 
 def test_same_bytes_whatever_the_batch_size_and_workers(src, tmp_path):
-    a = simulate(src, tmp_path / "a", SHIFTS, [1, 4], seed=3, batch_size=1)
+    a = simulate(src, tmp_path / "a", SHIFTS, [1, 4], seed=3, batch_size=1, workers=0)
     b = simulate(src, tmp_path / "b", SHIFTS, [1, 4], seed=3, batch_size=7, workers=3)
     assert a.written == b.written == 5 * 3 * 2 and not a.failed
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert fa == fb and len(fa) == 30
+    # with writes in flight while later batches are shifted, every output still has its journal line and checksum
+    rows = json.loads((tmp_path / "b" / "manifest.json").read_text())["outputs"]
+    assert sorted(r["output"] for r in rows) == sorted(fb)
+    assert all(hashlib.sha256(fb[r["output"]]).hexdigest() == r["output_sha256"] for r in rows)
     simulate(src, tmp_path / "c", SHIFTS, [1, 4], seed=4)
     assert _files(tmp_path / "c") != fa  # the seed matters
 

@@ -515,14 +515,28 @@ def simulate(
                         failed[it[0].sample_id] = f"shift {name!r} severity {sev} failed: {type(exc).__name__}: {exc}"
             for group, (arr, seeds, drawn) in zip(groups, results):
                 rels = [out_rel(name, sev, it[0]) for it in group]
+                if pool:  # encode and write in the pool while the next batch is read and shifted
+                    outs = [pool.submit(guarded, r, a) for r, a in zip(rels, arr)]
+                else:
+                    outs = [guarded(r, a) for r, a in zip(rels, arr)]
+                inflight.append((name, sev, group, rels, outs, seeds, drawn))
+            drain(keep=2)  # at most two batches in flight: bounded memory
+            if progress:
+                progress(len(items))
 
-                def guarded(rel, a):
-                    try:
-                        return write_one(rel, a), ""
-                    except Exception as exc:
-                        return "", f"cannot write {rel}: {type(exc).__name__}: {exc}"
+        def guarded(rel, a):
+            try:
+                return write_one(rel, a), ""
+            except Exception as exc:
+                return "", f"cannot write {rel}: {type(exc).__name__}: {exc}"
 
-                outcomes = list(pool.map(guarded, rels, arr)) if pool else [guarded(r, a) for r, a in zip(rels, arr)]
+        inflight: List[tuple] = []
+
+        def drain(keep: int) -> None:
+            """Journal the oldest batches once their files are written (a journal line always follows its file)."""
+            while len(inflight) > keep:
+                name, sev, group, rels, outs, seeds, drawn = inflight.pop(0)
+                outcomes = [o.result() for o in outs] if pool else outs
                 for (rec, _, src_sha), rel, (out_sha, err), s_, d in zip(group, rels, outcomes, seeds, drawn):
                     if err:
                         failed[rel] = err
@@ -535,8 +549,6 @@ def simulate(
                     journal.write(json.dumps(entry) + "\n")
                     journal.flush()
                     report.written += 1
-            if progress:
-                progress(len(items))
 
         by_source: Dict[str, list] = {}
         for name, sev, rec in todo:
@@ -554,6 +566,7 @@ def simulate(
                     flush(key)
         for key in list(pending):
             flush(key)
+        drain(keep=0)
     if pool:
         pool.shutdown()
 
