@@ -225,17 +225,20 @@ def fit_target(images, output, method):
 def shifts_cmd(pattern, family, held_out, as_json):
     """List registered shifts matching PATTERN (wildcards) with family, train/held-out flag and severity table."""
     from shiftkit.shifts import get_spec, list_shifts
+    from shiftkit.shifts.routes import has_u8_route
 
     names = list_shifts(pattern, family=family, held_out=held_out)
-    if as_json:
-        click.echo(json.dumps([get_spec(n).to_dict() for n in names], indent=2))
+    if as_json:  # cpu_uint8_route: uint8 tiles on CPU take the 8-bit route (docs/shifts.md)
+        click.echo(json.dumps([{**get_spec(n).to_dict(), "cpu_uint8_route": has_u8_route(get_spec(n))} for n in names],
+                              indent=2))
         return
     if not names:
         click.echo(f"no shift matches {pattern!r}")
         return
     for n in names:
         spec = get_spec(n)
-        click.echo(f"{n:20s} {spec.family:13s} {'held-out' if spec.held_out else 'train':8s} {spec.description}")
+        route = "  [8-bit CPU route]" if has_u8_route(spec) else ""
+        click.echo(f"{n:20s} {spec.family:13s} {'held-out' if spec.held_out else 'train':8s} {spec.description}{route}")
         for k, vals in spec.table.items():
             click.echo(f"{'':43s}{k} [{spec.units.get(k, '')}]: " + "  ".join(f"S{i + 1}={v:g}" for i, v in enumerate(vals)))
         click.echo(f"{'':43s}source: {spec.source}")
