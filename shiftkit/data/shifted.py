@@ -166,7 +166,9 @@ def shift_route(shift: str, images: torch.Tensor) -> str:
 
 class ShiftedDataset(torch.utils.data.Dataset):
     """On-the-fly shifted copy of a dataset: ``ShiftedDataset(base, "jpeg", 3, seed=0)[i]`` gives the same
-    pixels as ``shiftkit simulate`` writes for that tile.
+    pixels as ``shiftkit simulate`` (on CPU) writes for that tile. It runs on CPU, so it takes the route simulate
+    takes there (:func:`shift_route`); a set simulated with ``--device cuda`` took the float route and agrees
+    within that route's tolerance (docs/simulate.md).
 
     Args:
         base: a :class:`TileDataset` or anything it accepts (folder, CSV manifest).
