@@ -179,3 +179,13 @@ def test_uint8_tiles_on_cuda_take_the_float_route_within_the_stated_tolerance(ti
     # CPU 8-bit route vs CUDA float route: the route tolerance plus a device's float rounding (one more level)
     limit = {"equal": 1, "one": 2}.get(TOLERANCE[name], 9)
     assert int(d.max()) <= limit and float(d.float().mean()) < 0.4
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_jpeg2000_refuses_tiles_too_small_for_openjpeg_by_size_on_both_routes(dtype):
+    x = torch.zeros(1, 3, 16, 64, dtype=torch.uint8)
+    x = x if dtype == torch.uint8 else x.float()
+    with pytest.raises(ValueError, match="at least 32 px.*got 16x64"):
+        shift_tiles(x, "jpeg2000", 3, [0])
+    ok = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    assert shift_tiles(ok if dtype == torch.uint8 else ok.float(), "jpeg2000", 3, [0])[0].shape == (1, 3, 32, 32)

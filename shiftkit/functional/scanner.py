@@ -422,8 +422,20 @@ def _from_planar_u8(planes: np.ndarray, device, dtype) -> torch.Tensor:
     return u8.to(device=device, dtype=dtype) / 255.0
 
 
+#: OpenJPEG's default of 6 resolution levels needs tiles of at least 2⁵ = 32 px on each side.
+JPEG2000_MIN_SIDE = 32
+
+
+def check_jpeg2000_size(h: int, w: int) -> None:
+    """Refuse tiles OpenJPEG cannot encode with a message that says so (instead of OpenCV's codec error)."""
+    if min(h, w) < JPEG2000_MIN_SIDE:
+        raise ValueError(f"`images` too small for JPEG 2000: expected tiles of at least {JPEG2000_MIN_SIDE} px on each "
+                         f"side (OpenJPEG's 6 resolution levels), got {h}x{w}")
+
+
 def jpeg2000(images: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """JPEG 2000 at a compression ``ratio`` (e.g. 35 for 35:1) per sample, through OpenCV's OpenJPEG."""
+    check_jpeg2000_size(*images.shape[-2:])
     dev, dtype = images.device, images.dtype
     planes = _planar_u8(images)
     out = np.empty_like(planes)
@@ -462,6 +474,8 @@ def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0
 
 
 __all__ = [
+    "JPEG2000_MIN_SIDE",
+    "check_jpeg2000_size",
     "gaussian_kernel_1d",
     "motion_kernel",
     "line_stripes",

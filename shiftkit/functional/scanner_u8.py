@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from .scanner import disk_kernel, gaussian_kernel_1d, motion_kernel
+from .scanner import check_jpeg2000_size, disk_kernel, gaussian_kernel_1d, motion_kernel
 
 Params = Dict[str, torch.Tensor]
 
@@ -156,6 +156,7 @@ def jpeg_u8(images: np.ndarray, quality: torch.Tensor, offset: torch.Tensor | No
 def jpeg2000_u8(images: np.ndarray, ratio: torch.Tensor) -> np.ndarray:
     """:func:`~shiftkit.functional.scanner.jpeg2000` on 8-bit tiles (equal bytes)."""
     x = _tiles(images)
+    check_jpeg2000_size(*x.shape[1:3])
     out = np.empty_like(x)
     ratios = ratio.cpu().double().tolist()
 
