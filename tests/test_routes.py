@@ -98,9 +98,11 @@ def test_replay_per_route_is_exact_and_independent_of_batch_mates(tiles_u8):
     assert torch.equal(a, b) and torch.equal(a[2:3], one)
 
 
-def test_apply_u8_refuses_float_tiles_by_name():
+def test_apply_u8_refuses_float_tiles_and_shifts_without_an_8bit_kernel_by_name():
     with pytest.raises(ValueError, match="gamma.*expected uint8"):
         apply_u8(get_spec("gamma"), np.zeros((1, 8, 8, 3), np.float32), {"gamma": torch.tensor([1.2])})
+    with pytest.raises(ValueError, match="sensor-noise.*no 8-bit route"):
+        apply_u8(get_spec("sensor-noise"), np.zeros((1, 8, 8, 3), np.uint8), {})
 
 
 def test_the_route_follows_device_and_dtype():
@@ -142,7 +144,7 @@ def test_simulate_refuses_to_resume_a_run_of_another_route(src, tmp_path):
     config = json.loads(state.read_text())
     config["routes"] = {"jpeg": "float"}  # as a CUDA run would have written it
     state.write_text(json.dumps(config))
-    with pytest.raises(ConfigMismatchError, match="routes"):
+    with pytest.raises(ConfigMismatchError, match="route of 'jpeg' \\(float -> uint8-cpu"):
         simulate(src, out, ["jpeg"], [1], seed=0)
 
 

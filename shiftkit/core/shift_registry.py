@@ -42,7 +42,7 @@ class ShiftSpec:
         sample: ``sample(values, generator, batch) -> params``: ``values`` maps each table parameter to its
             ``(B,)`` values at the sample's severity; the sampler adds the random parts (directions, seeds).
         kernel_u8: optional 8-bit CPU twin of ``kernel``: ``kernel_u8(tiles, params) -> tiles`` on uint8 numpy
-            ``(B, H, W, 3)``, same parameters (the "uint8-cpu" route, :func:`shiftkit.shifts.apply_u8`).
+            ``(B, H, W, 3)``, same parameters (the "uint8-cpu" route, :func:`shiftkit.shifts.routes.apply_u8`).
         pointwise: ``kernel`` maps each channel value on its own (a tone curve), so the 8-bit route applies it as
             one 256-entry lookup table per sample and channel, computed by ``kernel`` itself.
     """

@@ -4,7 +4,7 @@ Every output is a pure function of ``(source pixels, shift, severity, mpp, sampl
 ``derive_seed(seed, shift, severity, sample_id)`` and ``sample_id`` is the tile's path relative to the dataset
 root. Batch size, worker count, order and shard do not change the pixels. The device picks the route
 (:func:`shift_route`): on CPU, shifts with an 8-bit kernel run on the uint8 tiles as they are ("uint8-cpu"); on
-other devices every shift takes the float route, equal to the 8-bit route within the tolerances tests/test_shifts.py
+other devices every shift takes the float route, equal to the 8-bit route within the tolerances tests/test_routes.py
 states. The route is part of the run's configuration, recorded in the manifest and checked on resume. Outputs are written atomically; a journal line (with the output's SHA-256) follows each write, so a
 killed run restarted with the same arguments verifies what exists and finishes only what is missing.
 """
@@ -148,10 +148,8 @@ def shift_tiles(images: torch.Tensor, shift: str, severity: int, seeds: Sequence
             return torch.from_numpy(y).permute(0, 3, 1, 2), drawn
         x = images.contiguous().float().div_(255)  # NCHW-contiguous: the float kernels are slower on channels-last
         params["forward_input_shape"] = torch.tensor(tuple(x.shape))
-        y = t(x, params=params)
-        if y.data_ptr() != x.data_ptr() and y.is_floating_point():  # the kernel's own output: round it in place
-            return y.clamp_(0, 1).mul_(255).round_().to(torch.uint8), drawn
-        return (y.clamp(0, 1) * 255).round_().to(torch.uint8), drawn
+        # x and the kernel's output are this call's own tensors: round in place
+        return t(x, params=params).clamp_(0, 1).mul_(255).round_().to(torch.uint8), drawn
     params["forward_input_shape"] = torch.tensor(tuple(images.shape))
     return t(images, params=params), drawn
 
@@ -260,10 +258,17 @@ def default_workers() -> int:
 def shift_routes(names: Sequence[str], device: str = "cpu") -> Dict[str, str]:
     """Each shift's route for uint8 tiles on ``device`` (what :func:`shift_tiles` takes there)."""
     from ..shifts.registry import get_spec
-    from ..shifts.routes import has_u8_route
+    from ..shifts.routes import route_on
 
-    cpu = torch.device(device).type == "cpu"
-    return {n: "uint8-cpu" if cpu and has_u8_route(get_spec(n)) else "float" for n in names}
+    return {n: route_on(get_spec(n), device) for n in names}
+
+
+def route_differences(old_routes: Dict[str, str], new_routes: Dict[str, str], earlier: Sequence[str],
+                      unrecorded: Optional[str] = "float") -> List[str]:
+    """The shifts made before (``earlier``) whose route would change (another device), as messages. A shift without
+    a recorded route counts as ``unrecorded`` (simulate's sets from before routes took the float route)."""
+    return [f"route of {n!r} ({old_routes.get(n, unrecorded)} -> {r}; another device)"
+            for n, r in new_routes.items() if n in earlier and old_routes.get(n, unrecorded) != r]
 
 
 def _state_config(specs, seed: int, mpp: Optional[float], fmt: str, device: str = "cpu") -> dict:
@@ -282,9 +287,7 @@ def _config_differences(old: dict, new: dict) -> List[str]:
     old_shifts = old.get("shifts", {})
     diffs += [f"shift {n!r} configuration (content hash {old_shifts[n][:12]} -> {h[:12]})"
               for n, h in new["shifts"].items() if n in old_shifts and old_shifts[n] != h]
-    old_routes = old.get("routes", {})  # sets made before routes existed took the float route everywhere
-    diffs += [f"routes: shift {n!r} ({old_routes.get(n, 'float')!r} -> {r!r}; another device)"
-              for n, r in new.get("routes", {}).items() if n in old_shifts and old_routes.get(n, "float") != r]
+    diffs += route_differences(old.get("routes", {}), new.get("routes", {}), old_shifts)
     return diffs
 
 

@@ -76,13 +76,19 @@ def _grouped_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(y, wgt, groups=b * c).view(b, c, h, w)
 
 
-def gaussian_kernel_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalized 1-D Gaussian taps ``(B, 2·radius + 1)`` (float64), one row per σ; σ <= 0 gives the identity."""
+def _gaussian_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     ax = torch.arange(-radius, radius + 1, dtype=torch.float64)
     s = sigma.double().clamp_min(1e-6)[:, None]
     k = torch.exp(-(ax[None] ** 2) / (2 * s * s))
     k = torch.where(sigma[:, None] <= 0, (ax[None] == 0).double(), k)
     return k / k.sum(-1, keepdim=True)
+
+
+def gaussian_taps(sigma: torch.Tensor, size) -> torch.Tensor:
+    """The separable taps of :func:`gaussian_blur` for tiles of ``size`` ``(H, W)``: ``(B, 2r + 1)`` float64, one
+    normalized row per σ (σ <= 0: the identity), radius ``r = ceil(3·max σ)``, at least 1, below the tile's side."""
+    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+    return _gaussian_1d(sigma.cpu(), min(radius, min(size) - 1))
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -92,9 +98,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """
     if images.shape[0] == 0:
         return images.clone()
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    radius = min(radius, min(images.shape[-2:]) - 1)
-    k = gaussian_kernel_1d(sigma.cpu(), radius).to(images)
+    k = gaussian_taps(sigma, images.shape[-2:]).to(images)
     if _on_cpu_without_grad(images):  # both passes in one OpenCV call per plane
         src = images.contiguous().numpy()
         kn = k.to(images.dtype).numpy()
@@ -476,7 +480,7 @@ def section_thickness(images: torch.Tensor, scale: torch.Tensor, i0: float = 1.0
 __all__ = [
     "JPEG2000_MIN_SIDE",
     "check_jpeg2000_size",
-    "gaussian_kernel_1d",
+    "gaussian_taps",
     "motion_kernel",
     "line_stripes",
     "focal_tilt",

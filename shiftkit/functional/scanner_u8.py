@@ -3,16 +3,16 @@
 This is what ``shiftkit simulate`` and the stress test run on a CPU: tiles arrive as 8-bit images and leave as
 8-bit images, so converting to float, filtering planes and rounding back costs more than the corruption itself.
 Each kernel takes the same per-sample parameters as its float twin in :mod:`shiftkit.functional.scanner` and
-builds the same PSF; tiles are spread over ``torch.get_num_threads()`` threads; results equal ``round(255 · float_route(x / 255))`` exactly for the codecs (JPEG, JPEG 2000,
-which already ran through 8 bits) and within one level for the filters (OpenCV's 8-bit filtering rounds once at
-the end; tests/test_shifts.py states the tolerances). Pointwise tone curves use :func:`pointwise_lut`: a
+builds the same PSF; tiles are spread over ``torch.get_num_threads()`` threads. Results equal
+``round(255 · float_route(x / 255))`` exactly for the codecs (JPEG, JPEG 2000, which already ran through 8 bits)
+and within one level for the filters (OpenCV's 8-bit filtering rounds once at the end); tests/test_routes.py
+states every tolerance. Pointwise tone curves use :func:`pointwise_lut`: a
 256-entry table per sample computed by the float kernel itself, so they are equal to the float route up to float
 rounding of the same operations.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict
 
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from .scanner import check_jpeg2000_size, disk_kernel, gaussian_kernel_1d, motion_kernel
+from .scanner import check_jpeg2000_size, disk_kernel, gaussian_taps, motion_kernel
 
 Params = Dict[str, torch.Tensor]
 
@@ -50,9 +50,7 @@ def gaussian_blur_u8(images: np.ndarray, sigma: torch.Tensor) -> np.ndarray:
     x = _tiles(images)
     if x.shape[0] == 0:
         return x.copy()
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    radius = min(radius, min(x.shape[1:3]) - 1)
-    k = gaussian_kernel_1d(sigma.cpu(), radius).float().numpy()
+    k = gaussian_taps(sigma, x.shape[1:3]).float().numpy()
     out = np.empty_like(x)
     identity = (sigma.cpu() <= 0).tolist()
 
@@ -71,6 +69,7 @@ def _filter_u8(x: np.ndarray, kernels: np.ndarray, identity) -> np.ndarray:
     kh, kw = kernels.shape[-2:]
     if kh // 2 >= x.shape[1] or kw // 2 >= x.shape[2]:
         raise ValueError(f"`kernel` is too large for the tile: expected a kernel smaller than {x.shape[1:3]}, got {(kh, kw)}")
+
     def one(i: int) -> None:
         if identity[i]:
             out[i] = x[i]
@@ -105,6 +104,7 @@ def saturation_u8(images: np.ndarray, factor: torch.Tensor) -> np.ndarray:
     x = _tiles(images)
     out = np.empty_like(x)
     factors = factor.cpu().double().tolist()
+
     def one(i: int) -> None:
         if factors[i] == 1:
             out[i] = x[i]
@@ -124,9 +124,7 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes t
 
 
 def _decode_rgb(buf: np.ndarray, dst: np.ndarray, dy: int, dx: int) -> None:
-    if _IMREAD_RGB is not None and not (dy or dx):
-        dst[...] = cv2.imdecode(buf, _IMREAD_RGB)
-    elif _IMREAD_RGB is not None:
+    if _IMREAD_RGB is not None:
         dst[...] = cv2.imdecode(buf, _IMREAD_RGB)[dy:, dx:]
     else:
         cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR)[dy:, dx:], cv2.COLOR_BGR2RGB, dst=dst)
@@ -139,6 +137,7 @@ def jpeg_u8(images: np.ndarray, quality: torch.Tensor, offset: torch.Tensor | No
     out = np.empty_like(x)
     qualities = quality.long().tolist()
     offsets = offset.long().tolist() if offset is not None else [(0, 0)] * x.shape[0]
+
     def one(i: int) -> None:
         tile = cv2.cvtColor(x[i], cv2.COLOR_RGB2BGR)
         dy, dx = offsets[i]

@@ -26,33 +26,29 @@ def has_u8_route(spec: ShiftSpec) -> bool:
     return spec.kernel_u8 is not None or spec.pointwise
 
 
+def route_on(spec: ShiftSpec, device) -> str:
+    """The route of uint8 tiles on ``device``: "uint8-cpu" on CPU for a shift with an 8-bit kernel, else "float"."""
+    return "uint8-cpu" if torch.device(device).type == "cpu" and has_u8_route(spec) else "float"
+
+
 def route_for(spec: ShiftSpec, images: torch.Tensor) -> str:
-    """The route :func:`~shiftkit.data.shifted.shift_tiles` takes for ``images``: "uint8-cpu" for uint8 CPU tiles
-    and a shift with an 8-bit kernel, else "float"."""
-    if images.dtype == torch.uint8 and images.device.type == "cpu" and has_u8_route(spec):
-        return "uint8-cpu"
-    return "float"
-
-
-def _float_round_trip(spec: ShiftSpec, tiles: np.ndarray, params) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().float().div_(255)
-    x = spec.kernel(x, params)
-    return (x.clamp(0, 1) * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    """The route :func:`~shiftkit.data.shifted.shift_tiles` takes for ``images`` (float input: always "float")."""
+    return route_on(spec, images.device) if images.dtype == torch.uint8 else "float"
 
 
 def apply_u8(spec: ShiftSpec, tiles: np.ndarray, params: Dict[str, torch.Tensor]) -> np.ndarray:
     """Apply ``spec`` on the 8-bit route: uint8 numpy ``(B, H, W, 3)`` in and out, the float route's parameters.
 
-    A pointwise shift runs as lookup tables, a shift with ``kernel_u8`` runs it; any other shift runs its float
-    kernel once on ``tiles / 255`` and is rounded back (what the float route does with uint8 input).
+    A pointwise shift runs as lookup tables, a shift with ``kernel_u8`` runs it; a shift with neither has no 8-bit
+    route (:func:`~shiftkit.data.shifted.shift_tiles` sends it the float route) and is refused.
     """
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"`tiles` of {spec.name!r}: expected uint8 (B, H, W, 3), got {tiles.dtype} {tiles.shape}")
     if spec.pointwise:
         return pointwise_lut(spec.kernel, tiles, params)
-    if spec.kernel_u8 is not None:
-        return spec.kernel_u8(tiles, params)
-    return _float_round_trip(spec, tiles, params)
+    if spec.kernel_u8 is None:
+        raise ValueError(f"`spec` {spec.name!r} has no 8-bit route: expected a shift with kernel_u8 or pointwise=True")
+    return spec.kernel_u8(tiles, params)
 
 
-__all__ = ["ROUTES", "apply_u8", "has_u8_route", "route_for"]
+__all__ = ["ROUTES", "apply_u8", "has_u8_route", "route_for", "route_on"]

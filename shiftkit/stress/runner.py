@@ -23,7 +23,7 @@ from .. import __version__
 from ..core.files import file_sha256
 from ..data.io import write_image
 from ..core.shift_registry import SEVERITY_TABLE_VERSION
-from ..data.shifted import SAMPLER_VERSION, TileDataset, sample_seed, shift_routes, shift_tiles
+from ..data.shifted import SAMPLER_VERSION, TileDataset, route_differences, sample_seed, shift_routes, shift_tiles
 from ..metrics import functional as M
 from ..models import load_encoder
 from ..shifts import get_spec, list_shifts
@@ -216,9 +216,8 @@ def run_stress_test(
         old = json.loads(cfg_path.read_text())
         diffs = [k for k in ("models", "data", "n_candidates", "seed", "shiftkit") if old.get(k) != config[k]]
         diffs += [f"shift {n!r}" for n, h in config["shifts"].items() if n in old.get("shifts", {}) and old["shifts"][n] != h]
-        old_routes = old.get("routes", {})
-        diffs += [f"route of {n!r} ({old_routes.get(n)} -> {r}; another device)" for n, r in config["routes"].items()
-                  if n in old.get("shifts", {}) and old_routes.get(n) != r]
+        old_routes = old.get("routes", {})  # a run from before routes also read float tiles: never resumed
+        diffs += route_differences(old_routes, config["routes"], old.get("shifts", {}), unrecorded=None)
         if diffs:
             raise StressConfigError(f"`out_dir` {out} holds a stress test made with another configuration: expected the "
                                     f"same model, weights, data, seed and shift definitions to resume it, got differences in "
