@@ -351,6 +351,48 @@ def bootstrap_pairs(per_seed_ranks, per_seed_cos, n_boot: int = 2000, seed: int 
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in stats.items()}
 
 
+def reference_rotation(seeds) -> dict:
+    """Top-1 of the references that trained on no MITOS slide, on every MITOS slide in turn (each slide's 20 Aperio
+    queries against its own 20 Hamamatsu crops), under their own embedding and the grid readout:
+    ``{name: {slide: top-1}}`` plus ``"all"``, the mean over slides with a bootstrap over all pairs."""
+    import timm
+
+    from shiftkit.models import load_encoder
+    from shiftkit.models.encoders import Encoder
+
+    pairs = mitos_pairs()
+    slides = sorted({p[2] for p in pairs})
+    embedders = {"grayscale pixels (NCC)": gray_pixels, "colour histogram": colour_histogram}
+    bundled = load_encoder("default")
+    embedders["bundled encoder (today)"] = _encoder_embed(bundled)
+    embedders[f"bundled encoder, grid {GRID} x {GRID}"] = _grid_embed(bundled)
+    for s in seeds:
+        torch.manual_seed(s)
+        enc = Encoder(timm.create_model("resnet10t", pretrained=False, num_classes=0).eval(), "untrained", 112)
+        embedders[f"untrained ResNet-10t seed {s}"] = _encoder_embed(enc)
+        embedders[f"untrained ResNet-10t seed {s}, grid {GRID} x {GRID}"] = _grid_embed(enc)
+        embedders[f"untrained ResNet-10t seed {s}, grayscale input, grid {GRID} x {GRID}"] = _grid_embed(enc, gray=True)
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, embed in embedders.items():
+        hits = []
+        row = {}
+        for sl in slides:
+            q = [_center(a) for a, _, s_, _ in pairs if s_ == sl]
+            g = [_center(h) for _, h, s_, _ in pairs if s_ == sl]
+            h = np.asarray(retrieval(embed(q), embed(g))["rank"]) == 0
+            row[sl] = float(h.mean())
+            hits.append(h)
+        h = np.concatenate(hits)
+        boot = [h[rng.integers(0, len(h), len(h))].mean() for _ in range(2000)]
+        row["all"] = [float(h.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        # one gallery of every slide's Hamamatsu crops (as the issue's 80-crop evaluation pools its slides)
+        rank = retrieval(embed([_center(a) for a, _, _, _ in pairs]), embed([_center(h) for _, h, _, _ in pairs]))["rank"]
+        row["pooled_gallery"] = float(np.mean(np.asarray(rank) == 0))
+        out[name] = row
+    return out
+
+
 def synthetic_sets(ev, only=None) -> dict:
     """Every registered synthetic shift (learned transfers left out) at severities 3-5 on the held-out Aperio
     crops and the Camelyon17 crops, as uint8: ``{(shift, family, severity): (N, 3, 224, 224)}`` plus ``"clean"``."""
@@ -465,7 +507,8 @@ def evaluate(arms, seeds, steps: int, heldout: str, only_shifts=None) -> dict:
             corr[f"{fam} vs real_centred_cosine"] = spearman_with_ci([e["per_family"][fam] for e in encoders],
                                                                      [e["real_centred_cosine"] for e in encoders])
     prepared = json.loads((WORK / "prepared.json").read_text())
-    return {"rows": rows, "grid_rows": {k: summarise(v) for k, v in grid.items()}, "grid": GRID, "encoders": encoders, "spearman": corr, "config": {"steps": steps, "seeds": list(seeds), "batch_size": 32, "recipe": "cpu-small",
+    return {"rows": rows, "grid_rows": {k: summarise(v) for k, v in grid.items()}, "grid": GRID,
+            "reference_rotation": reference_rotation(seeds), "encoders": encoders, "spearman": corr, "config": {"steps": steps, "seeds": list(seeds), "batch_size": 32, "recipe": "cpu-small",
                                      "heldout_slide": heldout, "arms": {a: ARMS[a] for a in arms}, "prepared": prepared,
                                      "torch": torch.__version__, "threads": torch.get_num_threads()}}
 
@@ -499,6 +542,17 @@ def write_results(res: dict) -> None:
             b = r["bootstrap_over_pairs"]["top1"]
             lines.append(f"| {name} | {len(r['seeds'])} | {f(r['top1'])} | [{b[0]:.3f}, {b[1]:.3f}] | {f(r['top5'])} | "
                          f"{f(r['knn_ba'])} | {f(r['centre_auc'])} |")
+    if res.get("reference_rotation"):
+        rot = res["reference_rotation"]
+        sl = [k for k in next(iter(rot.values())) if k not in ("all", "pooled_gallery")]
+        lines += ["", "## References on every MITOS slide (none of them trained on any)", "",
+                  "Top-1 per slide (each slide's Aperio crops against its own Hamamatsu crops, chance 0.05); 'all': the "
+                  "mean over every pair with a bootstrap over pairs; 'pooled gallery': every Aperio crop against the "
+                  f"Hamamatsu crops of all slides at once (chance 1/{20 * len(sl)}).", "",
+                  "| reference | " + " | ".join(f"slide {k}" for k in sl) + " | all | pooled gallery |", "|---" * (len(sl) + 3) + "|"]
+        for name, row in rot.items():
+            a = row["all"]
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in sl) + f" | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {row['pooled_gallery']:.3f} |")
     if res.get("spearman"):
         lines += ["", f"## Does the synthetic stress test predict real shift? ({len(res['encoders'])} encoders)", "",
                   "Spearman ρ across every arm x seed encoder [95 % bootstrap over encoders]. Synthetic = mean centred "
