@@ -475,8 +475,8 @@ def evaluate(arms, seeds, steps: int, heldout: str, only_shifts=None) -> dict:
     for s in seeds:
         torch.manual_seed(s)
         m = timm.create_model("resnet10t", pretrained=False, num_classes=0)
-        untrained[s] = evaluate_embedder(_encoder_embed(Encoder(m.eval(), "untrained", 112)), ev)
         enc_u = Encoder(m.eval(), "untrained", 112)
+        untrained[s] = evaluate_embedder(_encoder_embed(enc_u), ev)
         grid.setdefault("untrained ResNet-10t", {})[s] = evaluate_embedder(_grid_embed(enc_u), ev)
         grid.setdefault("untrained ResNet-10t, grayscale input", {})[s] = evaluate_embedder(_grid_embed(enc_u, gray=True), ev)
     rows["untrained ResNet-10t"] = summarise(untrained)
@@ -525,10 +525,13 @@ def write_results(res: dict) -> None:
              "bootstrap over the held-out pairs (seed-averaged).", "",
              "| encoder | seeds | top-1 ↑ | top-1 bootstrap | top-5 ↑ | twin cosine ↑ | Kather kNN BA ↑ | centre AUC ↓ |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in res["rows"].items():
+
+    def row(name, r, cols):
         b = r["bootstrap_over_pairs"]["top1"]
-        lines.append(f"| {name} | {len(r['seeds'])} | {f(r['top1'])} | [{b[0]:.3f}, {b[1]:.3f}] | {f(r['top5'])} | "
-                     f"{f(r['twin_cosine'])} | {f(r['knn_ba'])} | {f(r['centre_auc'])} |")
+        return (f"| {name} | {len(r['seeds'])} | {f(r['top1'])} | [{b[0]:.3f}, {b[1]:.3f}] | "
+                + " | ".join(f(r[k]) for k in cols) + " |")
+
+    lines += [row(name, r, ("top5", "twin_cosine", "knn_ba", "centre_auc")) for name, r in res["rows"].items()]
     lines += ["", f"{next(iter(res['rows'].values()))['n_pairs']} held-out pairs: chance top-1 = 1/{next(iter(res['rows'].values()))['n_pairs']}."]
     if res.get("grid_rows"):
         g = res["grid"]
@@ -538,10 +541,7 @@ def write_results(res: dict) -> None:
                   "nothing estimated on the test set. 'grayscale input': each image's luma, standardized per image.", "",
                   "| encoder | seeds | top-1 ↑ | top-1 bootstrap | top-5 ↑ | Kather kNN BA ↑ | centre AUC ↓ |",
                   "|---|---|---|---|---|---|---|"]
-        for name, r in res["grid_rows"].items():
-            b = r["bootstrap_over_pairs"]["top1"]
-            lines.append(f"| {name} | {len(r['seeds'])} | {f(r['top1'])} | [{b[0]:.3f}, {b[1]:.3f}] | {f(r['top5'])} | "
-                         f"{f(r['knn_ba'])} | {f(r['centre_auc'])} |")
+        lines += [row(name, r, ("top5", "knn_ba", "centre_auc")) for name, r in res["grid_rows"].items()]
     if res.get("reference_rotation"):
         rot = res["reference_rotation"]
         sl = [k for k in next(iter(rot.values())) if k not in ("all", "pooled_gallery")]
