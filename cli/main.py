@@ -789,6 +789,11 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
               "(strength 0.6-1.0, p 0.5).")
 @click.option("--pair-views", is_flag=True, help="Where the manifest pairs tiles (pair_id + scanner or condition), make "
               "the second global view from the registered twin under another scanner, cropped with its partner's box.")
+@click.option("--input-norm", default=None, type=click.Choice(["fixed", "per-image"]),
+              help="How views and, later, every embedded image are standardized: fixed ImageNet mean/std (default) or "
+                   "each image's channels by their own mean and std (removes per-channel colour shifts).")
+@click.option("--embed-grid", default=None, type=int, help="Embedding of the exported encoder: 1 = global (default); "
+              "G > 1 = the last feature map pooled to G x G and flattened (keeps layout; CNNs only).")
 @click.option("--max-per-slide", default=None, type=int, help="Keep at most N tiles per slide (slide column, else folder).")
 @click.option("--balance-by", default="", help="Comma-separated manifest columns to balance, e.g. site,scanner.")
 @click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every); default: the "
@@ -805,8 +810,8 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.pass_context
 def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, lr, augment, transfers, pair_views,
-             max_per_slide, balance_by, val, knn_every, checkpoint_every, export_dtype, workers, device, seed, config_file,
-             resume):
+             input_norm, embed_grid, max_per_slide, balance_by, val, knn_every, checkpoint_every, export_dtype, workers,
+             device, seed, config_file, resume):
     """Self-supervised DINO pretraining under controlled stain/scanner shift; writes RUN_DIR/encoder.safetensors.
 
     One process on CPU or GPU, or many under torchrun (NCCL on GPU, Gloo on CPU):
@@ -831,6 +836,7 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
     # what the command line says explicitly is compared with it (a changed setting is refused, by name)
     given = {k: v for k, v in dict(data=data, out=str(out_dir), model=model, recipe=recipe, steps=steps,
                                     batch_size=batch_size, accumulate=accumulate, lr=lr, augment=augment,
+                                    input_norm=input_norm, embed_grid=embed_grid,
                                     max_per_slide=max_per_slide, val=val, knn_every=knn_every,
                                     checkpoint_every=checkpoint_every, export_dtype=export_dtype, workers=workers,
                                     device=device, seed=seed).items()

@@ -159,7 +159,7 @@ def test_cli_pretrain_then_stress_test(data, tmp_path):
     run = tmp_path / "run"
     args = ["pretrain", "--data", str(data), "--out", str(run), "--recipe", "cpu-small", "--steps", "2",
             "--batch-size", "8", "--workers", "0", "--augment", "shiftkit", "--balance-by", "site",
-            "--max-per-slide", "6", "--device", "cpu"]
+            "--max-per-slide", "6", "--device", "cpu", "--input-norm", "per-image", "--embed-grid", "2"]
     cfgf = tmp_path / "c.json"
     cfgf.write_text(json.dumps({"global_size": 32, "local_size": 16, "n_local": 2, "out_dim": 128, "bottleneck_dim": 32,
                                 "hidden_dim": 64, "load_size": 64}))
@@ -174,7 +174,9 @@ def test_cli_pretrain_then_stress_test(data, tmp_path):
     r = CliRunner().invoke(cli, ["stress-test", "--model", str(run), "--data", str(data), "--shifts", "jpeg",
                                  "--severities", "1", "--out", str(out), "--no-gallery"])
     assert r.exit_code == 0, r.output
-    assert "resnet10t (timm)" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    # the report names the encoder and how images reach its embedding
+    assert "resnet10t (timm)" in html and "per-image channel standardization, 2 x 2 grid" in html
 
 
 def test_unreadable_tiles_are_replaced_and_listed(data, tmp_path):
@@ -492,3 +494,78 @@ def test_cuda_pair_views_and_transfers_run_is_finite(tmp_path):
     s = pretrain(_cfg(root / "m.csv", tmp_path / "run", steps=3, device="cuda", augment="synthetic",
                       pair_views=True, transfers=tuple(train)))
     assert s["status"] == "finished" and np.isfinite(_losses(tmp_path / "run")).all()
+
+
+# --------------------------------------------------------------------------------------------- input and readout
+def test_per_image_input_is_a_per_channel_z_score_and_removes_affine_colour_shifts(monkeypatch):
+    from shiftkit.models import encoders
+
+    x = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    got = encoders.standardize_input(x, "per-image")
+    a = x.numpy().astype(np.float64)  # independent reference: numpy's z-score with the same std floor
+    mu, sd = a.mean(axis=(2, 3), keepdims=True), a.std(axis=(2, 3), ddof=1, keepdims=True)
+    np.testing.assert_allclose(got.numpy(), (a - mu) / (sd + encoders.PER_IMAGE_STD_FLOOR), rtol=1e-5, atol=1e-5)
+    # a per-channel gain and offset (a scanner's or a lab's colour cast, to first order) leaves nothing behind once
+    # the floor is out of the way; with the floor, the residue is a scale near 1
+    gain, offset = torch.tensor([0.7, 1.2, 0.9]).view(1, 3, 1, 1), torch.tensor([0.1, -0.05, 0.02]).view(1, 3, 1, 1)
+    monkeypatch.setattr(encoders, "PER_IMAGE_STD_FLOOR", 0.0)
+    torch.testing.assert_close(encoders.standardize_input(x * gain + offset, "per-image"),
+                               encoders.standardize_input(x, "per-image"), rtol=1e-4, atol=1e-4)
+    # the fixed route is ImageNet's mean/std, and a flat image stays finite under the per-image one
+    m, s = torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(encoders.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(encoders.standardize_input(x, "fixed"), (x - m) / s)
+    monkeypatch.setattr(encoders, "PER_IMAGE_STD_FLOOR", 1e-2)
+    assert torch.isfinite(encoders.standardize_input(torch.full((1, 3, 8, 8), 0.9), "per-image")).all()
+    with pytest.raises(Exception, match="input_norm"):
+        encoders.standardize_input(x, "lab")
+
+
+def test_grid_embedding_is_the_pooled_feature_map_and_refines_the_global_one():
+    import timm
+
+    from shiftkit.core.errors import InvalidArgumentError
+    from shiftkit.models.encoders import Encoder, standardize_input
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+    x = torch.rand(5, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    glob = Encoder(m, "r", 112).embed(x)
+    grid = Encoder(m, "r", 112, grid=4).embed(x)
+    assert glob.shape == (5, 512) and grid.shape == (5, 512 * 16)
+    with torch.no_grad():  # at 112² a ResNet's last map is 4 x 4: the grid readout is that map, flattened
+        xs = torch.nn.functional.interpolate(x, size=(112, 112), mode="bilinear", antialias=True, align_corners=False)
+        fmap = m.forward_features(standardize_input(xs))
+    assert fmap.shape[-2:] == (4, 4)
+    np.testing.assert_allclose(grid, fmap.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    # the mean of the 16 cells of each channel is the global embedding
+    np.testing.assert_allclose(grid.reshape(5, 512, 16).mean(-1), glob, rtol=1e-4, atol=1e-5)
+    # per-image statistics: an image embeds the same whatever it is batched with
+    per = Encoder(m, "r", 112, input_norm="per-image", grid=2)
+    np.testing.assert_allclose(per.embed(x)[:1], per.embed(x[:1]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="grid"):
+        Encoder(torch.nn.Identity(), "plain module", 112, grid=2)
+    with pytest.raises(InvalidArgumentError, match="grid"):
+        Encoder(m, "r", 112, grid=0)
+    with pytest.raises(InvalidArgumentError, match="input_norm"):
+        Encoder(m, "r", 112, input_norm="lab")
+
+
+def test_pretrain_with_per_image_input_and_a_grid_exports_both_and_refuses_bad_values(data, tmp_path):
+    from shiftkit.models import load_encoder
+
+    run = tmp_path / "run"
+    pretrain(_cfg(data, run, steps=2, input_norm="per-image", embed_grid=2, val=str(data), knn_every=2))
+    meta = json.loads((run / "encoder.json").read_text())
+    assert meta["input_norm"] == "per-image" and meta["embed_grid"] == 2
+    enc = load_encoder(str(run))
+    assert enc.input_norm == "per-image" and enc.grid == 2 and "per-image" in enc.info["architecture"]
+    emb = enc.embed(torch.rand(3, 3, 64, 64))
+    assert emb.shape == (3, 512 * 4) and np.isfinite(emb).all()
+    knn = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "knn_balanced_accuracy" in e]
+    assert knn and 0 <= knn[-1]["knn_balanced_accuracy"] <= 1
+    with pytest.raises(Exception, match="input_norm"):
+        pretrain(_cfg(data, tmp_path / "a", input_norm="lab"))
+    with pytest.raises(Exception, match="embed_grid"):
+        pretrain(_cfg(data, tmp_path / "b", embed_grid=0))
+    with pytest.raises(Exception, match="embed_grid"):
+        pretrain(_cfg(data, tmp_path / "c", embed_grid=2, model="timm:vit_tiny_patch16_224"))

@@ -33,6 +33,28 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
+#: How an encoder's input is standardized: ``"fixed"`` — ``(x − mean) / std`` with the encoder's constants (ImageNet's
+#: by default); ``"per-image"`` — each image's channels by their own mean and standard deviation over the image, so a
+#: colour shift that is affine per channel (most of a scanner's or a lab's) is gone before the network sees it.
+INPUT_NORMS = ("fixed", "per-image")
+#: Added to the per-image standard deviation: a flat (blank) image stays finite.
+PER_IMAGE_STD_FLOOR = 1e-2
+
+
+def standardize_input(x: torch.Tensor, input_norm: str = "fixed", mean: Sequence[float] = IMAGENET_MEAN,
+                      std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """The network input of float images ``x`` ``(B, 3, H, W)`` in [0, 1] under ``input_norm`` (:data:`INPUT_NORMS`).
+
+    ``"per-image"`` uses statistics of each image alone (never of a batch or a test set), so an image embeds the same
+    whatever it is batched with."""
+    if input_norm == "fixed":
+        m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - m) / s
+    if input_norm == "per-image":
+        return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + PER_IMAGE_STD_FLOOR)
+    raise InvalidArgumentError(f"`input_norm` is invalid: expected one of {INPUT_NORMS}, got {input_norm!r}")
+
 
 def autocast_for(precision: str, device: str):
     """The autocast context of ``precision`` on ``device`` (an error naming it when impossible, e.g. fp16 on CPU)."""
@@ -62,25 +84,52 @@ class Encoder:
     info: dict = field(default_factory=dict)
     #: ``"auto"`` (bf16 autocast on CUDA, float32 elsewhere), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"fp32"``.
     precision: str = "auto"
+    #: :data:`INPUT_NORMS`: ``"fixed"`` (``mean``/``std``) or ``"per-image"`` (see :func:`standardize_input`).
+    input_norm: str = "fixed"
+    #: 1: the module's own (global) embedding; ``g > 1``: its last feature map average-pooled to ``g x g`` and
+    #: flattened, an embedding that keeps coarse layout (``g²`` times wider; CNN feature maps only).
+    grid: int = 1
+
+    def __post_init__(self):
+        if self.input_norm not in INPUT_NORMS:
+            raise InvalidArgumentError(f"`input_norm` is invalid: expected one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise InvalidArgumentError(f"`grid` out of range: expected a positive integer, got {self.grid!r}")
+        if self.grid > 1 and not callable(getattr(self.module, "forward_features", None)):
+            raise InvalidArgumentError(f"`grid` {self.grid} needs a feature map: expected a timm CNN with "
+                                       f"forward_features, got {type(self.module).__name__} ({self.spec})")
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-        """Embeddings ``(N, D)`` float32 of float images ``(N, 3, H, W)`` in [0, 1] (resized to ``input_size``)."""
+        """Embeddings ``(N, D)`` float32 of float images ``(N, 3, H, W)`` in [0, 1] (resized to ``input_size``,
+        standardized by ``input_norm``, pooled by ``grid``)."""
         m = self.module.to(device).eval()
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         out = []
         for s in range(0, images.shape[0], batch_size):
             x = images[s : s + batch_size].to(device).float()
             if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
                 x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                                     antialias=True, align_corners=False)
+            x = standardize_input(x, self.input_norm, self.mean, self.std)
             with autocast_for(self.precision, device):
-                f = m((x - mean) / std)
+                if self.grid > 1:
+                    f = m.forward_features(x)
+                    if f.ndim != 4:
+                        raise InvalidArgumentError(f"`grid` {self.grid} needs a feature map: expected (B, C, H, W) "
+                                                   f"features from {self.spec}, got shape {tuple(f.shape)}")
+                    f = torch.nn.functional.adaptive_avg_pool2d(f.float(), self.grid)
+                else:
+                    f = m(x)
             if f.ndim == 3:  # tokens: mean-pool
                 f = f.mean(1)
             out.append(f.float().flatten(1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+    def describe_input(self) -> str:
+        """How images reach the embedding, in words (for reports)."""
+        norm = "per-image channel standardization" if self.input_norm == "per-image" else "fixed mean/std"
+        pool = f"{self.grid} x {self.grid} grid of the last feature map" if self.grid > 1 else "global embedding"
+        return f"{self.input_size}² input, {norm}, {pool}"
 
 
 def _load_weights(module: nn.Module, weights: Path) -> str:
@@ -154,12 +203,15 @@ def _load_run_encoder(cfg_path: Path, weights: Optional[str]) -> Encoder:
     wsha = _load_weights(module, wpath)
     extras = "".join([f", transfers {', '.join(Path(str(t)).stem for t in meta['transfers'])}" if meta.get("transfers") else "",
                       ", pair views" if meta.get("pair_views") else ""])
+    input_norm, grid = meta.get("input_norm", "fixed"), meta.get("embed_grid", 1)
     info = {"architecture": f"{meta['spec'][5:]} (timm)", "weights": f"{wpath.name}: {meta.get('trained_by', '')}, "
             f"recipe {meta.get('recipe')}, step {meta.get('step')}, augment {meta.get('augment')}{extras}, "
             f"data {Path(str(meta.get('data', ''))).name}", "recipe": meta.get("recipe", "")}
-    return Encoder(module.eval(), str(cfg_path.parent if cfg_path.name == "encoder.json" else cfg_path),
-                   int(meta.get("input_size", 224)), tuple(meta.get("mean", IMAGENET_MEAN)),
-                   tuple(meta.get("std", IMAGENET_STD)), wsha, info)
+    enc = Encoder(module.eval(), str(cfg_path.parent if cfg_path.name == "encoder.json" else cfg_path),
+                  int(meta.get("input_size", 224)), tuple(meta.get("mean", IMAGENET_MEAN)),
+                  tuple(meta.get("std", IMAGENET_STD)), wsha, info, input_norm=input_norm, grid=grid)
+    info["architecture"] += f"; {enc.describe_input()}"
+    return enc
 
 
 def load_encoder(spec: str = "default", weights: Optional[str] = None, *, input_size: int = 224,

@@ -35,7 +35,7 @@ from torch import nn
 from ..core.errors import InvalidArgumentError, ShiftkitError, UnknownNameError
 from ..core.rng import derive_seed
 from ..core.shift_registry import SEVERITY_TABLE_VERSION
-from ..models.encoders import IMAGENET_MEAN, IMAGENET_STD
+from ..models.encoders import IMAGENET_MEAN, IMAGENET_STD, INPUT_NORMS, standardize_input
 from .sampling import DiversitySampler
 from .views import AUGMENT_PRESETS, MultiCropAugment
 
@@ -101,6 +101,8 @@ class PretrainConfig:
     augment: str = "shiftkit"
     transfers: Tuple[str, ...] = ()
     pair_views: bool = False
+    input_norm: str = "fixed"
+    embed_grid: int = 1
     mpp: float = 0.5
     max_per_slide: Optional[int] = None
     balance_by: Tuple[str, ...] = ()
@@ -156,6 +158,13 @@ class PretrainConfig:
             from .views import transfer_shift_names
 
             transfer_shift_names(c.transfers)  # unknown or held-out profiles are refused before any work
+        if c.input_norm not in INPUT_NORMS:
+            raise UnknownNameError("input_norm", c.input_norm, INPUT_NORMS)
+        if isinstance(c.embed_grid, bool) or not isinstance(c.embed_grid, int) or c.embed_grid < 1:
+            raise InvalidArgumentError(f"`embed_grid` out of range: expected a positive integer, got {c.embed_grid!r}")
+        if c.embed_grid > 1 and c.model[5:].startswith(("vit", "deit", "eva", "beit")):
+            raise InvalidArgumentError(f"`embed_grid` {c.embed_grid} needs a CNN feature map: expected embed_grid 1 "
+                                       f"for the transformer {c.model}, got {c.embed_grid}")
         if c.pair_views and c.n_global < 2:
             raise InvalidArgumentError(f"`pair_views` needs two global views: expected n_global >= 2, got {c.n_global}")
         return c
@@ -388,7 +397,8 @@ def _export_encoder(run: Path, teacher: MultiCropModel, c: PretrainConfig, kwarg
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "weights": ENCODER_WEIGHTS,
             "weights_dtype": c.export_dtype, "trained_by": "shiftkit pretrain (DINO, teacher backbone)",
             "step": step, "recipe": c.recipe, "augment": c.augment, "data": c.data, "seed": c.seed,
-            "transfers": list(c.transfers), "pair_views": bool(c.pair_views),
+            "transfers": list(c.transfers), "pair_views": bool(c.pair_views), "input_norm": c.input_norm,
+            "embed_grid": c.embed_grid,
             "severity_table_version": SEVERITY_TABLE_VERSION}
     _write_atomic_bytes(run / ENCODER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
@@ -401,15 +411,17 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def knn_monitor(backbone: nn.Module, images: torch.Tensor, labels: np.ndarray, size: int, device: torch.device,
-                k: int = 20) -> float:
+                k: int = 20, input_norm: str = "fixed", grid: int = 1) -> float:
     """Leave-one-out kNN balanced accuracy of ``backbone`` features (centred, L2-normalised cosine) on uint8
-    ``images (N, 3, H, W)`` resized to ``size``. The backbone's train/eval mode is restored afterwards."""
+    ``images (N, 3, H, W)`` resized to ``size``, embedded as the exported encoder will (``input_norm``, ``grid``).
+    The backbone's train/eval mode is restored afterwards."""
     from ..core.knn import balanced_accuracy, knn_predict
     from ..models.encoders import Encoder
 
     was = backbone.training
     try:
-        emb = Encoder(backbone, "pretrain-monitor", size).embed(images.float() / 255, device=str(device))
+        emb = Encoder(backbone, "pretrain-monitor", size, input_norm=input_norm, grid=grid).embed(
+            images.float() / 255, device=str(device))
     finally:
         backbone.train(was)
     ids = np.arange(len(emb))
@@ -549,8 +561,6 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     model = ddp if ddp is not None else student
     augment = MultiCropAugment(c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale,
                                c.augment, c.mpp, c.seed, transfers=c.transfers).to(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     val_images, val_labels = _load_val(c, split_val) if rank == 0 else (None, None)
 
     if rank == 0:
@@ -607,7 +617,8 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
 
     try:
         if rank == 0 and val_images is not None and start == 0:
-            acc = knn_monitor(teacher.backbone, val_images, val_labels, c.global_size, device)
+            acc = knn_monitor(
+                teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.input_norm, grid=c.embed_grid)
             log.write(json.dumps({"step": 0, "knn_balanced_accuracy": acc}) + "\n")
             log.flush()
         t_wait = time.perf_counter()
@@ -635,7 +646,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
                     tw = twin_batches[0][k].to(device, non_blocking=True).float().div_(255)
                     has = twin_batches[1][k]
                 views = augment(x, step, offset=steps_data.positions(k)[0], global_batch=c.batch_size, twin=tw, has_twin=has)
-                views = [(v - mean) / std for v in views]
+                views = [standardize_input(v, c.input_norm) for v in views]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 aug_s += time.perf_counter() - ta
@@ -678,7 +689,9 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
                      "data_wait_s": data_wait}
             done = step + 1
             if rank == 0 and val_images is not None and (done % c.knn_every == 0 or done == c.steps):
-                entry["knn_balanced_accuracy"] = knn_monitor(teacher.backbone, val_images, val_labels, c.global_size, device)
+                entry["knn_balanced_accuracy"] = knn_monitor(
+                    teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.input_norm,
+                    grid=c.embed_grid)
             if rank == 0:
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
