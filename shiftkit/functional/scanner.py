@@ -306,7 +306,9 @@ def poisson_gaussian(lin: torch.Tensor, photons: torch.Tensor, read_sigma: torch
     ``poisson_inverse_cdf(λx, u)`` and the value ``count/λ + σ_r z``; above, ``x + sqrt(x/λ + σ_r²) z``."""
     lam, var_read = photons.float(), read_sigma.float() ** 2
     x = lin.clamp_min_(0.0)
-    out = x + (x / lam.view(-1, 1, 1, 1) + var_read.view(-1, 1, 1, 1)).sqrt_() * z  # variance-matched normal
+    # variance-matched normal x + sqrt(x/λ + σ_r²)·z, in place on one temporary (the same values as the plain
+    # expression: every step is one correctly rounded operation in the same order)
+    out = torch.div(x, lam.view(-1, 1, 1, 1)).add_(var_read.view(-1, 1, 1, 1)).sqrt_().mul_(z).add_(x)
     # exact counts where few photons are expected: one nonzero, then gathers on the flat tensors
     per = x[0].numel()
     idx = (x < SHOT_EXACT_BELOW / lam.view(-1, 1, 1, 1)).view(-1).nonzero().squeeze(1)
