@@ -722,13 +722,20 @@ def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_si
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Encoder arithmetic: auto = bf16 autocast on CUDA, float32 on CPU; fp16 needs CUDA.")
 @click.option("--input-size", default=None, type=click.IntRange(min=16), help="Override the encoders' input side (px).")
+@click.option("--input-norm", default=None, type=click.Choice(["fixed", "per-image"]),
+              help="Override the encoders' input standardization: fixed mean/std, or each image's own channel mean/std "
+                   "(removes a global colour cast; default: each encoder's own).")
+@click.option("--embed-grid", default=None, type=click.IntRange(min=1),
+              help="Override the encoders' embedding: G > 1 pools the last feature map to G x G and flattens it (keeps "
+                   "layout, G² times wider; CNNs only; default: each encoder's own).")
 @click.option("--shard", default=None, help="Compute only shard i/n of the work units into --out (e.g. a SLURM array "
               "task); then rerun the same command without --shard to gather and report. Under torchrun each rank "
               "takes a shard and rank 0 reports.")
 @click.option("--dry-run", is_flag=True, help="Print the number of units and forward passes and an estimate of the time "
               "from a short timing, then exit.")
 def stress_test(model, weights, data, label_column, site_column, shift_pattern, severities, reference_model, no_reference,
-                out_dir, device, batch_size, workers, seed, no_gallery, force, precision, input_size, shard, dry_run):
+                out_dir, device, batch_size, workers, seed, no_gallery, force, precision, input_size, input_norm,
+                embed_grid, shard, dry_run):
     """Measure an encoder under every shift and severity; write records and an HTML report to --out.
 
     The report opens with a headline: what was measured, the encoder and its caveat, the most affected families and
@@ -758,7 +765,7 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
                                   site_column=site_column, reference_model=reference_model, weights=weights, seed=seed,
                                   device=device, progress=bar.update, gallery=not no_gallery, batch_size=batch_size,
                                   workers=workers, force=force, precision=precision, input_size=input_size,
-                                  shard=_shard(shard))
+                                  shard=_shard(shard), input_norm=input_norm, embed_grid=embed_grid)
     except (ShiftkitError, ValueError) as exc:
         raise click.UsageError(str(exc))
     if "shard" in run:  # a shard, or a torchrun rank other than 0: its units are written, no report

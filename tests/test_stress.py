@@ -302,6 +302,43 @@ def test_precision_and_input_size(tmp_path):
 
 
 @pytest.mark.slow
+def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_configuration(tmp_path):
+    """--input-norm/--embed-grid give the embeddings of an Encoder built with that readout (the independent
+    reference: the bundled weights' feature map pooled by adaptive_avg_pool2d), are recorded, refuse a resume under
+    another readout and are refused on an encoder without a feature map."""
+    from shiftkit.core.errors import InvalidArgumentError
+    from shiftkit.data import sample_tiles_dir
+    from shiftkit.data.shifted import TileDataset
+    from shiftkit.models import load_encoder
+    from shiftkit.models.encoders import standardize_input
+
+    res = CliRunner().invoke(cli, ["stress-test", "--shifts", "gamma", "--severities", "3", "--no-reference",
+                                   "--no-gallery", "--input-norm", "per-image", "--embed-grid", "2", "--out",
+                                   str(tmp_path / "g2")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "g2" / "run.json").read_text())
+    assert run["config"]["input_norm"] == "per-image" and run["config"]["embed_grid"] == 2
+    assert "per-image channel standardization, 2 x 2 grid" in run["model_info"]["architecture"]
+    assert "fixed mean/std" not in run["model_info"]["architecture"]  # the loaded readout's words are replaced
+    emb = np.load(tmp_path / "g2" / "embeddings" / "default__clean.npy").astype(np.float32)
+    enc = load_encoder("default")
+    ds = TileDataset(sample_tiles_dir() / "manifest.csv")
+    x = torch.stack([ds[i][0] for i in range(3)]).float() / 255  # uint8 tiles, as the runner reads them
+    with torch.no_grad():
+        xs = torch.nn.functional.interpolate(x, size=(enc.input_size,) * 2, mode="bilinear", antialias=True,
+                                             align_corners=False)
+        ref = torch.nn.functional.adaptive_avg_pool2d(enc.module.forward_features(standardize_input(xs, "per-image")), 2)
+    assert emb.shape[1] == 4 * ref.shape[1]
+    np.testing.assert_allclose(emb[:3], ref.flatten(1).numpy(), rtol=2e-3, atol=2e-3)  # float16 store
+    assert enc.grid == 1 and enc.input_norm == "fixed"  # the loaded encoder is not changed by the copy
+    with pytest.raises(Exception, match="models"):  # a resume under another readout is refused by name
+        run_stress_test("default", None, tmp_path / "g2", shifts=["gamma"], severities=[3], gallery=False)
+    with pytest.raises(InvalidArgumentError, match="grid"):
+        run_stress_test("tests.test_stress:structure_encoder", None, tmp_path / "bad", shifts=["gamma"],
+                        severities=[3], gallery=False, embed_grid=2)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
     """Two shards then a gathering run, and two torchrun ranks on Gloo, both give the single-process records."""
     import os

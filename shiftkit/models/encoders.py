@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -130,6 +130,21 @@ class Encoder:
         norm = "per-image channel standardization" if self.input_norm == "per-image" else "fixed mean/std"
         pool = f"{self.grid} x {self.grid} grid of the last feature map" if self.grid > 1 else "global embedding"
         return f"{self.input_size}² input, {norm}, {pool}"
+
+    def with_readout(self, input_norm: Optional[str] = None, grid: Optional[int] = None,
+                     input_size: Optional[int] = None) -> Encoder:
+        """A copy with another input standardization, embedding grid or input side (``None`` keeps this one's); the
+        weights are shared. ``info["architecture"]`` ends with the new :meth:`describe_input`. This is how the
+        stress test's ``--input-norm``/``--embed-grid``/``--input-size`` apply a readout to any encoder."""
+        if input_norm is None and grid is None and input_size is None:
+            return self
+        new = replace(self, input_norm=self.input_norm if input_norm is None else input_norm,
+                      grid=self.grid if grid is None else grid,
+                      input_size=self.input_size if input_size is None else int(input_size), info=dict(self.info))
+        arch = str(self.info.get("architecture", ""))
+        arch = arch.removesuffix(f"; {self.describe_input()}")
+        new.info["architecture"] = f"{arch}; {new.describe_input()}" if arch else new.describe_input()
+        return new
 
 
 def _load_weights(module: nn.Module, weights: Path) -> str:

@@ -163,6 +163,8 @@ def run_stress_test(
     precision: str = "auto",
     input_size: Optional[int] = None,
     shard: Optional[Tuple[int, int]] = None,
+    input_norm: Optional[str] = None,
+    embed_grid: Optional[int] = None,
 ) -> dict:
     """Run the stress test and write ``records.json``, ``records.csv``, ``run.json`` and the embedding store.
 
@@ -174,8 +176,10 @@ def run_stress_test(
     the units it can verify and computes the rest, with the same records; a run folder made with another
     configuration (model, weights, data, shifts' definitions, seed) raises :class:`StressConfigError` naming the
     differences unless ``force``. ``precision`` (``auto``: bf16 on CUDA, float32 elsewhere; ``bf16``, ``fp16``,
-    ``fp32``) and ``input_size`` (the encoders' input side, default each encoder's own) are part of that
-    configuration. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
+    ``fp32``), ``input_size`` (the encoders' input side, default each encoder's own) and the readout overrides
+    ``input_norm`` (``"fixed"`` or ``"per-image"``) and ``embed_grid`` (``g > 1``: the last feature map pooled to
+    ``g x g``; CNNs only), default each encoder's own (see :meth:`shiftkit.models.Encoder.with_readout`), are part of
+    that configuration and apply to the reference encoder too. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
 
     Scale-out: ``shard=(i, n)`` computes only units ``k`` with ``k % n == i`` (the clean pass is unit 0) into
     ``RUN_DIR`` and returns ``{"shard": ..., "units": ...}`` without records; a later call with the same arguments and
@@ -201,12 +205,15 @@ def run_stress_test(
     from ..models.encoders import autocast_for
 
     autocast_for(precision, device)  # refuses an impossible precision before anything is written
+    models = [(m, enc.with_readout(input_norm, embed_grid, input_size)) for m, enc in models]
     for _, enc in models:
         enc.precision = precision
-        if input_size is not None:
-            enc.input_size = int(input_size)
+
+    def readout(e) -> list:  # recorded only where it is not the plain one, so older run folders still resume
+        return [] if (e.input_norm, e.grid) == ("fixed", 1) else [e.input_norm, e.grid]
+
     config = {"format": "shiftkit-stress-units/1",
-              "models": [[m, e.weights_sha256, e.input_size, e.precision] for m, e in models],
+              "models": [[m, e.weights_sha256, e.input_size, e.precision, *readout(e)] for m, e in models],
               "data": [ds.records[i].sample_id for i in candidates][:100000], "n_candidates": len(candidates),
               "shifts": {n: spec_hash(get_spec(n)) for n in names}, "seed": int(seed), "shiftkit": __version__,
               "routes": shift_routes(names, device)}
@@ -318,7 +325,8 @@ def run_stress_test(
                                        label_column=label_column, site_column=site_column, slide_column=slide_column,
                                        reference_model=reference_model, weights=weights, seed=seed, device=device,
                                        batch_size=batch_size, progress=None, gallery=gallery, workers=workers,
-                                       precision=precision, input_size=input_size)
+                                       precision=precision, input_size=input_size, input_norm=input_norm,
+                                       embed_grid=embed_grid)
             finally:
                 os.environ["WORLD_SIZE"] = saved if saved is not None else "1"
         return summary
@@ -340,7 +348,8 @@ def run_stress_test(
         "config": {"model": model, "weights": weights, "reference_model": reference_model, "data": str(data or "bundled sample tiles"),
                    "shifts": names, "severities": list(severities), "seed": seed, "label_column": label_column,
                    "site_column": site_column, "device": device, "precision": precision,
-                   "input_size": models[0][1].input_size, "batch_size": batch_size, "workers": workers,
+                   "input_size": models[0][1].input_size, "input_norm": models[0][1].input_norm,
+                   "embed_grid": models[0][1].grid, "batch_size": batch_size, "workers": workers,
                    "routes": config["routes"]},
         "model_info": {**models[0][1].info, "weights_sha256": models[0][1].weights_sha256, "spec": models[0][1].spec},
         "n_tiles": n, "failed_inputs": failed, "tile_sizes": [list(s) for s in sizes],
