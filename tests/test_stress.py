@@ -330,7 +330,10 @@ def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_config
         ref = torch.nn.functional.adaptive_avg_pool2d(enc.module.forward_features(standardize_input(xs, "per-image")), 2)
     assert emb.shape[1] == 4 * ref.shape[1]
     np.testing.assert_allclose(emb[:3], ref.flatten(1).numpy(), rtol=2e-3, atol=2e-3)  # float16 store
-    assert enc.grid == 1 and enc.input_norm == "fixed"  # the loaded encoder is not changed by the copy
+    before = (enc.grid, enc.input_norm, enc.input_size)
+    copy = enc.with_readout("per-image", 2, 64)
+    assert (enc.grid, enc.input_norm, enc.input_size) == before  # the loaded encoder is not changed by its copy
+    assert copy.module is enc.module and (copy.grid, copy.input_norm, copy.input_size) == (2, "per-image", 64)
     with pytest.raises(Exception, match="models"):  # a resume under another readout is refused by name
         run_stress_test("default", None, tmp_path / "g2", shifts=["gamma"], severities=[3], gallery=False)
     with pytest.raises(InvalidArgumentError, match="grid"):

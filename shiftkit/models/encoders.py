@@ -8,9 +8,11 @@ hub is reachable), a ``shiftkit pretrain`` run folder or its ``encoder.json``, a
 safetensors or a state dict read with ``weights_only=True`` — never by unpickling arbitrary objects.
 
 The default encoder is ``shiftkit/models/weights/default_encoder.safetensors``: a timm ResNet-10t pretrained with
-DINO by ``shiftkit pretrain`` on the bundled sample tiles (the command that made it is in ``default_encoder.json``
-and docs/pretraining.md). It is tiny and trained on 18 tiles of one slide: it makes the main job meaningful and
-reproducible, it is not a pathology foundation model.
+DINO by ``shiftkit pretrain`` (600 CPU steps, stain and synthetic scanner views) on 486 tiles of Camelyon17 and the
+permissively licensed example images, whose embedding is a 4 x 4 grid of its last feature map (8,192-d). The
+command that made it is in ``default_encoder.json`` and docs/pretraining.md; it is arm (h) of
+``experiments/shift_pretraining``. It makes the main job meaningful and reproducible; it is not a pathology
+foundation model.
 """
 
 from __future__ import annotations
