@@ -709,8 +709,8 @@ def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_si
 @click.option("--reference-model", default="random", show_default=True,
               help="Reference encoder for corruption error (CE): the fixed untrained ResNet-18 (seed 0) by default, or "
                    "any encoder spec.")
-@click.option("--no-reference", is_flag=True, help="Skip corruption error: no reference encoder runs (the bundled demo on 2 CPU cores: 45 s instead of "
-              "140 s; CE is then 'not measured' in the report).")
+@click.option("--no-reference", is_flag=True, help="Skip corruption error: no reference encoder runs (the bundled demo on 2 CPU cores: about 40 s instead of "
+              "130 s; CE is then 'not measured' in the report).")
 @click.option("--out", "out_dir", default="shiftkit-report", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Tiles per batch.")
