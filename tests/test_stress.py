@@ -301,7 +301,6 @@ def test_precision_and_input_size(tmp_path):
         run_stress_test("default", None, tmp_path / "s64", input_size=96, **base)
 
 
-@pytest.mark.slow
 def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_configuration(tmp_path):
     """--input-norm/--embed-grid give the embeddings of an Encoder built with that readout (the independent
     reference: the bundled weights' feature map pooled by adaptive_avg_pool2d), are recorded, refuse a resume under
@@ -342,6 +341,7 @@ def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_config
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
     """Two shards then a gathering run, and two torchrun ranks on Gloo, both give the single-process records."""
     import os

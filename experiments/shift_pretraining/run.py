@@ -406,8 +406,7 @@ def reference_rotation(seeds, extra=None) -> dict:
     embedders["bundled encoder (today)"] = _encoder_embed(bundled)
     embedders[f"bundled encoder, grid {GRID} x {GRID}"] = _grid_embed(bundled)
     # the same weights with a per-image input standardization they were not trained with: what the readout alone does
-    embedders[f"bundled encoder, per-image input, grid {GRID} x {GRID}"] = _grid_embed(
-        Encoder(bundled.module, "bundled, per-image input", bundled.input_size, input_norm="per-image"))
+    embedders[f"bundled encoder, per-image input, grid {GRID} x {GRID}"] = _grid_embed(bundled.with_readout("per-image"))
     for s in seeds:
         torch.manual_seed(s)
         enc = Encoder(timm.create_model("resnet10t", pretrained=False, num_classes=0).eval(), "untrained", 112)

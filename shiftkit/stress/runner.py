@@ -179,7 +179,8 @@ def run_stress_test(
     ``fp32``), ``input_size`` (the encoders' input side, default each encoder's own) and the readout overrides
     ``input_norm`` (``"fixed"`` or ``"per-image"``) and ``embed_grid`` (``g > 1``: the last feature map pooled to
     ``g x g``; CNNs only), default each encoder's own (see :meth:`shiftkit.models.Encoder.with_readout`), are part of
-    that configuration and apply to the reference encoder too. ``gallery=False`` keeps no tile thumbnails. Returns the run description.
+    that configuration and apply to the reference encoder too. ``gallery=False`` keeps no tile thumbnails. Returns
+    the run description.
 
     Scale-out: ``shard=(i, n)`` computes only units ``k`` with ``k % n == i`` (the clean pass is unit 0) into
     ``RUN_DIR`` and returns ``{"shard": ..., "units": ...}`` without records; a later call with the same arguments and
