@@ -709,8 +709,8 @@ def _stress_dry_run(model, weights, data, reference_model, names, sevs, batch_si
 @click.option("--reference-model", default="random", show_default=True,
               help="Reference encoder for corruption error (CE): the fixed untrained ResNet-18 (seed 0) by default, or "
                    "any encoder spec.")
-@click.option("--no-reference", is_flag=True, help="Skip corruption error: no reference encoder runs (the bundled demo on 2 CPU cores: about 40 s instead of "
-              "130 s; CE is then 'not measured' in the report).")
+@click.option("--no-reference", is_flag=True, help="Skip corruption error: no reference encoder runs (the bundled demo on 2 CPU cores: 40-50 s instead of "
+              "110-130 s; CE is then 'not measured' in the report).")
 @click.option("--out", "out_dir", default="shiftkit-report", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Tiles per batch.")
@@ -801,6 +801,9 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
                    "each image's channels by their own mean and std (removes per-channel colour shifts).")
 @click.option("--embed-grid", default=None, type=int, help="Embedding of the exported encoder: 1 = global (default); "
               "G > 1 = the last feature map pooled to G x G and flattened (keeps layout; CNNs only).")
+@click.option("--embed-norm", default=None, type=click.Choice(["fixed", "per-image"]),
+              help="Standardization of the exported encoder's embedding (and the kNN monitor) when it should differ "
+                   "from --input-norm, which the training views keep (default: the same as --input-norm).")
 @click.option("--max-per-slide", default=None, type=int, help="Keep at most N tiles per slide (slide column, else folder).")
 @click.option("--balance-by", default="", help="Comma-separated manifest columns to balance, e.g. site,scanner.")
 @click.option("--val", default=None, help="Labelled folder/CSV for the kNN monitor (needs --knn-every); default: the "
@@ -817,8 +820,8 @@ def stress_test(model, weights, data, label_column, site_column, shift_pattern, 
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.pass_context
 def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, lr, augment, transfers, pair_views,
-             input_norm, embed_grid, max_per_slide, balance_by, val, knn_every, checkpoint_every, export_dtype, workers,
-             device, seed, config_file, resume):
+             input_norm, embed_grid, embed_norm, max_per_slide, balance_by, val, knn_every, checkpoint_every, export_dtype,
+             workers, device, seed, config_file, resume):
     """Self-supervised DINO pretraining under controlled stain/scanner shift; writes RUN_DIR/encoder.safetensors.
 
     One process on CPU or GPU, or many under torchrun (NCCL on GPU, Gloo on CPU):
@@ -843,7 +846,7 @@ def pretrain(ctx, data, out_dir, model, recipe, steps, batch_size, accumulate, l
     # what the command line says explicitly is compared with it (a changed setting is refused, by name)
     given = {k: v for k, v in dict(data=data, out=str(out_dir), model=model, recipe=recipe, steps=steps,
                                     batch_size=batch_size, accumulate=accumulate, lr=lr, augment=augment,
-                                    input_norm=input_norm, embed_grid=embed_grid,
+                                    input_norm=input_norm, embed_grid=embed_grid, embed_norm=embed_norm,
                                     max_per_slide=max_per_slide, val=val, knn_every=knn_every,
                                     checkpoint_every=checkpoint_every, export_dtype=export_dtype, workers=workers,
                                     device=device, seed=seed).items()

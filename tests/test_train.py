@@ -268,7 +268,7 @@ def test_views_rotate_and_flip_exactly():
 def test_twin_index_pairs_rows_of_one_pair_id_under_other_scanners():
     from shiftkit.train import twin_index
 
-    rec = lambda pid, sc: TileRecord(Path(f"{pid}_{sc}.png"), f"{pid}_{sc}", {"pair_id": pid, "scanner": sc})  # noqa: E731
+    rec = lambda pid, sc: TileRecord(Path(f"{pid}_{sc}.png"), f"{pid}_{sc}", {"pair_id": pid, "scanner": sc})
     recs = [rec("a", "aperio"), rec("a", "hamamatsu"), rec("b", "aperio"), rec("c", "aperio"), rec("c", "leica"),
             rec("c", "hamamatsu"), TileRecord(Path("x.png"), "x", {})]
     assert twin_index(recs) == {0: [1], 1: [0], 3: [4, 5], 4: [3, 5], 5: [3, 4]}  # b has no twin, x no pair_id
@@ -341,7 +341,7 @@ def test_transfer_views_use_training_profiles_and_refuse_held_out_ones(tmp_path)
     with pytest.raises(InvalidArgumentError, match="held-out"):
         PretrainConfig(data="x", out=str(tmp_path), transfers=(held[0],)).resolved()
     # 'synthetic' leaves the learned transfers out of the scanner step; 'shiftkit' keeps them
-    fams = lambda a: {get_spec(n).family for n in a.domain[-1].shifts}  # noqa: E731
+    fams = lambda a: {get_spec(n).family for n in a.domain[-1].shifts}
     assert "scanner-transfer" not in fams(MultiCropAugment(augment="synthetic"))
     assert "scanner-transfer" in fams(MultiCropAugment(augment="shiftkit"))
 
@@ -569,3 +569,32 @@ def test_pretrain_with_per_image_input_and_a_grid_exports_both_and_refuses_bad_v
         pretrain(_cfg(data, tmp_path / "b", embed_grid=0))
     with pytest.raises(Exception, match="embed_grid"):
         pretrain(_cfg(data, tmp_path / "c", embed_grid=2, model="timm:vit_tiny_patch16_224"))
+
+
+def test_embed_norm_changes_the_exported_readout_and_not_the_training(data, tmp_path):
+    """``embed_norm`` reads the weights out another way: the same losses and the same exported weights as a run
+    without it, while ``encoder.json`` (and so every later embedding) and the kNN monitor use per-image input."""
+    from safetensors.torch import load_file
+
+    from shiftkit.models import load_encoder
+    from shiftkit.models.encoders import Encoder
+
+    plain, other = tmp_path / "plain", tmp_path / "readout"
+    pretrain(_cfg(data, plain, steps=3, embed_grid=2, val=str(data), knn_every=3))
+    pretrain(_cfg(data, other, steps=3, embed_grid=2, embed_norm="per-image", val=str(data), knn_every=3))
+    assert _losses(plain) == _losses(other)
+    wa, wb = load_file(str(plain / "encoder.safetensors")), load_file(str(other / "encoder.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((r / "encoder.json").read_text()) for r in (plain, other))
+    assert (ma["input_norm"], ma["train_input_norm"]) == ("fixed", "fixed")
+    assert (mb["input_norm"], mb["train_input_norm"]) == ("per-image", "fixed")
+    enc = load_encoder(str(other))
+    assert enc.input_norm == "per-image" and "trained on fixed standardized views" in enc.info["weights"]
+    x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    ref = Encoder(load_encoder(str(plain)).module, "ref", enc.input_size, input_norm="per-image", grid=2).embed(x)
+    np.testing.assert_allclose(enc.embed(x), ref, rtol=1e-5, atol=1e-6)
+    knn = lambda r: [e["knn_balanced_accuracy"] for e in map(json.loads, (r / "log.jsonl").read_text().splitlines())
+                     if "knn_balanced_accuracy" in e]
+    assert len(knn(plain)) == len(knn(other)) == 2  # step 0 and the last step, each under its own readout
+    with pytest.raises(Exception, match="embed_norm"):
+        pretrain(_cfg(data, tmp_path / "d", embed_norm="lab"))

@@ -9,7 +9,8 @@ safetensors or a state dict read with ``weights_only=True`` — never by unpickl
 
 The default encoder is ``shiftkit/models/weights/default_encoder.safetensors``: a timm ResNet-10t pretrained with
 DINO by ``shiftkit pretrain`` (600 CPU steps, stain and synthetic scanner views) on 486 tiles of Camelyon17 and the
-permissively licensed example images, whose embedding is a 4 x 4 grid of its last feature map (8,192-d). The
+permissively licensed example images, whose embedding is a 4 x 4 grid of its last feature map (8,192-d) at a 112²
+input whose channels are standardized by each image's own mean and std. The
 command that made it is in ``default_encoder.json`` and docs/pretraining.md; it is arm (h) of
 ``experiments/shift_pretraining``. It makes the main job meaningful and reproducible; it is not a pathology
 foundation model.
@@ -218,9 +219,11 @@ def _load_run_encoder(cfg_path: Path, weights: Optional[str]) -> Encoder:
     if not wpath.is_file():
         raise InvalidArgumentError(f"`model` {cfg_path} has no weights: expected {wpath}, got no such file")
     wsha = _load_weights(module, wpath)
-    extras = "".join([f", transfers {', '.join(Path(str(t)).stem for t in meta['transfers'])}" if meta.get("transfers") else "",
-                      ", pair views" if meta.get("pair_views") else ""])
     input_norm, grid = meta.get("input_norm", "fixed"), meta.get("embed_grid", 1)
+    train_norm = meta.get("train_input_norm", input_norm)  # files before it existed trained on their readout's
+    extras = "".join([f", transfers {', '.join(Path(str(t)).stem for t in meta['transfers'])}" if meta.get("transfers") else "",
+                      ", pair views" if meta.get("pair_views") else "",
+                      f", trained on {train_norm} standardized views" if train_norm != input_norm else ""])
     info = {"architecture": f"{meta['spec'][5:]} (timm)", "weights": f"{wpath.name}: {meta.get('trained_by', '')}, "
             f"recipe {meta.get('recipe')}, step {meta.get('step')}, augment {meta.get('augment')}{extras}, "
             f"data {Path(str(meta.get('data', ''))).name}", "recipe": meta.get("recipe", "")}

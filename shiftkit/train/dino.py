@@ -103,6 +103,10 @@ class PretrainConfig:
     pair_views: bool = False
     input_norm: str = "fixed"
     embed_grid: int = 1
+    #: Standardization of the exported encoder's embedding (and of the kNN monitor), :data:`INPUT_NORMS`; ``None``:
+    #: ``input_norm``. The training views always use ``input_norm``: this changes how the weights are read out, not
+    #: what they learn.
+    embed_norm: Optional[str] = None
     mpp: float = 0.5
     max_per_slide: Optional[int] = None
     balance_by: Tuple[str, ...] = ()
@@ -160,6 +164,9 @@ class PretrainConfig:
             transfer_shift_names(c.transfers)  # unknown or held-out profiles are refused before any work
         if c.input_norm not in INPUT_NORMS:
             raise UnknownNameError("input_norm", c.input_norm, INPUT_NORMS)
+        c.embed_norm = c.input_norm if c.embed_norm is None else c.embed_norm
+        if c.embed_norm not in INPUT_NORMS:
+            raise UnknownNameError("embed_norm", c.embed_norm, INPUT_NORMS)
         if isinstance(c.embed_grid, bool) or not isinstance(c.embed_grid, int) or c.embed_grid < 1:
             raise InvalidArgumentError(f"`embed_grid` out of range: expected a positive integer, got {c.embed_grid!r}")
         if c.embed_grid > 1 and c.model[5:].startswith(("vit", "deit", "eva", "beit")):
@@ -397,8 +404,8 @@ def _export_encoder(run: Path, teacher: MultiCropModel, c: PretrainConfig, kwarg
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "weights": ENCODER_WEIGHTS,
             "weights_dtype": c.export_dtype, "trained_by": "shiftkit pretrain (DINO, teacher backbone)",
             "step": step, "recipe": c.recipe, "augment": c.augment, "data": c.data, "seed": c.seed,
-            "transfers": list(c.transfers), "pair_views": bool(c.pair_views), "input_norm": c.input_norm,
-            "embed_grid": c.embed_grid,
+            "transfers": list(c.transfers), "pair_views": bool(c.pair_views), "input_norm": c.embed_norm,
+            "train_input_norm": c.input_norm, "embed_grid": c.embed_grid,
             "severity_table_version": SEVERITY_TABLE_VERSION}
     _write_atomic_bytes(run / ENCODER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
@@ -618,7 +625,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
     try:
         if rank == 0 and val_images is not None and start == 0:
             acc = knn_monitor(
-                teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.input_norm, grid=c.embed_grid)
+                teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.embed_norm, grid=c.embed_grid)
             log.write(json.dumps({"step": 0, "knn_balanced_accuracy": acc}) + "\n")
             log.flush()
         t_wait = time.perf_counter()
@@ -690,7 +697,7 @@ def pretrain(config: Any, *, resume: bool = False, progress: Optional[Callable[[
             done = step + 1
             if rank == 0 and val_images is not None and (done % c.knn_every == 0 or done == c.steps):
                 entry["knn_balanced_accuracy"] = knn_monitor(
-                    teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.input_norm,
+                    teacher.backbone, val_images, val_labels, c.global_size, device, input_norm=c.embed_norm,
                     grid=c.embed_grid)
             if rank == 0:
                 log.write(json.dumps(entry) + "\n")
