@@ -312,13 +312,13 @@ def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_config
     from shiftkit.models.encoders import standardize_input
 
     res = CliRunner().invoke(cli, ["stress-test", "--shifts", "gamma", "--severities", "3", "--no-reference",
-                                   "--no-gallery", "--input-norm", "per-image", "--embed-grid", "2", "--out",
+                                   "--no-gallery", "--input-norm", "fixed", "--embed-grid", "2", "--out",
                                    str(tmp_path / "g2")])
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "g2" / "run.json").read_text())
-    assert run["config"]["input_norm"] == "per-image" and run["config"]["embed_grid"] == 2
-    assert "per-image channel standardization, 2 x 2 grid" in run["model_info"]["architecture"]
-    assert "fixed mean/std" not in run["model_info"]["architecture"]  # the loaded readout's words are replaced
+    assert run["config"]["input_norm"] == "fixed" and run["config"]["embed_grid"] == 2
+    assert "fixed mean/std, 2 x 2 grid" in run["model_info"]["architecture"]
+    assert "per-image" not in run["model_info"]["architecture"]  # the loaded readout's words are replaced
     emb = np.load(tmp_path / "g2" / "embeddings" / "default__clean.npy").astype(np.float32)
     enc = load_encoder("default")
     ds = TileDataset(sample_tiles_dir() / "manifest.csv")
@@ -326,7 +326,7 @@ def test_readout_overrides_embed_as_the_encoder_would_and_are_part_of_the_config
     with torch.no_grad():
         xs = torch.nn.functional.interpolate(x, size=(enc.input_size,) * 2, mode="bilinear", antialias=True,
                                              align_corners=False)
-        ref = torch.nn.functional.adaptive_avg_pool2d(enc.module.forward_features(standardize_input(xs, "per-image")), 2)
+        ref = torch.nn.functional.adaptive_avg_pool2d(enc.module.forward_features(standardize_input(xs, "fixed")), 2)
     assert emb.shape[1] == 4 * ref.shape[1]
     np.testing.assert_allclose(emb[:3], ref.flatten(1).numpy(), rtol=2e-3, atol=2e-3)  # float16 store
     before = (enc.grid, enc.input_norm, enc.input_size)

@@ -95,8 +95,9 @@ def _encoder_caveat(model: str, info: dict) -> str:
         return "the untrained reference network (--model random): its figures describe a random network, not a trained model"
     if model == "default":
         return ("shiftkit's bundled default, a small ResNet-10t pretrained with DINO for 600 CPU steps on 486 tiles "
-                "(Camelyon17 and permissively licensed example images), embedding a 4 x 4 grid of its last feature map: "
-                "it demonstrates the protocol, it is not a pathology foundation model")
+                "(Camelyon17 and permissively licensed example images); it embeds a 4 x 4 grid of its last feature map "
+                "after standardizing each image's channels by their own mean and std, so a global colour cast is removed "
+                "before the network sees it: it demonstrates the protocol, it is not a pathology foundation model")
     return ""
 
 
