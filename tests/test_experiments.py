@@ -49,3 +49,14 @@ def test_shift_pretraining_study_runs_end_to_end_in_smoke_mode(tmp_path):
     cfg = json.loads((work / "runs" / "e_seed0" / "config.json").read_text())
     assert cfg["pair_views"] is True and any(t.endswith("mitos_transfer.json") for t in cfg["transfers"])
     assert (results / "results.md").is_file() and (results / "shift_pretraining.png").is_file()
+    # the readout sweep over a smoke run's weights: every candidate scored, the choice eligible, the rotation complete
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "shift_pretraining" / "readout.py"), "--arm", "a",
+                        "--seeds", "0", "--runs", str(work / "runs"), "--results", str(results), "--out",
+                        str(tmp_path / "readout")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ro = json.loads((tmp_path / "readout" / "readout.json").read_text())
+    assert len(ro["rows"]) == 20 and all(0 <= x["top1_05"] <= 1 and 0 <= x["knn_ba"] <= 1 for x in ro["rows"])
+    issue = ro["issue_rule_after_first_run"]
+    assert ro["chosen"] in ro["eligible"] and issue["chosen"] in issue["eligible"]
+    assert issue["knn_ba_floor"] == pytest.approx(res["rows"]["(a) plain DINO"]["knn_ba"][0] - 0.02)
+    assert len(issue["rotation"]) == 6 and {x["test_slide"] for x in issue["rotation"]} == {"03", "04", "05"}

@@ -20,8 +20,8 @@ Added after the first run (that rule kept the current readout): the same selecti
 (item 4: kNN BA of the arm's seeds ≥ arm (a) − 0.02 = 0.233, mean over seeds), reported beside it with slide 05
 intervals (seeds, 95 % t; bootstrap over the 20 pairs).
 
-Writes ``results/readout/readout.json`` and ``readout.md``. Needs ``work/runs/h_seed*`` (``run.py train``) and the
-shared data; metrics exactly as ``run.py`` computes them.
+Writes ``results/readout/readout.json`` and ``readout.md`` (``--out``). Needs ``work/runs/h_seed*`` (``run.py train``;
+``--runs``/``--arm`` read others) and the shared data; metrics exactly as ``run.py`` computes them.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ CANDIDATES = [(s, n, g) for s in (112, 160, 224) for n in ("fixed", "per-image")
              [(224, "fixed", 7), (224, "per-image", 7)]
 
 
-def study_floor() -> float:
+def study_floor(results: Path) -> float:
     """Issue #16's kNN floor: arm (a)'s seed-mean Kather kNN BA (``results/results.json``) − 0.02."""
-    rows = json.loads((HERE / "results" / "results.json").read_text())["rows"]
+    rows = json.loads((results / "results.json").read_text())["rows"]
     return next(v["knn_ba"][0] for k, v in rows.items() if k.startswith("(a)")) - 0.02
 
 
@@ -59,13 +59,19 @@ def _name(c) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arm", default="h", help="The study arm whose runs are read (RUNS/<arm>_seed<k>).")
+    ap.add_argument("--runs", default=str(study.WORK / "runs"), help="Folder of the study's runs.")
+    ap.add_argument("--results", default=str(HERE / "results"),
+                    help="The study's results folder (its results.json gives arm (a)'s kNN BA for the issue floor).")
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
+    out = Path(args.out)
     t0 = time.time()
     slides = ("03", "04", "05")
     evs = {s: study.eval_sets(s) for s in slides}
     rows = []
     for seed in args.seeds:
-        base = load_encoder(str(study.WORK / "runs" / f"h_seed{seed}"))
+        base = load_encoder(str(Path(args.runs) / f"{args.arm}_seed{seed}"))
         for c in CANDIDATES:
             enc = base.with_readout(input_norm=c[1], grid=c[2], input_size=c[0])
             emb = study._encoder_embed(enc)
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     chosen = max(eligible, key=lambda c: (dev[c], -devrank[c]))
     confirm = {c: mean(c, "top1_05") for c in (CURRENT, chosen)}
     replace = chosen != CURRENT and confirm[chosen] >= confirm[CURRENT]
-    issue_floor = study_floor()
+    issue_floor = study_floor(Path(args.results))
     eligible2 = [c for c in CANDIDATES if mean(c, "knn_ba") >= issue_floor]
     chosen2 = max(eligible2, key=lambda c: (dev[c], -devrank[c]))
 
@@ -128,8 +134,8 @@ def main(argv=None) -> int:
            "dev_top1_03_04": {_name(c): dev[c] for c in CANDIDATES},
            "slide05_top1": {_name(c): confirm[c] for c in confirm}, "replace_shipped_readout": replace,
            "issue_rule_after_first_run": issue_rule, "wall_s": time.time() - t0}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "readout.json").write_text(json.dumps(res, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "readout.json").write_text(json.dumps(res, indent=1))
     lines = ["# Readouts of arm (h)'s weights (selection on slides 03/04, confirmation on 05)", "",
              (f"Seeds {args.seeds}; top-1 per slide is the mean over seeds (gallery of 20 per slide, chance 0.05); "
               f"kNN BA and centre AUC of seed {args.seeds[0]} (the shipped weights) and the seed mean."), "",
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
     for x in rotation:
         lines.append(f"| {x['test_slide']} | {x['floor']} | {x['chosen']} | {x['test_top1']:.3f} | "
                      f"{x['current_test_top1']:.3f} |")
-    (OUT / "readout.md").write_text("\n".join(lines) + "\n")
+    (out / "readout.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
