@@ -409,3 +409,23 @@ def test_severity_to_match_real_interpolates_each_familys_curve():
     assert m["stain"]["severity"] == pytest.approx(1.0)  # family mean (0.80 + 0.90) / 2 = 0.85 at severity 1
     assert m["isp"]["severity"] == pytest.approx(1.5)  # 0.95 at 1, 0.75 at 2
     assert severity_to_match_real([r for r in records if r["metric"] != "paired_cosine"], "m") == []
+
+
+def test_real_shift_facts_summarise_the_real_records_of_the_evaluated_model_only():
+    from shiftkit.report.html import _real_text, real_shift_facts
+
+    def rec(model, shift, metric, value, n=4):
+        return {"model": model, "shift": shift, "family": "real", "severity": 0, "metric": metric, "value": value, "n": n}
+
+    records = [rec("m", "real:a|b", "paired_cosine", 0.9), rec("m", "real:a|c", "paired_cosine", 0.5),
+               rec("m", "real:b|c", "paired_cosine", 0.6), rec("m", "real:b|c", "paired_cosine", None),
+               rec("m", "real:a|b", "paired_top1", 1.0), rec("m", "real:a|c", "paired_top1", 0.5, n=5),
+               rec("other", "real:a|b", "paired_cosine", -0.9), rec("m", "none", "site_auc", 0.55, n=20)]
+    f = real_shift_facts(records, "m")
+    assert f["n_comparisons"] == 3 and f["paired_cosine_median"] == pytest.approx(0.6)
+    assert f["paired_cosine_range"] == pytest.approx([0.5, 0.9]) and f["paired_top1_mean"] == pytest.approx(0.75)
+    assert f["paired_top1_chance"] == pytest.approx((1 / 4 + 1 / 5) / 2) and f["site_auc"] == pytest.approx(0.55)
+    text = _real_text({"real_shift": f, "severity_to_match_real": []})
+    assert "median 0.600 (range 0.500–0.900)" in text and "75% of queries (chance 22%)" in text and "AUC 0.550" in text
+    assert real_shift_facts([r for r in records if r["model"] == "other"], "m") is None
+    assert _real_text({"real_shift": None}) == ""

@@ -131,6 +131,48 @@ def severity_to_match_real(records: list, model: str) -> list:
     return out
 
 
+def real_shift_facts(records: list, model: str):
+    """What the run measured of real shift for ``model``, in a few numbers (``None`` when nothing): the registered
+    twins' centred paired cosine over the real comparisons (median, range), how often the twin ranks first (mean over
+    comparisons) and the site predictability AUC."""
+    main = [r for r in records if r["model"] == model and r["value"] is not None]
+    cos = [r["value"] for r in main if r["metric"] == "paired_cosine"]
+    top1 = [r["value"] for r in main if r["metric"] == "paired_top1"]
+    chance = [1.0 / r["n"] for r in main if r["metric"] == "paired_top1" and r.get("n")]
+    auc = [r["value"] for r in main if r["metric"] == "site_auc"]
+    if not (cos or auc):
+        return None
+    return {"n_comparisons": len(cos),
+            "paired_cosine_median": float(np.median(cos)) if cos else None,
+            "paired_cosine_range": [float(min(cos)), float(max(cos))] if cos else None,
+            "paired_top1_mean": float(np.mean(top1)) if top1 else None,
+            "paired_top1_chance": float(np.mean(chance)) if chance else None,
+            "site_auc": float(auc[0]) if auc else None}
+
+
+def _real_text(h: dict) -> str:
+    """The headline's real-shift sentence (plain text; the caller escapes it)."""
+    rs = h.get("real_shift")
+    if not rs:
+        return ""
+    parts = []
+    if rs["paired_cosine_median"] is not None:
+        lo, hi = rs["paired_cosine_range"]
+        parts.append(f"across {rs['n_comparisons']} comparison{'s' if rs['n_comparisons'] != 1 else ''} of registered "
+                     f"twins, centred paired cosine median {rs['paired_cosine_median']:.3f} (range {lo:.3f}–{hi:.3f})")
+    if rs["paired_top1_mean"] is not None:
+        chance = f" (chance {rs['paired_top1_chance']:.0%})" if rs.get("paired_top1_chance") else ""
+        parts.append(f"the twin ranks first for {rs['paired_top1_mean']:.0%} of queries{chance}")
+    if rs["site_auc"] is not None:
+        parts.append(f"site predictable at AUC {rs['site_auc']:.3f} (0.5 = not at all)")
+    text = "; ".join(parts)
+    match = h.get("severity_to_match_real") or []
+    if match:
+        text += ". Synthetic severity that moves embeddings as far as the first comparison: " + ", ".join(
+            f"{m['family']} {'> ' + str(m['max_severity']) if m['beyond'] else m['severity']}" for m in match)
+    return text[:1].upper() + text[1:] + "."
+
+
 def headline(run: dict, records: list) -> dict:
     """The report's opening facts, from the records alone: what was measured, the encoder and its caveat, the most
     affected families and shifts (with their numbers), retention, and what was not measured and why."""
@@ -177,6 +219,7 @@ def headline(run: dict, records: list) -> dict:
             "weights": info.get("weights", ""), "caveat": _encoder_caveat(model, info), "n_tiles": run["n_tiles"], "n_shifts": len(cos), "severities": sevs,
             "worst_families": families[:3], "worst_shifts": worst[:3], "clean_knn_balanced_accuracy": clean.get("knn_ba"),
             "worst_retention": retention[:3], "severity_to_match_real": severity_to_match_real(records, model),
+            "real_shift": real_shift_facts(records, model),
             "not_measured": not_measured, "synthetic_vs_real": {**STUDY_SYNTHETIC_VS_REAL, "text": study_citation()}}
 
 
@@ -203,6 +246,8 @@ def _headline_html(h: dict, e) -> str:
         r = h["worst_retention"][0]
         items.append(f"<li id='headline-retention'><b>Task:</b> clean kNN balanced accuracy {h['clean_knn_balanced_accuracy']:.3f}; "
                      f"lowest mean retention under <b>{e(r['shift'])}</b> ({r['mean_knn_retention']:.3f} of clean).</li>")
+    if _real_text(h):
+        items.append(f"<li id='headline-real'><b>Real shift:</b> {e(_real_text(h))}</li>")
     items.append(f"<li id='headline-validity'><b>Synthetic vs real:</b> {e(h['synthetic_vs_real']['text'])}</li>")
     nm = "".join(f"<li>{_code(e(x))}</li>" for x in h["not_measured"]) or "<li>nothing left out</li>"
     items.append(f"<li id='headline-not-measured'><b>Not measured:</b><ul>{nm}</ul></li>")
@@ -224,6 +269,8 @@ def _headline_md(h: dict) -> list:
         r = h["worst_retention"][0]
         out += [f"**Task.** Clean kNN balanced accuracy {h['clean_knn_balanced_accuracy']:.3f}; lowest mean retention under "
                 f"{_md(r['shift'])} ({r['mean_knn_retention']:.3f} of clean).", ""]
+    if _real_text(h):
+        out += [f"**Real shift.** {_md(_real_text(h))}", ""]
     out += [f"**Synthetic vs real.** {_md(h['synthetic_vs_real']['text'])}", ""]
     out += ["**Not measured.** " + ("; ".join(_md(x) for x in h["not_measured"]) or "nothing left out") + ".", ""]
     return out
@@ -394,5 +441,15 @@ def build_report(run_dir) -> Path:
         md.append(f"| {_md(s)} | {_md(fam[s])} | " + " | ".join(_fmt_ci(cos[s][v]) if v in cos[s] else "–" for v in sevs) + " |")
     if clean.get("knn_ba") is not None:
         md += ["", f"Clean kNN balanced accuracy: {clean['knn_ba']:.3f}."]
+    if real:
+        md += ["", "## Real shift", "", "| comparison | metric | value [95% CI] | n |", "|---|---|---|---|"]
+        md += [f"| {_md(r['shift'])} | {_md(r['metric'])} | {_fmt_ci(r)} | {r['n']} |" for r in real]
+        if match:
+            md += ["", (f"Synthetic severity each family needs to move embeddings as far as the real shift "
+                        f"({_md(match[0]['real_comparison'])}, centred cosine {match[0]['real_cosine']:.3f}); "
+                        "interpolated between severities, > when even the highest falls short:"), "",
+                   "| family | severity matching the real shift | cosine at the highest severity |", "|---|---|---|"]
+            md += [f"| {_md(m['family'])} | {'> ' + str(m['max_severity']) if m['beyond'] else m['severity']} | "
+                   f"{m['cosine_at_max']:.3f} |" for m in match]
     (run_dir / "summary.md").write_text("\n".join(md) + "\n")
     return out
