@@ -376,7 +376,7 @@ def test_shards_and_torchrun_gloo_match_one_process(tmp_path):
 
 
 def test_the_reports_study_citation_equals_the_committed_study_results():
-    from shiftkit.report.html import STUDY_SYNTHETIC_VS_REAL, study_citation
+    from shiftkit.report.html import STUDY_SYNTHETIC_VS_REAL, STUDY_SYNTHETIC_VS_REAL_EXPLORATORY, study_citation
 
     res = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "shift_pretraining" / "results"
                       / "results.json").read_text())
@@ -386,6 +386,16 @@ def test_the_reports_study_citation_equals_the_committed_study_results():
     assert s["n_encoders"] == len(res["encoders"]) >= 15
     text = study_citation()
     assert f"{rho:.2f}" in text and ("did not predict" in text) == (hi < 0)
+    # the exploratory check made afterwards, quoted beside it, equals its committed results too
+    more = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "shift_pretraining" / "results"
+                       / "synthetic_vs_real_more" / "results.json").read_text())
+    x = STUDY_SYNTHETIC_VS_REAL_EXPLORATORY
+    rho2, lo2, hi2 = more["spearman"]["synthetic vs real_centred_cosine"]
+    assert abs(x["rho"] - rho2) < 5e-4 and abs(x["ci"][0] - lo2) < 5e-4 and abs(x["ci"][1] - hi2) < 5e-4
+    assert x["n_encoders"] == more["n_encoders"] == len(more["rows"])
+    for fam, v in x["families"].items():
+        assert abs(v - more["per_family_vs_real_centred_cosine"][fam][0]) < 5e-4, fam
+    assert "exploratory" in text and f"{rho2:.2f}" in text
 
 
 def test_severity_to_match_real_interpolates_each_familys_curve():
