@@ -60,6 +60,7 @@ def test_shift_pretraining_study_runs_end_to_end_in_smoke_mode(tmp_path):
     assert ro["chosen"] in ro["eligible"] and issue["chosen"] in issue["eligible"]
     assert issue["knn_ba_floor"] == pytest.approx(res["rows"]["(a) plain DINO"]["knn_ba"][0] - 0.02)
     assert len(issue["rotation"]) == 6 and {x["test_slide"] for x in issue["rotation"]} == {"03", "04", "05"}
+    assert [u["seed"] for u in issue["untrained_resnet10t"]] == [0] and 0 <= issue["untrained_resnet10t"][0]["top1_05"] <= 1
     # the exploratory synthetic-vs-real script over a smoke run's arm (f), own and per-image readout
     r = subprocess.run([sys.executable, str(REPO / "experiments" / "shift_pretraining" / "synthetic_vs_real_more.py"),
                         "--arms", "f", "--per-image-arm", "a", "--seeds", "0", "--runs", str(work / "runs"),

@@ -126,7 +126,25 @@ def main(argv=None) -> int:
             rotation.append({"test_slide": test, "floor": label, "chosen": _name(pick),
                              "test_top1": mean(pick, f"top1_{test}"), "current_test_top1": mean(CURRENT, f"top1_{test}")})
 
-    issue_rule = {"knn_ba_floor": issue_floor, "rotation": rotation, "eligible": [_name(c) for c in eligible2], "chosen": _name(chosen2),
+    # reference: an untrained ResNet-10t under the chosen readout (what the readout alone gives)
+    import timm
+    import torch
+
+    from shiftkit.models.encoders import Encoder
+
+    untrained = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        m = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+        emb = study._encoder_embed(Encoder(m, "untrained resnet10t", chosen2[0], input_norm=chosen2[1], grid=chosen2[2]))
+        row = {"seed": seed, "readout": _name(chosen2)}
+        for s in slides:
+            row[f"top1_{s}"] = float(np.mean(np.array(study.retrieval(emb(evs[s]["aperio"]), emb(evs[s]["hamamatsu"]))["rank"]) == 0))
+        ev = evs["05"]
+        row["knn_ba"] = study.knn_ba(emb(ev["kather"]), ev["kather_labels"], ev["kather_groups"])
+        untrained.append(row)
+
+    issue_rule = {"knn_ba_floor": issue_floor, "rotation": rotation, "untrained_resnet10t": untrained, "eligible": [_name(c) for c in eligible2], "chosen": _name(chosen2),
                   "current": detail(CURRENT), "chosen_detail": detail(chosen2)}
     res = {"rule": __doc__.split("Rule, written down before the first run:")[1].split("Writes")[0].strip(),
            "seeds": args.seeds, "rows": rows, "knn_ba_floor": floor,
@@ -164,6 +182,10 @@ def main(argv=None) -> int:
     for x in rotation:
         lines.append(f"| {x['test_slide']} | {x['floor']} | {x['chosen']} | {x['test_top1']:.3f} | "
                      f"{x['current_test_top1']:.3f} |")
+    lines += ["", f"Reference: an untrained ResNet-10t (timm, weights from the seed) under {_name(chosen2)}:", "",
+              "| seed | top-1 03 | top-1 04 | top-1 05 | kNN BA |", "|---|---|---|---|---|"]
+    lines += [f"| {u['seed']} | {u['top1_03']:.2f} | {u['top1_04']:.2f} | {u['top1_05']:.2f} | {u['knn_ba']:.3f} |"
+              for u in untrained]
     (out / "readout.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
