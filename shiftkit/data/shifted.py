@@ -464,23 +464,38 @@ def simulate(
             todo.append((name, sev, rec))
 
     # read each source once, then group by (shift, severity, size, mpp) into batches; bounded memory: one batch
-    source_cache: Dict[str, Tuple[Optional[np.ndarray], str]] = {}
     icc_of: Dict[str, str] = {}
     failed: Dict[str, str] = dict(bad_rows)
 
-    def load(rec: TileRecord):
-        if rec.sample_id not in source_cache:
-            try:
-                info: dict = {}
-                img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc, info=info)
-                source_cache.clear()  # keep one source in memory at a time beyond the batch
-                source_cache[rec.sample_id] = (img, hashlib.sha256(img.tobytes()).hexdigest())
-                file_sha[rec.sample_id] = info["sha256"]  # the bytes decoded: the file is read once
-                icc_of[rec.sample_id] = icc_description(info["icc"])
-            except Exception as exc:
-                failed[rec.sample_id] = str(exc)
-                return None, ""
-        return source_cache[rec.sample_id]
+    def read_source(rec: TileRecord):
+        """``(image, pixel sha, file sha, icc, error)`` of one source; touches no shared state (runs in the pool)."""
+        try:
+            info: dict = {}
+            img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc, info=info)
+            return img, hashlib.sha256(img.tobytes()).hexdigest(), info["sha256"], icc_description(info["icc"]), ""
+        except Exception as exc:
+            return None, "", "", "", str(exc)
+
+    def read_ahead(recs: List[TileRecord], window: int):
+        """``read_source`` of each record in order; with a pool, up to ``window`` reads run ahead in it (decoding
+        overlaps the shift kernels; memory grows by at most ``window`` source images)."""
+        if pool is None or window <= 0:
+            for rec in recs:
+                yield read_source(rec)
+            return
+        from collections import deque
+
+        ahead, it = deque(), iter(recs)
+        for rec in it:
+            ahead.append(pool.submit(read_source, rec))
+            if len(ahead) >= window:
+                break
+        while ahead:
+            res = ahead.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                ahead.append(pool.submit(read_source, nxt))
+            yield res
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -558,12 +573,15 @@ def simulate(
         by_source: Dict[str, list] = {}
         for name, sev, rec in todo:
             by_source.setdefault(rec.sample_id, []).append((name, sev, rec))
-        for sid, jobs in by_source.items():
-            img, sha = load(jobs[0][2])
+        sources_in_order = [jobs[0][2] for jobs in by_source.values()]
+        for (sid, jobs), (img, sha, fsha, icc, err) in zip(by_source.items(), read_ahead(sources_in_order, batch_size)):
             if img is None:
+                failed[sid] = err
                 if progress:
                     progress(len(jobs))
                 continue
+            file_sha[sid] = fsha  # the bytes decoded: the file is read once
+            icc_of[sid] = icc
             for name, sev, rec in jobs:
                 key = (name, sev, (img.shape, tile_mpp(rec)))
                 pending.setdefault(key, []).append((rec, img, sha))
