@@ -345,7 +345,7 @@ def _shard(text):
 @click.option("--mpp", default=None, type=float, help="µm per pixel of the tiles (default: the manifest's mpp column, else 0.5).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="Threads that encode and write files (default: one per CPU core, at most 8; 0 = none). "
+              help="Threads that read, encode and write files (default: one per CPU core, at most 8; 0 = none). "
               "The pixels do not depend on it.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
