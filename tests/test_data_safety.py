@@ -390,3 +390,26 @@ def test_written_files_honour_the_umask(tiles, tmp_path, umask, mode):
     files += [tmp_path / "sim" / "manifest.json", tmp_path / "norm" / "normalize.json", tmp_path / "p.png"]
     assert len(files) >= 10
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
+
+
+def test_write_image_round_trips_rgb_and_refuses_what_is_not_an_rgb_tile(tmp_path):
+    """The channel order on disk is OpenCV's BGR (checked with OpenCV itself), read back as the same RGB array; a
+    wrong shape or dtype is refused by name before any file is made."""
+    from shiftkit.core.errors import InvalidArgumentError
+
+    img = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    write_image(tmp_path / "a.png", img[:, ::-1])  # a non-contiguous view is written as its values
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "a.png"))[..., ::-1], img[:, ::-1])
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), img[:, ::-1])
+    for bad in (img[..., 0], np.dstack([img, img[..., :1]]), img.astype(np.float32)):
+        with pytest.raises(InvalidArgumentError, match=r"b\.png.*expected \(H, W, 3\) uint8"):
+            write_image(tmp_path / "b.png", bad)
+    assert not (tmp_path / "b.png").exists()
+    # an opaque RGBA file reads as its RGB; a translucent one is refused naming the file
+    bgra = np.dstack([img[..., ::-1], np.full(img.shape[:2], 255, np.uint8)])
+    cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), img)
+    bgra[0, 0, 3] = 10
+    cv2.imwrite(str(tmp_path / "glass.png"), bgra)
+    with pytest.raises(Exception, match=r"glass\.png.*translucent"):
+        read_image(tmp_path / "glass.png")

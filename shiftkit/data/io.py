@@ -11,6 +11,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from ..core.errors import InvalidArgumentError
 from ..core.files import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -33,9 +34,14 @@ def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir
 
     The temporary file is ``.shiftkit-<random>.tmp`` in ``tmp_dir`` (default: the output's folder; it must be on the
     same file system). The file's mode honours the process umask, like any file a program creates (0644 under
-    umask 0022, 0600 under 0077).
+    umask 0022, 0600 under 0077). Anything but an ``(H, W, 3)`` uint8 array raises :class:`InvalidArgumentError` naming
+    ``path``, before any file is made.
     """
     p = Path(path)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InvalidArgumentError(f"`image` for {p} is not an RGB tile: expected (H, W, 3) uint8, got {image.dtype} "
+                                   f"{tuple(image.shape)}")
     p.parent.mkdir(parents=True, exist_ok=True)
     suffix = p.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if suffix in (".jpg", ".jpeg") else []
