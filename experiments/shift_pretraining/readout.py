@@ -69,22 +69,30 @@ def main(argv=None) -> int:
     t0 = time.time()
     slides = ("03", "04", "05")
     evs = {s: study.eval_sets(s) for s in slides}
+
+    def measure(encoder, details: bool = True) -> dict:
+        """Twin retrieval on every slide and Kather kNN BA (plus the ranks, twin cosines and centre AUC)."""
+        emb = study._encoder_embed(encoder)
+        row = {}
+        for s in slides:
+            r = study.retrieval(emb(evs[s]["aperio"]), emb(evs[s]["hamamatsu"]))
+            row[f"top1_{s}"] = float(np.mean(np.array(r["rank"]) == 0))
+            if details:
+                row[f"rank_{s}"] = float(np.mean(r["rank"]))
+                row[f"ranks_{s}"] = [int(x) for x in r["rank"]]
+                row[f"cos_{s}"] = [float(x) for x in r["twin_cosine"]]
+        ev = evs["05"]
+        row["knn_ba"] = study.knn_ba(emb(ev["kather"]), ev["kather_labels"], ev["kather_groups"])
+        if details:
+            row["centre_auc"] = study.centre_auc(emb(ev["cam"]), ev["cam_sites"], ev["cam_groups"])
+        return row
+
     rows = []
     for seed in args.seeds:
         base = load_encoder(str(Path(args.runs) / f"{args.arm}_seed{seed}"))
         for c in CANDIDATES:
-            enc = base.with_readout(input_norm=c[1], grid=c[2], input_size=c[0])
-            emb = study._encoder_embed(enc)
-            row = {"seed": seed, "input_size": c[0], "input_norm": c[1], "grid": c[2]}
-            for s in slides:
-                r = study.retrieval(emb(evs[s]["aperio"]), emb(evs[s]["hamamatsu"]))
-                row[f"top1_{s}"] = float(np.mean(np.array(r["rank"]) == 0))
-                row[f"rank_{s}"] = float(np.mean(r["rank"]))
-                row[f"ranks_{s}"] = [int(x) for x in r["rank"]]
-                row[f"cos_{s}"] = [float(x) for x in r["twin_cosine"]]
-            ev = evs["05"]
-            row["knn_ba"] = study.knn_ba(emb(ev["kather"]), ev["kather_labels"], ev["kather_groups"])
-            row["centre_auc"] = study.centre_auc(emb(ev["cam"]), ev["cam_sites"], ev["cam_groups"])
+            row = {"seed": seed, "input_size": c[0], "input_norm": c[1], "grid": c[2],
+                   **measure(base.with_readout(input_norm=c[1], grid=c[2], input_size=c[0]))}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -92,17 +100,21 @@ def main(argv=None) -> int:
         return float(np.mean([r[key] for r in rows if (r["input_size"], r["input_norm"], r["grid"]) == c
                               and r["seed"] in seeds]))
 
+    def pick(eligible_set, dev_slides=("03", "04")):
+        """The rule's choice: the best mean top-1 over ``dev_slides`` (ties: the lower mean twin rank)."""
+        return max(eligible_set, key=lambda c: (np.mean([mean(c, f"top1_{s}") for s in dev_slides]),
+                                                -np.mean([mean(c, f"rank_{s}") for s in dev_slides])))
+
     ba0 = {c: mean(c, "knn_ba", [args.seeds[0]]) for c in CANDIDATES}
     floor = ba0[CURRENT] - 0.02
     eligible = [c for c in CANDIDATES if ba0[c] >= floor]
     dev = {c: (mean(c, "top1_03") + mean(c, "top1_04")) / 2 for c in CANDIDATES}
-    devrank = {c: (mean(c, "rank_03") + mean(c, "rank_04")) / 2 for c in CANDIDATES}
-    chosen = max(eligible, key=lambda c: (dev[c], -devrank[c]))
+    chosen = pick(eligible)
     confirm = {c: mean(c, "top1_05") for c in (CURRENT, chosen)}
     replace = chosen != CURRENT and confirm[chosen] >= confirm[CURRENT]
     issue_floor = study_floor(Path(args.results))
     eligible2 = [c for c in CANDIDATES if mean(c, "knn_ba") >= issue_floor]
-    chosen2 = max(eligible2, key=lambda c: (dev[c], -devrank[c]))
+    chosen2 = pick(eligible2)
 
     def detail(c):
         sel = [r for r in rows if (r["input_size"], r["input_norm"], r["grid"]) == c]
@@ -118,13 +130,10 @@ def main(argv=None) -> int:
     rotation = []
     for test in slides:
         dev_s = [s for s in slides if s != test]
-        for label, ok in (("pre-written floor", lambda c: ba0[c] >= floor),
-                          ("issue floor", lambda c: mean(c, "knn_ba") >= issue_floor)):
-            pick = max([c for c in CANDIDATES if ok(c)],
-                       key=lambda c: (np.mean([mean(c, f"top1_{s}") for s in dev_s]),
-                                      -np.mean([mean(c, f"rank_{s}") for s in dev_s])))
-            rotation.append({"test_slide": test, "floor": label, "chosen": _name(pick),
-                             "test_top1": mean(pick, f"top1_{test}"), "current_test_top1": mean(CURRENT, f"top1_{test}")})
+        for label, elig in (("pre-written floor", eligible), ("issue floor", eligible2)):
+            c = pick(elig, dev_s)
+            rotation.append({"test_slide": test, "floor": label, "chosen": _name(c),
+                             "test_top1": mean(c, f"top1_{test}"), "current_test_top1": mean(CURRENT, f"top1_{test}")})
 
     # reference: an untrained ResNet-10t under the chosen readout (what the readout alone gives)
     import timm
@@ -136,15 +145,11 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         torch.manual_seed(seed)
         m = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
-        emb = study._encoder_embed(Encoder(m, "untrained resnet10t", chosen2[0], input_norm=chosen2[1], grid=chosen2[2]))
-        row = {"seed": seed, "readout": _name(chosen2)}
-        for s in slides:
-            row[f"top1_{s}"] = float(np.mean(np.array(study.retrieval(emb(evs[s]["aperio"]), emb(evs[s]["hamamatsu"]))["rank"]) == 0))
-        ev = evs["05"]
-        row["knn_ba"] = study.knn_ba(emb(ev["kather"]), ev["kather_labels"], ev["kather_groups"])
-        untrained.append(row)
+        enc = Encoder(m, "untrained resnet10t", chosen2[0], input_norm=chosen2[1], grid=chosen2[2])
+        untrained.append({"seed": seed, "readout": _name(chosen2), **measure(enc, details=False)})
 
-    issue_rule = {"knn_ba_floor": issue_floor, "rotation": rotation, "untrained_resnet10t": untrained, "eligible": [_name(c) for c in eligible2], "chosen": _name(chosen2),
+    issue_rule = {"knn_ba_floor": issue_floor, "rotation": rotation, "untrained_resnet10t": untrained,
+                  "eligible": [_name(c) for c in eligible2], "chosen": _name(chosen2),
                   "current": detail(CURRENT), "chosen_detail": detail(chosen2)}
     res = {"rule": __doc__.split("Rule, written down before the first run:")[1].split("Writes")[0].strip(),
            "seeds": args.seeds, "rows": rows, "knn_ba_floor": floor,
@@ -166,6 +171,7 @@ def main(argv=None) -> int:
                      f"{mean(c, 'knn_ba'):.3f} | {mean(c, 'centre_auc'):.3f} |")
     lines += ["", (f"kNN BA floor: {floor:.3f}. Chosen on 03/04: {_name(chosen)}. Slide 05: chosen "
                    f"{confirm[chosen]:.3f}, current {confirm[CURRENT]:.3f}. Replace the shipped readout: {replace}.")]
+
     def fmt(v):
         return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 

@@ -46,13 +46,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     ev = study.eval_sets("05")
     syn = study.synthetic_sets(ev, only=args.only_shifts)
-    encoders = []
-    for arm in args.arms:
-        for seed in args.seeds:
-            encoders.append((f"({arm}) seed {seed}", load_encoder(str(Path(args.runs) / f"{arm}_seed{seed}"))))
-    for seed in args.seeds:
-        base = load_encoder(str(Path(args.runs) / f"{args.per_image_arm}_seed{seed}"))
-        encoders.append((f"({args.per_image_arm}) seed {seed}, per-image readout", base.with_readout(input_norm="per-image")))
+    loaded = {}
+
+    def run_encoder(arm, seed):  # each run's weights loaded once, also when read two ways
+        if (arm, seed) not in loaded:
+            loaded[arm, seed] = load_encoder(str(Path(args.runs) / f"{arm}_seed{seed}"))
+        return loaded[arm, seed]
+
+    encoders = [(f"({arm}) seed {seed}", run_encoder(arm, seed)) for arm in args.arms for seed in args.seeds]
+    encoders += [(f"({args.per_image_arm}) seed {seed}, per-image readout",
+                  run_encoder(args.per_image_arm, seed).with_readout(input_norm="per-image")) for seed in args.seeds]
     rows = []
     for name, enc in encoders:
         r = study.synthetic_and_real(enc, ev, syn)

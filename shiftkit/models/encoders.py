@@ -10,10 +10,9 @@ safetensors or a state dict read with ``weights_only=True`` — never by unpickl
 The default encoder is ``shiftkit/models/weights/default_encoder.safetensors``: a timm ResNet-10t pretrained with
 DINO by ``shiftkit pretrain`` (600 CPU steps, stain and synthetic scanner views) on 486 tiles of Camelyon17 and the
 permissively licensed example images, whose embedding is a 4 x 4 grid of its last feature map (8,192-d) at a 112²
-input whose channels are standardized by each image's own mean and std. The
-command that made it is in ``default_encoder.json`` and docs/pretraining.md; it is arm (h) of
-``experiments/shift_pretraining``. It makes the main job meaningful and reproducible; it is not a pathology
-foundation model.
+input whose channels are standardized by each image's own mean and std. The command that made it is in
+``default_encoder.json`` and docs/pretraining.md; it is arm (h) of ``experiments/shift_pretraining``. It makes the
+main job meaningful and reproducible; it is not a pathology foundation model.
 """
 
 from __future__ import annotations

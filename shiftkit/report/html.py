@@ -160,6 +160,11 @@ def real_shift_facts(records: list, model: str):
             "site_auc": float(auc[0]) if auc else None}
 
 
+def _matched_severity(m: dict) -> str:
+    """A family's severity matching the real shift, or '> max' when even the highest falls short (plain text)."""
+    return f"> {m['max_severity']}" if m["beyond"] else str(m["severity"])
+
+
 def _real_text(h: dict) -> str:
     """The headline's real-shift sentence (plain text; the caller escapes it)."""
     rs = h.get("real_shift")
@@ -179,7 +184,7 @@ def _real_text(h: dict) -> str:
     match = h.get("severity_to_match_real") or []
     if match:
         text += ". Synthetic severity that moves embeddings as far as the first comparison: " + ", ".join(
-            f"{m['family']} {'> ' + str(m['max_severity']) if m['beyond'] else m['severity']}" for m in match)
+            f"{m['family']} {_matched_severity(m)}" for m in match)
     return text[:1].upper() + text[1:] + "."
 
 
@@ -256,8 +261,9 @@ def _headline_html(h: dict, e) -> str:
         r = h["worst_retention"][0]
         items.append(f"<li id='headline-retention'><b>Task:</b> clean kNN balanced accuracy {h['clean_knn_balanced_accuracy']:.3f}; "
                      f"lowest mean retention under <b>{e(r['shift'])}</b> ({r['mean_knn_retention']:.3f} of clean).</li>")
-    if _real_text(h):
-        items.append(f"<li id='headline-real'><b>Real shift:</b> {e(_real_text(h))}</li>")
+    real_text = _real_text(h)
+    if real_text:
+        items.append(f"<li id='headline-real'><b>Real shift:</b> {e(real_text)}</li>")
     items.append(f"<li id='headline-validity'><b>Synthetic vs real:</b> {e(h['synthetic_vs_real']['text'])}</li>")
     nm = "".join(f"<li>{_code(e(x))}</li>" for x in h["not_measured"]) or "<li>nothing left out</li>"
     items.append(f"<li id='headline-not-measured'><b>Not measured:</b><ul>{nm}</ul></li>")
@@ -279,8 +285,9 @@ def _headline_md(h: dict) -> list:
         r = h["worst_retention"][0]
         out += [f"**Task.** Clean kNN balanced accuracy {h['clean_knn_balanced_accuracy']:.3f}; lowest mean retention under "
                 f"{_md(r['shift'])} ({r['mean_knn_retention']:.3f} of clean).", ""]
-    if _real_text(h):
-        out += [f"**Real shift.** {_md(_real_text(h))}", ""]
+    real_text = _real_text(h)
+    if real_text:
+        out += [f"**Real shift.** {_md(real_text)}", ""]
     out += [f"**Synthetic vs real.** {_md(h['synthetic_vs_real']['text'])}", ""]
     out += ["**Not measured.** " + ("; ".join(_md(x) for x in h["not_measured"]) or "nothing left out") + ".", ""]
     return out
@@ -418,7 +425,7 @@ def build_report(run_dir) -> Path:
                          "interpolated between severities, &gt; when even the highest falls short:</p>"
                          "<div class='scroll'><table><tr><th>family</th><th>severity matching the real shift</th>"
                          "<th>cosine at the highest severity</th></tr>" + "".join(
-                             f"<tr><td>{e(m['family'])}</td><td>{'&gt; ' + str(m['max_severity']) if m['beyond'] else m['severity']}</td>"
+                             f"<tr><td>{e(m['family'])}</td><td>{e(_matched_severity(m))}</td>"
                              f"<td>{m['cosine_at_max']:.3f}</td></tr>" for m in match) + "</table></div>")
     else:
         parts.append("<p>Not measured: the data has no registered twins and no site labels. Add <code>pair_id</code> and "
@@ -459,7 +466,7 @@ def build_report(run_dir) -> Path:
                         f"({_md(match[0]['real_comparison'])}, centred cosine {match[0]['real_cosine']:.3f}); "
                         "interpolated between severities, > when even the highest falls short:"), "",
                    "| family | severity matching the real shift | cosine at the highest severity |", "|---|---|---|"]
-            md += [f"| {_md(m['family'])} | {'> ' + str(m['max_severity']) if m['beyond'] else m['severity']} | "
+            md += [f"| {_md(m['family'])} | {_matched_severity(m)} | "
                    f"{m['cosine_at_max']:.3f} |" for m in match]
     (run_dir / "summary.md").write_text("\n".join(md) + "\n")
     return out
