@@ -81,7 +81,7 @@ def test_shifts_lists_registry_and_preview_writes_strip(tmp_path):
 
     assert [d["name"] for d in listed] == list_shifts()
     routed = {d["name"] for d in listed if d["cpu_uint8_route"]}
-    assert {"jpeg", "gamma", "resample"} <= routed and "sensor-noise" not in routed
+    assert {"jpeg", "gamma", "resample", "sensor-noise"} <= routed and "stain-hue" not in routed
     res = runner.invoke(cli, ["shifts", "*defocus*"])
     assert "gaussian-defocus" in res.output and "S3=2.6" in res.output and "jpeg" not in res.output
     out = tmp_path / "strip.png"

@@ -91,8 +91,8 @@ def test_manifest_replay_reproduces_pixels(src, tmp_path):
     simulate(src, out, ["sensor-noise", "scanner-profile-a"], [3], seed=11)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["shifts"][0]["table"] and manifest["config"]["seed"] == 11
-    # on CPU neither has an 8-bit kernel (noise is drawn in float; composites stay on the float route)
-    assert manifest["config"]["routes"] == {"sensor-noise": "float", "scanner-profile-a": "float"}
+    # on CPU both take the 8-bit route (noise by the 8-bit sampler, the composite component by component)
+    assert manifest["config"]["routes"] == {"sensor-noise": "uint8-cpu", "scanner-profile-a": "uint8-cpu"}
     assert manifest["config"]["sampler_version"] == SAMPLER_VERSION
     for row in manifest["outputs"][:4] + manifest["outputs"][-2:]:
         assert row["seed"] == sample_seed(11, row["shift"], row["severity"], row["source"])

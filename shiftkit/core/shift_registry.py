@@ -45,6 +45,10 @@ class ShiftSpec:
             ``(B, H, W, 3)``, same parameters (the "uint8-cpu" route, :func:`shiftkit.shifts.routes.apply_u8`).
         pointwise: ``kernel`` maps each channel value on its own (a tone curve), so the 8-bit route applies it as
             one 256-entry lookup table per sample and channel, computed by ``kernel`` itself.
+        u8_post: ``kernel_u8`` also takes ``post=``, per-sample tone curves it applies to its result before rounding
+            to 8 bits (sensor noise: a composite fuses the tone curves that follow it).
+        components: a composite's component specs in the order they apply (empty for a plain shift).
+        composite_u8: a composite may take the 8-bit route when every component has one.
     """
 
     name: str
@@ -59,6 +63,9 @@ class ShiftSpec:
     stage: str = ""  # position in PHYSICAL_ORDER; default from the family (flat-field errors act in the optics)
     kernel_u8: Optional[Callable] = field(default=None, repr=False, compare=False)
     pointwise: bool = False
+    u8_post: bool = False
+    components: tuple[ShiftSpec, ...] = field(default=(), repr=False, compare=False)
+    composite_u8: bool = True
 
     @property
     def order(self) -> int:
@@ -143,10 +150,11 @@ def direction(gen: torch.Generator, batch: int) -> torch.Tensor:
     return torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)
 
 
-def composite(name: str, components: list, description: str, held_out: bool) -> ShiftSpec:
+def composite(name: str, components: list, description: str, held_out: bool, route_u8: bool = True) -> ShiftSpec:
     """A scanner profile: several registered shifts at the same severity, applied in :data:`PHYSICAL_ORDER`.
 
-    Its table holds each component's parameters as ``"<shift>.<param>"``.
+    Its table holds each component's parameters as ``"<shift>.<param>"``. ``route_u8=False`` keeps it on the float
+    route even where every component has an 8-bit one (where rounding between components would be amplified).
     """
     specs = sorted((get_spec(c) for c in components), key=lambda sp: sp.order)
     table = {f"{sp.name}.{k}": v for sp in specs for k, v in sp.table.items()}
@@ -168,4 +176,5 @@ def composite(name: str, components: list, description: str, held_out: bool) -> 
         return out
 
     return ShiftSpec(name, "scanner", description + " Components, in order: " + ", ".join(sp.name for sp in specs) + ".",
-                     table, units, "composite of " + ", ".join(sp.name for sp in specs), held_out, kernel, sample)
+                     table, units, "composite of " + ", ".join(sp.name for sp in specs), held_out, kernel, sample,
+                     components=tuple(specs), composite_u8=route_u8)

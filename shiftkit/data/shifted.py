@@ -222,7 +222,11 @@ class SimulationReport:
 
 #: Version of the random draws of the shift kernels: bumped whenever a kernel draws or applies its randomness
 #: differently, so that a shifted set made by an older sampler is never resumed as if it were the same.
-SAMPLER_VERSION = 2  # 2: sensor noise by inverse-CDF Poisson / variance-matched normal (one uniform + one normal per pixel)
+#: 2: sensor noise by inverse-CDF Poisson / variance-matched normal (one uniform + one normal per pixel).
+#: 3: the 8-bit CPU route draws sensor noise by per-level quantile tables (12 random bits per pixel,
+#: functional.scanner_u8.sensor_noise_u8) and runs scanner-profile-a/-b component by component; the float route
+#: is unchanged.
+SAMPLER_VERSION = 3
 #: simulate's own files inside OUT_DIR: configuration, journals, temporary files.
 STATE_DIR = ".shiftkit"
 

@@ -13,6 +13,8 @@ rounding of the same operations.
 
 from __future__ import annotations
 
+import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict
 
@@ -20,7 +22,8 @@ import cv2
 import numpy as np
 import torch
 
-from .scanner import check_jpeg2000_size, disk_kernel, gaussian_taps, motion_kernel
+from ..stain.mask import linear_to_srgb, srgb_to_linear
+from .scanner import SHOT_EXACT_BELOW, check_jpeg2000_size, disk_kernel, gaussian_taps, motion_kernel
 
 Params = Dict[str, torch.Tensor]
 
@@ -203,4 +206,188 @@ def pointwise_lut(kernel: Callable[[torch.Tensor, Params], torch.Tensor], images
     return out
 
 
-__all__ = ["gaussian_blur_u8", "disk_blur_u8", "motion_blur_u8", "saturation_u8", "jpeg_u8", "jpeg2000_u8", "resample_u8", "pointwise_lut"]
+def unsharp_mask_u8(images: np.ndarray, amount: torch.Tensor, sigma: float = 1.0) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.unsharp_mask` on 8-bit tiles: the same Gaussian taps, the blur kept in
+    float32, ``(1 + a)·x − a·blur`` rounded and saturated once (OpenCV ``addWeighted``)."""
+    x = _tiles(images)
+    b = x.shape[0]
+    if b == 0:
+        return x.copy()
+    k = gaussian_taps(torch.full((b,), float(sigma)), x.shape[1:3]).float().numpy()
+    amounts = amount.double().tolist()
+    out = np.empty_like(x)
+
+    def one(i: int) -> None:
+        if amounts[i] == 0:
+            out[i] = x[i]
+            return
+        blur = cv2.sepFilter2D(x[i], cv2.CV_32F, k[i], k[i], borderType=cv2.BORDER_REFLECT_101)
+        cv2.addWeighted(x[i].astype(np.float32), 1.0 + amounts[i], blur, -amounts[i], 0.0, dst=out[i], dtype=cv2.CV_8U)
+
+    _each(b, one)
+    return out
+
+
+def vignetting_u8(images: np.ndarray, drop: torch.Tensor) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.vignetting` on 8-bit tiles: linear light from a 256-entry table, the float
+    kernel's gain map and sRGB encoding, rounded once."""
+    x = _tiles(images)
+    b, h, w = x.shape[:3]
+    if b == 0:
+        return x.copy()
+    yy = torch.linspace(-1, 1, h)[:, None]
+    xx = torch.linspace(-1, 1, w)[None]
+    r2 = (xx**2 + yy**2) / 2.0
+    drops = drop.detach().float().cpu().tolist()
+    lin = srgb_to_linear(torch.arange(256, dtype=torch.float32) / 255).numpy()
+    out = np.empty_like(x)
+
+    def one(i: int) -> None:
+        if drops[i] == 0:
+            out[i] = x[i]
+            return
+        gain = (1.0 - torch.tensor(drops[i]) * r2)[..., None]  # (H, W, 1)
+        y = linear_to_srgb(torch.from_numpy(cv2.LUT(x[i], lin)).mul_(gain), overwrite=True)
+        out[i] = cv2.convertScaleAbs(y.numpy(), alpha=255.0)  # scale, round half to even, saturate
+
+    _each(b, one)
+    return out
+
+
+def stitching_seam_u8(images: np.ndarray, step: torch.Tensor, offset: torch.Tensor, position: torch.Tensor) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.stitching_seam` on 8-bit tiles: right of the seam column the tile rolled
+    down by ``offset`` rows through one table per sample (the float kernel's linear-light gain ``1 + step`` on the
+    ramp ``k / 255``, rounded as the float route rounds); left of it the tile unchanged."""
+    x = _tiles(images)
+    out = x.copy()
+    b, w = x.shape[0], x.shape[2]
+    if b == 0:
+        return out
+    ramp = (torch.arange(256, dtype=torch.float32) / 255).view(1, 1, 256).expand(b, 1, 256)
+    gain = (1.0 + step.detach().float().cpu()).view(-1, 1, 1)
+    lut = (linear_to_srgb(srgb_to_linear(ramp.contiguous()) * gain).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    col = (position.detach().float().cpu() * w).round().long().tolist()
+    steps, offs = step.tolist(), offset.long().tolist()
+    for i in range(b):
+        if steps[i] == 0 and offs[i] == 0:
+            continue
+        c = min(max(col[i], 0), w)
+        right = np.roll(x[i], offs[i], axis=0)[:, c:] if offs[i] else x[i][:, c:]
+        out[i][:, c:] = cv2.LUT(np.ascontiguousarray(right), lut[i, 0])
+    return out
+
+
+#: random bits per pixel of the 8-bit noise sampler: each pixel reads its output from ``2**NOISE_BITS`` equally
+#: likely quantiles of its level's distribution (every level's probability is rounded to 1/4096)
+NOISE_BITS = 12
+#: resolution of the intermediate value a fused tone curve (``post``) reads: 12 bits, 1/16 of an output level
+POST_LEVELS = 4096
+
+
+@functools.lru_cache(maxsize=32)
+def noise_quantiles(photons: float, read_sigma: float) -> torch.Tensor:
+    """Linear-light quantiles ``(256, 2**NOISE_BITS)`` (float64) of sensor noise for each 8-bit input level.
+
+    The model of sampler 2 (:func:`~shiftkit.functional.scanner.sensor_noise`): for an input level with linear value
+    ``x``, ``y = Poisson(λx)/λ + σ_r z``; below :data:`SHOT_EXACT_BELOW` expected photons the count is exact (the
+    mixture's CDF on a fine grid, inverted by interpolation), above it the variance-matched normal
+    ``x + sqrt(x/λ + σ_r²) z`` (closed form). Quantile ``j`` is taken at ``(j + 0.5) / 2**NOISE_BITS``."""
+    q = 1 << NOISE_BITS
+    lam, sig = float(photons), float(read_sigma)
+    if not (lam > 0 and math.isfinite(lam) and sig >= 0 and math.isfinite(sig)):
+        raise ValueError(f"sensor noise: expected photons > 0 and read_sigma >= 0, got {photons!r}, {read_sigma!r}")
+    x = srgb_to_linear(torch.arange(256, dtype=torch.float32) / 255).double()  # the float route's linear values
+    u = (torch.arange(q, dtype=torch.float64) + 0.5) / q
+    z = math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+    y = x[:, None] + torch.sqrt(x / lam + sig * sig)[:, None] * z[None]
+    low = (x * lam < SHOT_EXACT_BELOW).nonzero().squeeze(1)
+    if low.numel():
+        m = x[low] * lam
+        kmax = int(SHOT_EXACT_BELOW + 10 * math.sqrt(SHOT_EXACT_BELOW) + 10)
+        n = torch.arange(kmax + 1, dtype=torch.float64)
+        pmf = torch.exp(n[None] * torch.log(m.clamp_min(1e-300))[:, None] - m[:, None] - torch.lgamma(n + 1)[None])
+        pmf[m == 0] = 0.0
+        pmf[m == 0, 0] = 1.0
+        uu = u[None].expand(len(low), q).contiguous()
+        if sig > 0:  # CDF of the Poisson–normal mixture on a grid of 4,096 points, σ_r spans many of them
+            grid = torch.linspace(-8 * sig, kmax / lam + 8 * sig, 4096, dtype=torch.float64)
+            cdf = torch.zeros(len(low), grid.numel(), dtype=torch.float64)
+            for k in range(kmax + 1):
+                cdf.add_(pmf[:, k : k + 1] * torch.special.ndtr((grid[None] - k / lam) / sig))
+            hi = torch.searchsorted(cdf, uu).clamp(1, grid.numel() - 1)
+            c0, c1 = cdf.gather(1, hi - 1), cdf.gather(1, hi)
+            frac = ((uu - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+            y[low] = grid[hi - 1] + frac * (grid[1] - grid[0])
+        else:  # counts only: the Poisson quantile
+            y[low] = torch.searchsorted(pmf.cumsum(1).contiguous(), uu).double() / lam
+    return y
+
+
+@functools.lru_cache(maxsize=16)
+def _noise_tables(photons: float, read_sigma: float):
+    """(8-bit table, 12-bit table), flat, indexed by ``level << NOISE_BITS | j``: the quantiles in sRGB rounded
+    half to even to 255 and to ``POST_LEVELS − 1`` steps."""
+    s = linear_to_srgb(noise_quantiles(photons, read_sigma).float())  # clamped to [0, 1] as the float route
+    t8 = (s * 255).round_().to(torch.uint8).numpy().ravel()
+    t12 = (s * (POST_LEVELS - 1)).round_().to(torch.int16).numpy().astype(np.uint16).ravel()
+    return t8, t12
+
+
+def noise_draws(seed: int, shape) -> np.ndarray:
+    """``2**NOISE_BITS``-valued uniform draws of one tile (uint16, ``shape``), from PCG64 seeded by ``seed``: the
+    top 12 bits of each little-endian 16-bit quarter of its 64-bit outputs, in pixel order (H, W, channel)."""
+    n = int(np.prod(shape))
+    raw = np.random.PCG64(int(seed) % (1 << 64)).random_raw((n + 3) // 4).astype("<u8", copy=False)
+    return (raw.view("<u2")[:n] >> (16 - NOISE_BITS)).reshape(shape)
+
+
+def post_tables(post: Callable[[torch.Tensor], torch.Tensor], batch: int) -> np.ndarray:
+    """Per-sample tone curves for :func:`sensor_noise_u8`: ``post`` (a float kernel of ``(B, 3, H, W)`` in
+    ``[0, 1]``) on the ramp ``w / (POST_LEVELS − 1)``, rounded as the float route rounds, as ``(B, 3·POST_LEVELS)``
+    uint8 (channel-major)."""
+    ramp = (torch.arange(POST_LEVELS, dtype=torch.float32) / (POST_LEVELS - 1)).view(1, 1, 1, -1)
+    lut = (post(ramp.expand(batch, 3, 1, POST_LEVELS).contiguous()).clamp(0, 1) * 255).round().to(torch.uint8)
+    return lut.reshape(batch, 3 * POST_LEVELS).numpy()
+
+
+def sensor_noise_u8(images: np.ndarray, photons: torch.Tensor, read_sigma: torch.Tensor, seed: torch.Tensor,
+                    post: np.ndarray | None = None) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.sensor_noise` on 8-bit tiles by quantile tables (the 8-bit sampler).
+
+    The output of a pixel depends only on its level and the sample's ``(λ, σ_r)``, so each pixel reads one of the
+    ``2**NOISE_BITS`` equally likely quantiles of its level's output distribution (:func:`noise_quantiles`, the
+    float route's model) with 12 random bits (:func:`noise_draws`, from the sample's seed): one table read per
+    pixel instead of the float route's sRGB → linear → draws → linear → sRGB (about 0.25 ms against 3–5 ms a 224²
+    tile on two cores). Output levels have the model's distribution with every probability rounded to 1/4096:
+    mean within 0.006 level and sd within 0.1 % of the model's on every level, computed with scipy
+    (tests/test_routes.py). The draws are this route's own, so its pixels are not the float route's.
+
+    ``post``: ``(B, 3·POST_LEVELS)`` uint8 tone curves applied to the noisy value at 12 bits (from
+    :func:`post_tables`): a composite fuses the tone curves that follow the noise without rounding to 8 bits
+    between them.
+    """
+    x = _tiles(images)
+    out = np.empty_like(x)
+    if x.shape[0] == 0:
+        return out
+    lam, sig, seeds = photons.double().tolist(), read_sigma.double().tolist(), seed.long().tolist()
+    chan = (np.arange(3, dtype=np.uint16) * POST_LEVELS) if post is not None else None
+
+    def one(i: int) -> None:
+        t8, t12 = _noise_tables(lam[i], sig[i])
+        idx = x[i].astype(np.uint32)
+        idx <<= NOISE_BITS
+        idx |= noise_draws(seeds[i], x[i].shape)
+        if post is None:
+            np.take(t8, idx, out=out[i], mode="clip")  # every index is in range: no checks
+        else:
+            w = np.take(t12, idx, mode="clip")
+            w += chan  # channel c reads its curve at c·POST_LEVELS + w
+            np.take(post[i], w, out=out[i], mode="clip")
+
+    _each(x.shape[0], one)
+    return out
+
+
+__all__ = ["sensor_noise_u8", "stitching_seam_u8", "unsharp_mask_u8", "vignetting_u8", "noise_quantiles", "noise_draws", "post_tables", "NOISE_BITS", "POST_LEVELS",
+           "gaussian_blur_u8", "disk_blur_u8", "motion_blur_u8", "saturation_u8", "jpeg_u8", "jpeg2000_u8", "resample_u8", "pointwise_lut"]

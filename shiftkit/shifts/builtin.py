@@ -106,16 +106,19 @@ SPECS = [
     ShiftSpec("vignetting", "illumination", "Flat-field error: radial linear-light falloff, corner drop d.",
               {"drop": (0.02, 0.04, 0.07, 0.10, 0.15)}, {"drop": "fraction"},
               "[W] illumination map 0.8–1.1; [R] grid shading", True,
-              lambda x, p: K.vignetting(x, p["drop"]), _none),
+              lambda x, p: K.vignetting(x, p["drop"]), _none, kernel_u8=lambda t, p: U.vignetting_u8(t, p["drop"])),
     ShiftSpec("stitching-seam", "illumination", "Tile misregistration: intensity step Δ and offset o px at a random column.",
               {"step": (0.01, 0.02, 0.03, 0.05, 0.08), "offset": (0, 1, 1, 2, 4)}, {"step": "fraction", "offset": "px@0.5um"},
               "[R] Aperio stripe width 992–2040 px; values proposed", False,
-              lambda x, p: K.stitching_seam(x, p["step"], p["offset"], p["position"]), _seam_sample, stage="stitching"),
+              lambda x, p: K.stitching_seam(x, p["step"], p["offset"], p["position"]), _seam_sample, stage="stitching",
+              kernel_u8=lambda t, p: U.stitching_seam_u8(t, p["step"], p["offset"], p["position"])),
     ShiftSpec("sensor-noise", "sensor", "Shot + read noise in linear light: Poisson(λx)/λ + N(0, σ_r²).",
               {"photons": (1000, 500, 200, 100, 60), "read_sigma": (0.002, 0.004, 0.008, 0.012, 0.02)},
               {"photons": "photons at white", "read_sigma": "linear"},
               "[IC] shot λ 60/25/12/5/3 (extreme); values proposed", False,
-              lambda x, p: K.sensor_noise(x, p["photons"], p["read_sigma"], p["seed"]), _noise_sample),
+              lambda x, p: K.sensor_noise(x, p["photons"], p["read_sigma"], p["seed"]), _noise_sample,
+              kernel_u8=lambda t, p, post=None: U.sensor_noise_u8(t, p["photons"], p["read_sigma"], p["seed"], post=post),
+              u8_post=True),
     ShiftSpec("exposure", "sensor", "Lamp ageing / exposure: linear-light gain g (up or down).",
               {"gain": (1.05, 1.1, 1.2, 1.3, 1.45)}, {"gain": "factor (or 1/factor)"},
               "[S] PIL 1 ± 0.1…0.9; [IC] HSV V + .1….5", False,
@@ -136,7 +139,7 @@ SPECS = [
     ShiftSpec("sharpening", "isp", "Vendor unsharp masking: amount at radius 1 px.",
               {"amount": (0.3, 0.6, 1.0, 1.5, 2.0)}, {"amount": "factor"},
               "proposed", True,
-              lambda x, p: K.unsharp_mask(x, p["amount"]), _none),
+              lambda x, p: K.unsharp_mask(x, p["amount"]), _none, kernel_u8=lambda t, p: U.unsharp_mask_u8(t, p["amount"])),
     ShiftSpec("jpeg", "storage", "Vendor lossy tile storage: JPEG quality Q, 4:2:0 chroma (libjpeg via OpenCV).",
               {"quality": (90, 80, 70, 50, 30)}, {"quality": "JPEG quality"},
               "[R] SVS Q = 70 (also 30), NDPI 80; [S] Q 5–75", False,
@@ -300,4 +303,7 @@ for _spec in EXTRA:
 register_shift(composite("scanner-profile-a", ["white-balance", "gamma", "gaussian-defocus", "sensor-noise", "jpeg", "stitching-seam"],
                          "A generic line-scan scanner: colour calibration, tone curve, PSF, sensor noise, JPEG storage, seams.", False))
 register_shift(composite("scanner-profile-b", ["saturation", "sharpening", "disk-defocus", "vignetting", "jpeg-reencode"],
-                         "A held-out scanner: saturation and sharpening in the ISP, disk PSF, flat-field error, re-encoded JPEG.", True))
+                         "A held-out scanner: saturation and sharpening in the ISP, disk PSF, flat-field error, re-encoded JPEG.", True,
+                         # its sharpening (amount up to 2) triples the roundings of the 8-bit steps before it: 1.2
+                         # levels mean against the float route at severity 5 before the JPEG, 1.7 after; float route
+                         route_u8=False))

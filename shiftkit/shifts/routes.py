@@ -14,15 +14,18 @@ import numpy as np
 import torch
 
 from ..core.shift_registry import ShiftSpec
-from ..functional.scanner_u8 import pointwise_lut
+from ..functional.scanner_u8 import pointwise_lut, post_tables
 
 ROUTES = ("float", "uint8-cpu")
 
 
 def has_u8_route(spec: ShiftSpec) -> bool:
-    """Whether ``spec`` runs on 8-bit tiles without a float round trip. Composite profiles do not: rounding to 8 bits
-    between their components moved pixels by 1.3–1.8 levels on average (up to 71 where a steep tone curve meets
-    JPEG) against their float route, and was slower than it (float sensor noise and seams dominate)."""
+    """Whether ``spec`` runs on 8-bit tiles without a float round trip: a shift with an 8-bit kernel or a pointwise
+    one, or a composite that allows it (``composite_u8``) whose every component has one (scanner-profile-a:
+    within 0.5–0.9 levels mean of the float route with its noise switched off, tests/test_routes.py).
+    scanner-profile-b stays on the float route: its sharpening triples the roundings between 8-bit components."""
+    if spec.components:
+        return spec.composite_u8 and all(has_u8_route(c) for c in spec.components)
     return spec.kernel_u8 is not None or spec.pointwise
 
 
@@ -39,16 +42,57 @@ def route_for(spec: ShiftSpec, images: torch.Tensor) -> str:
 def apply_u8(spec: ShiftSpec, tiles: np.ndarray, params: Dict[str, torch.Tensor]) -> np.ndarray:
     """Apply ``spec`` on the 8-bit route: uint8 numpy ``(B, H, W, 3)`` in and out, the float route's parameters.
 
-    A pointwise shift runs as lookup tables, a shift with ``kernel_u8`` runs it; a shift with neither has no 8-bit
-    route (:func:`~shiftkit.data.shifted.shift_tiles` sends it the float route) and is refused.
+    A pointwise shift runs as lookup tables, a shift with ``kernel_u8`` runs it, a composite runs its components'
+    8-bit routes in order (:func:`_composite_u8`); a shift with none of these has no 8-bit route
+    (:func:`~shiftkit.data.shifted.shift_tiles` sends it the float route) and is refused.
     """
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"`tiles` of {spec.name!r}: expected uint8 (B, H, W, 3), got {tiles.dtype} {tiles.shape}")
     if spec.pointwise:
         return pointwise_lut(spec.kernel, tiles, params)
+    if spec.components and has_u8_route(spec):
+        return _composite_u8(spec, tiles, params)
     if spec.kernel_u8 is None:
         raise ValueError(f"`spec` {spec.name!r} has no 8-bit route: expected a shift with kernel_u8 or pointwise=True")
     return spec.kernel_u8(tiles, params)
+
+
+def _component_params(params: dict[str, torch.Tensor], sp: ShiftSpec) -> dict[str, torch.Tensor]:
+    pre = sp.name + "."
+    return {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+
+
+def _chain(specs, params):
+    """The float kernels of consecutive pointwise components as one function of a ``(B, 3, H, W)`` batch."""
+    def kernel(x, _=None):
+        for sp in specs:
+            x = sp.kernel(x, _component_params(params, sp))
+        return x
+    return kernel
+
+
+def _composite_u8(spec: ShiftSpec, tiles: np.ndarray, params: Dict[str, torch.Tensor]) -> np.ndarray:
+    """A composite on 8-bit tiles, component by component in physical order. Consecutive tone curves run as one
+    table computed by their float kernels in sequence (no rounding between them); tone curves right after sensor
+    noise are fused into the noise sampler at 12 bits (``post``). Each other component rounds to 8 bits, as its
+    own 8-bit route does."""
+    comps, x, i = spec.components, tiles, 0
+    while i < len(comps):
+        sp = comps[i]
+        j = i + 1 if not sp.pointwise else i
+        tones = []
+        while j < len(comps) and comps[j].pointwise:
+            tones.append(comps[j])
+            j += 1
+        if sp.pointwise:
+            x = pointwise_lut(_chain(tones, params), x, {})
+        elif sp.u8_post and tones:
+            x = sp.kernel_u8(x, _component_params(params, sp), post=post_tables(_chain(tones, params), x.shape[0]))
+        else:
+            x = apply_u8(sp, x, _component_params(params, sp))
+            j = i + 1
+        i = j
+    return x
 
 
 __all__ = ["ROUTES", "apply_u8", "has_u8_route", "route_for", "route_on"]
