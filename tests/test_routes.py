@@ -308,6 +308,20 @@ def test_uint8_tiles_on_cuda_take_the_float_route_within_the_stated_tolerance(ti
     assert int(d.max()) <= limit and float(d.float().mean()) < 0.4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(RANDOM_U8))
+def test_random_shifts_on_cuda_match_the_cpu_8bit_route_in_distribution(tiles_u8, name):
+    """Noise drawn by the 8-bit sampler on CPU and by the float route on CUDA: the same mean (0.2 level) and the
+    same spread around the clean tile (3 %), pixel values differing as independent draws do."""
+    seeds = [sample_seed(0, name, 3, str(i)) for i in range(len(tiles_u8))]
+    a, _ = shift_tiles(tiles_u8, name, 3, seeds)
+    g, _ = shift_tiles(tiles_u8.cuda(), name, 3, seeds)
+    a, g, x = a.double(), g.cpu().double(), tiles_u8.double()
+    assert abs(float(a.mean() - g.mean())) < 0.2
+    assert abs(float((a - x).std() / (g - x).std()) - 1) < 0.03
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_jpeg2000_refuses_tiles_too_small_for_openjpeg_by_size_on_both_routes(dtype):
     x = torch.zeros(1, 3, 16, 64, dtype=torch.uint8)

@@ -45,7 +45,8 @@ on uni2h && cat /tmp/st-uni2h/headline.json >> "$LOG" 2>&1
 on normalize && timeout 50 python3 experiments/speed/bench_normalize.py --device cuda --peers none --sizes 224 --batch 1024 --passes 5 --json "$OUT/normalize_cuda.json" >> "$LOG" 2>&1
 on augment && timeout 50 python3 experiments/speed/bench_augment.py --device cuda --batch 1024 --passes 5 --json "$OUT/augment_cuda.json" >> "$LOG" 2>&1
 # shifts: the float transform and shift_tiles on uint8 tiles on the device (on CUDA every shift takes the float route;
-# tests/test_routes.py's gpu test checks it against the CPU 8-bit route within the stated tolerance)
+# tests/test_routes.py's gpu tests check it against the CPU 8-bit route: within the stated tolerance, and in
+# distribution for sensor noise and scanner-profile-a, which the CPU route draws from its own quantile tables)
 on shifts && timeout 60 python3 experiments/speed/bench_shifts.py --device cuda --passes 5 --json "$OUT/shifts_cuda.json" >> "$LOG" 2>&1
 # learned scanner transfer (colour + MTF) against per-tile Macenko on the device, float32 (64, 3, 224, 224)
 on transfer && timeout 40 python3 experiments/speed/bench_scanner_transfer.py --device cuda --rounds 5 --out "$OUT/scanner_transfer_cuda.json" >> "$LOG" 2>&1

@@ -284,7 +284,6 @@ NOISE_BITS = 12
 POST_LEVELS = 4096
 
 
-@functools.lru_cache(maxsize=32)
 def noise_quantiles(photons: float, read_sigma: float) -> torch.Tensor:
     """Linear-light quantiles ``(256, 2**NOISE_BITS)`` (float64) of sensor noise for each 8-bit input level.
 
@@ -326,7 +325,8 @@ def noise_quantiles(photons: float, read_sigma: float) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _noise_tables(photons: float, read_sigma: float):
     """(8-bit table, 12-bit table), flat, indexed by ``level << NOISE_BITS | j``: the quantiles in sRGB rounded
-    half to even to 255 and to ``POST_LEVELS − 1`` steps."""
+    half to even to 255 and to ``POST_LEVELS − 1`` steps. 3 MB per ``(λ, σ_r)``, the last 16 kept (48 MB at
+    most; a simulate run over five severities holds five)."""
     s = linear_to_srgb(noise_quantiles(photons, read_sigma).float())  # clamped to [0, 1] as the float route
     t8 = (s * 255).round_().to(torch.uint8).numpy().ravel()
     t12 = (s * (POST_LEVELS - 1)).round_().to(torch.int16).numpy().astype(np.uint16).ravel()
