@@ -327,7 +327,9 @@ def sensor_noise(images: torch.Tensor, photons: torch.Tensor, read_sigma: torch.
     expected count ``λx`` is below :data:`SHOT_EXACT_BELOW` the count is drawn exactly by inverse CDF from ``u``
     (``k/λ + σ_r z``); above it by the variance-matched normal ``x + sqrt(x/λ + σ_r²) z``. Mean and variance equal
     the exact model's at every intensity; the cost is two draws per pixel, not a rejection sampler's loop. Draws and
-    arithmetic run on the CPU, so one seed gives the same pixels on every device.
+    arithmetic run on the CPU, so one seed gives the same pixels on every device. (This is the float route; 8-bit
+    tiles on the CPU draw from quantile tables of the same model:
+    :func:`~shiftkit.functional.scanner_u8.sensor_noise_u8`.)
 
     Args:
         images: ``(B, 3, H, W)`` float in ``[0, 1]`` (sRGB).

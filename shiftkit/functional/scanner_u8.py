@@ -8,7 +8,8 @@ builds the same PSF; tiles are spread over ``torch.get_num_threads()`` threads. 
 and within one level for the filters (OpenCV's 8-bit filtering rounds once at the end); tests/test_routes.py
 states every tolerance. Pointwise tone curves use :func:`pointwise_lut`: a
 256-entry table per sample computed by the float kernel itself, so they are equal to the float route up to float
-rounding of the same operations.
+rounding of the same operations. Sensor noise reads per-level quantile tables of the float route's model with 12
+random bits per pixel (:func:`sensor_noise_u8`): the same distribution, its own draws.
 """
 
 from __future__ import annotations
