@@ -45,6 +45,9 @@ class ShiftSpec:
             ``(B, H, W, 3)``, same parameters (the "uint8-cpu" route, :func:`shiftkit.shifts.routes.apply_u8`).
         pointwise: ``kernel`` maps each channel value on its own (a tone curve), so the 8-bit route applies it as
             one 256-entry lookup table per sample and channel, computed by ``kernel`` itself.
+        tile_f32: optional ``tile_f32(params, shape) -> fn`` with ``fn(i, tile)`` the kernel on sample ``i``'s float32
+            numpy ``(H, W, 3)`` tile in ``[0, 1]`` (``None``: unchanged), for batches of ``shape`` (CPU): a composite on
+            the 8-bit route chains consecutive components that have one tile by tile, rounding once at the end.
         u8_post: ``kernel_u8`` also takes ``post=``, per-sample tone curves it applies to its result before rounding
             to 8 bits (sensor noise: a composite fuses the tone curves that follow it).
         components: a composite's component specs in the order they apply (empty for a plain shift).
@@ -64,6 +67,7 @@ class ShiftSpec:
     kernel_u8: Optional[Callable] = field(default=None, repr=False, compare=False)
     pointwise: bool = False
     u8_post: bool = False
+    tile_f32: Optional[Callable] = field(default=None, repr=False, compare=False)
     components: tuple[ShiftSpec, ...] = field(default=(), repr=False, compare=False)
     composite_u8: bool = True
 

@@ -224,8 +224,9 @@ class SimulationReport:
 #: differently, so that a shifted set made by an older sampler is never resumed as if it were the same.
 #: 2: sensor noise by inverse-CDF Poisson / variance-matched normal (one uniform + one normal per pixel).
 #: 3: the 8-bit CPU route draws sensor noise by per-level quantile tables (12 random bits per pixel,
-#: functional.scanner_u8.sensor_noise_u8) and runs scanner-profile-a/-b component by component; the float route
-#: is unchanged.
+#: functional.scanner_u8.sensor_noise_u8) and runs both scanner profiles (A component by component, B's blur,
+#: vignetting, saturation and sharpening chained in float32 per tile); disk blur filters in float32 there. The
+#: float route is unchanged.
 SAMPLER_VERSION = 3
 #: simulate's own files inside OUT_DIR: configuration, journals, temporary files.
 STATE_DIR = ".shiftkit"

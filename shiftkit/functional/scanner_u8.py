@@ -85,11 +85,12 @@ def _filter_u8(x: np.ndarray, kernels: np.ndarray, identity) -> np.ndarray:
 
 
 def disk_blur_u8(images: np.ndarray, radius: torch.Tensor) -> np.ndarray:
-    """:func:`~shiftkit.functional.scanner.disk_blur` on 8-bit tiles (the same anti-aliased pillbox)."""
+    """:func:`~shiftkit.functional.scanner.disk_blur` on 8-bit tiles (the same anti-aliased pillbox), filtered in
+    float32 and rounded once: OpenCV's float ``filter2D`` is about 2× faster than its 8-bit one for these kernels."""
     x = _tiles(images)
     if x.shape[0] == 0:
         return x.copy()
-    return _filter_u8(x, disk_kernel(radius.cpu()).float().numpy(), (radius.cpu() <= 0).tolist())
+    return disk_blur_f32(x, radius, u8_out=True)
 
 
 def motion_blur_u8(images: np.ndarray, length: torch.Tensor) -> np.ndarray:
@@ -207,52 +208,159 @@ def pointwise_lut(kernel: Callable[[torch.Tensor, Params], torch.Tensor], images
     return out
 
 
-def unsharp_mask_u8(images: np.ndarray, amount: torch.Tensor, sigma: float = 1.0) -> np.ndarray:
-    """:func:`~shiftkit.functional.scanner.unsharp_mask` on 8-bit tiles: the same Gaussian taps, the blur kept in
-    float32, ``(1 + a)·x − a·blur`` rounded and saturated once (OpenCV ``addWeighted``)."""
+def to_f32(images: np.ndarray) -> np.ndarray:
+    """8-bit tiles ``(B, H, W, 3)`` as float32 in ``[0, 1]``: ``k · (1/255)``, the image contract's values."""
     x = _tiles(images)
-    b = x.shape[0]
-    if b == 0:
-        return x.copy()
-    k = gaussian_taps(torch.full((b,), float(sigma)), x.shape[1:3]).float().numpy()
-    amounts = amount.double().tolist()
-    out = np.empty_like(x)
+    return np.multiply(x, np.float32(1.0 / 255.0), dtype=np.float32)
+
+
+def round_f32(tiles: np.ndarray) -> np.ndarray:
+    """Float32 tiles back to 8 bits as the float route rounds: ``round(255 · clamp(y, 0, 1))``, half to even."""
+    src = np.ascontiguousarray(tiles, dtype=np.float32)
+    flat = src.reshape(-1, src.shape[-1])
+    flat = cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO)[1]  # negatives to 0 (convertScaleAbs takes |·|)
+    return cv2.convertScaleAbs(flat, alpha=255.0).reshape(src.shape)
+
+
+def _round_into(dst: np.ndarray, y: np.ndarray) -> None:
+    """``dst = round(255 · clamp(y, 0, 1))`` (half to even) for one float32 tile."""
+    flat = y.reshape(-1, y.shape[-1])
+    cv2.convertScaleAbs(cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO)[1], dst=dst.reshape(flat.shape), alpha=255.0)
+
+
+def tile_map(tiles: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray | None], u8_out: bool) -> np.ndarray:
+    """``fn(i, tile)`` on each float32 tile in ``[0, 1]`` (``None``: the tile unchanged), spread over threads.
+    uint8 input is converted tile by tile (``k · (1/255)``, as :func:`to_f32`) and ``u8_out`` rounds tile by tile
+    (as :func:`round_f32`), so a chain of these kernels touches each tile while it is in cache."""
+    if tiles.dtype not in (np.uint8, np.float32) or tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise ValueError(f"expected uint8 or float32 tiles of shape (B, H, W, 3), got {tiles.dtype} {tiles.shape}")
+    x = np.ascontiguousarray(tiles)
+    out = np.empty(x.shape, np.uint8 if u8_out else np.float32)
 
     def one(i: int) -> None:
-        if amounts[i] == 0:
-            out[i] = x[i]
-            return
-        blur = cv2.sepFilter2D(x[i], cv2.CV_32F, k[i], k[i], borderType=cv2.BORDER_REFLECT_101)
-        cv2.addWeighted(x[i].astype(np.float32), 1.0 + amounts[i], blur, -amounts[i], 0.0, dst=out[i], dtype=cv2.CV_8U)
+        src = x[i] if x.dtype == np.float32 else np.multiply(x[i], np.float32(1.0 / 255.0), dtype=np.float32)
+        y = fn(i, src)
+        y = src if y is None else y
+        if u8_out:
+            _round_into(out[i], y)
+        else:
+            out[i] = y
 
-    _each(b, one)
+    _each(x.shape[0], one)
     return out
 
 
-def vignetting_u8(images: np.ndarray, drop: torch.Tensor) -> np.ndarray:
-    """:func:`~shiftkit.functional.scanner.vignetting` on 8-bit tiles: linear light from a 256-entry table, the float
-    kernel's gain map and sRGB encoding, rounded once."""
-    x = _tiles(images)
-    b, h, w = x.shape[:3]
-    if b == 0:
-        return x.copy()
+def disk_blur_f32(tiles: np.ndarray, radius: torch.Tensor, u8_out: bool = False) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.disk_blur` on float32 (or uint8) ``(B, H, W, 3)`` tiles: OpenCV's float
+    ``filter2D`` with the same pillbox and reflect-101 border (about 2× faster than filtering 8-bit values)."""
+    return tile_map(tiles, disk_blur_fn(radius, tiles.shape), u8_out)
+
+
+def disk_blur_fn(radius: torch.Tensor, shape) -> Callable[[int, np.ndarray], np.ndarray | None]:
+    """The per-tile function of :func:`disk_blur_f32` for tiles of ``shape`` ``(B, H, W, 3)`` (for :func:`tile_map`)."""
+    k = disk_kernel(radius.cpu()).float().numpy()
+    if k.shape[-1] // 2 >= min(shape[1:3]):
+        raise ValueError(f"`kernel` is too large for the tile: expected a kernel smaller than {tuple(shape[1:3])}, got {k.shape[-2:]}")
+    identity = (radius.cpu() <= 0).tolist()
+    return lambda i, t: None if identity[i] else cv2.filter2D(t, -1, k[i], borderType=cv2.BORDER_REFLECT_101)
+
+
+def vignetting_f32(tiles: np.ndarray, drop: torch.Tensor, u8_out: bool = False) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.vignetting` on float32 (or uint8) ``(B, H, W, 3)`` tiles in ``[0, 1]``.
+
+    Where both the input and the result lie on the power branch of sRGB, ``srgb(lin(x)·g)`` is exactly
+    ``(x + 0.055)·g^(1/2.4) − 0.055``: one multiply-add per value with ``g^(1/2.4)`` computed once per drop. The
+    dark values where either lies on the linear branch (about level 11 and below) get the float kernel's formula.
+    A gain outside ``(0, 1]`` (drop outside ``[0, 1)``) takes the float kernel's formula everywhere."""
+    return tile_map(tiles, vignetting_fn(drop, tiles.shape), u8_out)
+
+
+def vignetting_fn(drop: torch.Tensor, shape) -> Callable[[int, np.ndarray], np.ndarray | None]:
+    """The per-tile function of :func:`vignetting_f32` for tiles of ``shape`` ``(B, H, W, 3)``."""
+    h, w = shape[1:3]
     yy = torch.linspace(-1, 1, h)[:, None]
     xx = torch.linspace(-1, 1, w)[None]
     r2 = (xx**2 + yy**2) / 2.0
     drops = drop.detach().float().cpu().tolist()
-    lin = srgb_to_linear(torch.arange(256, dtype=torch.float32) / 255).numpy()
-    out = np.empty_like(x)
+    maps = {}  # per distinct drop: the float kernel's gain map (H, W, 3), its 1/2.4 power, the dark cut-off
+    for d in set(drops):
+        if d != 0:
+            g = (1.0 - torch.tensor(d) * r2)[..., None].expand(h, w, 3).contiguous()
+            fast = 0.0 <= d < 1.0
+            # linear branch of either side: x <= 0.04045, or lin(x)·g <= 0.0031308 with g >= 1 − drop (+ a margin)
+            cut = max(0.04045, 1.055 * (0.0031308 / (1.0 - d)) ** (1 / 2.4) - 0.055) + 1e-4 if fast else None
+            maps[d] = (g, np.power(g.numpy(), np.float32(1 / 2.4)) if fast else None, cut)
 
-    def one(i: int) -> None:
+    def fn(i: int, t: np.ndarray):
         if drops[i] == 0:
-            out[i] = x[i]
-            return
-        gain = (1.0 - torch.tensor(drops[i]) * r2)[..., None]  # (H, W, 1)
-        y = linear_to_srgb(torch.from_numpy(cv2.LUT(x[i], lin)).mul_(gain), overwrite=True)
-        out[i] = cv2.convertScaleAbs(y.numpy(), alpha=255.0)  # scale, round half to even, saturate
+            return None
+        g, g_root, cut = maps[drops[i]]
+        if g_root is None:
+            return linear_to_srgb(srgb_to_linear(torch.from_numpy(t)).mul_(g), overwrite=True).numpy()
+        y = cv2.multiply(t + np.float32(0.055), g_root)
+        y -= np.float32(0.055)
+        flat = t.reshape(-1)
+        dark = np.flatnonzero(flat < np.float32(cut))
+        if dark.size:
+            lin = srgb_to_linear(torch.from_numpy(flat[dark])).mul_(g.view(-1)[torch.from_numpy(dark)])
+            y.reshape(-1)[dark] = linear_to_srgb(lin, overwrite=True).numpy()
+        return y
 
-    _each(b, one)
-    return out
+    return fn
+
+
+def saturation_f32(tiles: np.ndarray, factor: torch.Tensor, u8_out: bool = False) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.saturation` on float32 (or uint8) ``(B, H, W, 3)`` tiles in ``[0, 1]``,
+    in the closed form of :func:`saturation_u8` (no HSV round trip): each channel ``c`` to ``v + k·(c − v)``."""
+    return tile_map(tiles, saturation_fn(factor, tiles.shape), u8_out)
+
+
+def saturation_fn(factor: torch.Tensor, shape) -> Callable[[int, np.ndarray], np.ndarray | None]:
+    """The per-tile function of :func:`saturation_f32` (``shape`` unused: the closed form is per pixel)."""
+    factors = factor.cpu().double().tolist()
+
+    def fn(i: int, t: np.ndarray):
+        if factors[i] == 1:
+            return None
+        ch = cv2.split(t)
+        v = cv2.max(cv2.max(ch[0], ch[1]), ch[2])
+        k = cv2.divide(v, cv2.subtract(v, cv2.min(cv2.min(ch[0], ch[1]), ch[2])))  # x / 0 = 0: grey stays
+        k = np.minimum(k, np.float32(factors[i]), out=k)
+        return cv2.merge([cv2.add(cv2.multiply(cv2.subtract(c, v), k), v) for c in ch])
+
+    return fn
+
+
+def unsharp_mask_f32(tiles: np.ndarray, amount: torch.Tensor, sigma: float = 1.0, u8_out: bool = False) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.unsharp_mask` on float32 (or uint8) ``(B, H, W, 3)`` tiles: the same
+    Gaussian taps, ``(1 + a)·x − a·blur`` clamped to ``[0, 1]``."""
+    return tile_map(tiles, unsharp_mask_fn(amount, tiles.shape, sigma), u8_out)
+
+
+def unsharp_mask_fn(amount: torch.Tensor, shape, sigma: float = 1.0) -> Callable[[int, np.ndarray], np.ndarray | None]:
+    """The per-tile function of :func:`unsharp_mask_f32` for tiles of ``shape`` ``(B, H, W, 3)``."""
+    k = gaussian_taps(torch.full((max(shape[0], 1),), float(sigma)), tuple(shape[1:3])).float().numpy()
+    amounts = amount.double().tolist()
+
+    def fn(i: int, t: np.ndarray):
+        if amounts[i] == 0:
+            return None
+        blur = cv2.sepFilter2D(t, -1, k[i], k[i], borderType=cv2.BORDER_REFLECT_101)
+        return np.clip(cv2.addWeighted(t, 1.0 + amounts[i], blur, -amounts[i], 0.0), 0.0, 1.0)
+
+    return fn
+
+
+def unsharp_mask_u8(images: np.ndarray, amount: torch.Tensor, sigma: float = 1.0) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.unsharp_mask` on 8-bit tiles: :func:`unsharp_mask_f32` tile by tile,
+    rounded once."""
+    return unsharp_mask_f32(_tiles(images), amount, sigma, u8_out=True)
+
+
+def vignetting_u8(images: np.ndarray, drop: torch.Tensor) -> np.ndarray:
+    """:func:`~shiftkit.functional.scanner.vignetting` on 8-bit tiles: :func:`vignetting_f32` tile by tile, rounded
+    once."""
+    return vignetting_f32(_tiles(images), drop, u8_out=True)
 
 
 def stitching_seam_u8(images: np.ndarray, step: torch.Tensor, offset: torch.Tensor, position: torch.Tensor) -> np.ndarray:
@@ -390,5 +498,7 @@ def sensor_noise_u8(images: np.ndarray, photons: torch.Tensor, read_sigma: torch
     return out
 
 
-__all__ = ["sensor_noise_u8", "stitching_seam_u8", "unsharp_mask_u8", "vignetting_u8", "noise_quantiles", "noise_draws", "post_tables", "NOISE_BITS", "POST_LEVELS",
+__all__ = ["sensor_noise_u8", "stitching_seam_u8", "unsharp_mask_u8", "vignetting_u8", "to_f32", "round_f32",
+           "disk_blur_f32", "vignetting_f32", "saturation_f32", "unsharp_mask_f32", "tile_map",
+           "disk_blur_fn", "vignetting_fn", "saturation_fn", "unsharp_mask_fn", "noise_quantiles", "noise_draws", "post_tables", "NOISE_BITS", "POST_LEVELS",
            "gaussian_blur_u8", "disk_blur_u8", "motion_blur_u8", "saturation_u8", "jpeg_u8", "jpeg2000_u8", "resample_u8", "pointwise_lut"]

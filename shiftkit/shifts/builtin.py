@@ -97,7 +97,8 @@ SPECS = [
               {"radius": (1, 2, 3, 4, 6)}, {"radius": "px@0.5um"},
               "[IC] r 3, 4, 6, 8, 10 (natural images), scaled to tissue", True,
               lambda x, p: K.disk_blur(x, p["radius"]), _none,
-              kernel_u8=lambda t, p: U.disk_blur_u8(t, p["radius"])),
+              kernel_u8=lambda t, p: U.disk_blur_u8(t, p["radius"]),
+              tile_f32=lambda p, shape: U.disk_blur_fn(p["radius"], shape)),
     ShiftSpec("motion-blur", "optics", "Line-scan stage / TDI desync: 1-D box along the scan axis, length L px.",
               {"length": (3, 5, 7, 11, 15)}, {"length": "px@0.5um"},
               "[IC] radius 10–20 at a random angle (unphysical); here along the scan axis", True,
@@ -106,7 +107,8 @@ SPECS = [
     ShiftSpec("vignetting", "illumination", "Flat-field error: radial linear-light falloff, corner drop d.",
               {"drop": (0.02, 0.04, 0.07, 0.10, 0.15)}, {"drop": "fraction"},
               "[W] illumination map 0.8–1.1; [R] grid shading", True,
-              lambda x, p: K.vignetting(x, p["drop"]), _none, kernel_u8=lambda t, p: U.vignetting_u8(t, p["drop"])),
+              lambda x, p: K.vignetting(x, p["drop"]), _none, kernel_u8=lambda t, p: U.vignetting_u8(t, p["drop"]),
+              tile_f32=lambda p, shape: U.vignetting_fn(p["drop"], shape)),
     ShiftSpec("stitching-seam", "illumination", "Tile misregistration: intensity step Δ and offset o px at a random column.",
               {"step": (0.01, 0.02, 0.03, 0.05, 0.08), "offset": (0, 1, 1, 2, 4)}, {"step": "fraction", "offset": "px@0.5um"},
               "[R] Aperio stripe width 992–2040 px; values proposed", False,
@@ -131,7 +133,8 @@ SPECS = [
               {"factor": (1.15, 1.3, 1.5, 1.75, 2.0)}, {"factor": "factor (or 1/factor)"},
               "[IC] saturate; values of B3", True,
               lambda x, p: K.saturation(x, p["factor"]), _signed_factor("factor"),
-              kernel_u8=lambda t, p: U.saturation_u8(t, p["factor"])),
+              kernel_u8=lambda t, p: U.saturation_u8(t, p["factor"]),
+              tile_f32=lambda p, shape: U.saturation_fn(p["factor"], shape)),
     ShiftSpec("white-balance", "isp", "Calibration differences: per-channel linear-light gains (luminance kept).",
               {"gain_dev": (0.01, 0.025, 0.05, 0.075, 0.10)}, {"gain_dev": "relative gain of R and B"},
               "proposed (B3 asks for a colour matrix fitted to ΔE2000 1–10; not yet fitted)", False,
@@ -139,7 +142,8 @@ SPECS = [
     ShiftSpec("sharpening", "isp", "Vendor unsharp masking: amount at radius 1 px.",
               {"amount": (0.3, 0.6, 1.0, 1.5, 2.0)}, {"amount": "factor"},
               "proposed", True,
-              lambda x, p: K.unsharp_mask(x, p["amount"]), _none, kernel_u8=lambda t, p: U.unsharp_mask_u8(t, p["amount"])),
+              lambda x, p: K.unsharp_mask(x, p["amount"]), _none, kernel_u8=lambda t, p: U.unsharp_mask_u8(t, p["amount"]),
+              tile_f32=lambda p, shape: U.unsharp_mask_fn(p["amount"], shape)),
     ShiftSpec("jpeg", "storage", "Vendor lossy tile storage: JPEG quality Q, 4:2:0 chroma (libjpeg via OpenCV).",
               {"quality": (90, 80, 70, 50, 30)}, {"quality": "JPEG quality"},
               "[R] SVS Q = 70 (also 30), NDPI 80; [S] Q 5–75", False,
@@ -303,7 +307,4 @@ for _spec in EXTRA:
 register_shift(composite("scanner-profile-a", ["white-balance", "gamma", "gaussian-defocus", "sensor-noise", "jpeg", "stitching-seam"],
                          "A generic line-scan scanner: colour calibration, tone curve, PSF, sensor noise, JPEG storage, seams.", False))
 register_shift(composite("scanner-profile-b", ["saturation", "sharpening", "disk-defocus", "vignetting", "jpeg-reencode"],
-                         "A held-out scanner: saturation and sharpening in the ISP, disk PSF, flat-field error, re-encoded JPEG.", True,
-                         # its sharpening (amount up to 2) triples the roundings of the 8-bit steps before it: 1.2
-                         # levels mean against the float route at severity 5 before the JPEG, 1.7 after; float route
-                         route_u8=False))
+                         "A held-out scanner: saturation and sharpening in the ISP, disk PSF, flat-field error, re-encoded JPEG.", True))

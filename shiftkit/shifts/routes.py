@@ -14,16 +14,15 @@ import numpy as np
 import torch
 
 from ..core.shift_registry import ShiftSpec
-from ..functional.scanner_u8 import pointwise_lut, post_tables
+from ..functional.scanner_u8 import pointwise_lut, post_tables, tile_map
 
 ROUTES = ("float", "uint8-cpu")
 
 
 def has_u8_route(spec: ShiftSpec) -> bool:
     """Whether ``spec`` runs on 8-bit tiles without a float round trip: a shift with an 8-bit kernel or a pointwise
-    one, or a composite that allows it (``composite_u8``) whose every component has one (scanner-profile-a:
-    within 0.5–0.9 levels mean of the float route with its noise switched off, tests/test_routes.py).
-    scanner-profile-b stays on the float route: its sharpening triples the roundings between 8-bit components."""
+    one, or a composite that allows it (``composite_u8``) whose every component has one (both scanner profiles;
+    how close they stay to the float route is stated and tested in tests/test_routes.py)."""
     if spec.components:
         return spec.composite_u8 and all(has_u8_route(c) for c in spec.components)
     return spec.kernel_u8 is not None or spec.pointwise
@@ -71,14 +70,34 @@ def _chain(specs, params):
     return kernel
 
 
+def _tile_chain(fns):
+    """One per-tile function applying ``fns`` in order (``None`` from one: the tile unchanged)."""
+    def chain(i, tile):
+        for fn in fns:
+            y = fn(i, tile)
+            tile = tile if y is None else y
+        return tile
+    return chain
+
+
 def _composite_u8(spec: ShiftSpec, tiles: np.ndarray, params: Dict[str, torch.Tensor]) -> np.ndarray:
-    """A composite on 8-bit tiles, component by component in physical order. Consecutive tone curves run as one
-    table computed by their float kernels in sequence (no rounding between them); tone curves right after sensor
-    noise are fused into the noise sampler at 12 bits (``post``). Each other component rounds to 8 bits, as its
-    own 8-bit route does."""
+    """A composite on 8-bit tiles, component by component in physical order, rounding to 8 bits only where it must:
+
+    * two or more consecutive components with a float32 tile function (``tile_f32``: disk blur, vignetting,
+      saturation, sharpening) run chained on each tile in float32 and round once at the end (a sharpening would
+      otherwise amplify the roundings before it);
+    * consecutive tone curves run as one table computed by their float kernels in sequence;
+    * tone curves right after sensor noise are fused into the noise sampler at 12 bits (``post``);
+    * every other component runs its own 8-bit route (a codec rounds anyway)."""
     comps, x, i = spec.components, tiles, 0
     while i < len(comps):
         sp = comps[i]
+        j = i
+        while j < len(comps) and comps[j].tile_f32 is not None:
+            j += 1
+        if j - i >= 2:  # each tile through the whole group in float32 while it is in cache, then rounded
+            x, i = tile_map(x, _tile_chain([c.tile_f32(_component_params(params, c), x.shape) for c in comps[i:j]]), True), j
+            continue
         j = i + 1 if not sp.pointwise else i
         tones = []
         while j < len(comps) and comps[j].pointwise:
