@@ -331,7 +331,7 @@ def test_the_stress_test_shifts_what_simulate_writes(src, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", sorted(TOLERANCE))
+@pytest.mark.parametrize("name", sorted(TOLERANCE) + ["scanner-profile-b"])
 def test_uint8_tiles_on_cuda_take_the_float_route_within_the_stated_tolerance(tiles_u8, name):
     """simulate --device cuda and the stress test on a GPU: uint8 tiles on the device, float route, uint8 back."""
     seeds = [sample_seed(0, name, 3, str(i)) for i in range(len(tiles_u8))]
@@ -342,8 +342,11 @@ def test_uint8_tiles_on_cuda_take_the_float_route_within_the_stated_tolerance(ti
     assert g.dtype == torch.uint8 and g.device.type == "cuda"
     d = (a.int() - g.cpu().int()).abs()
     # CPU 8-bit route vs CUDA float route: the route tolerance plus a device's float rounding (one more level)
-    limit = {"equal": 1, "one": 2}.get(TOLERANCE[name], 9)
-    assert int(d.max()) <= limit and float(d.float().mean()) < 0.4
+    if name in TOLERANCE:
+        limit = {"equal": 1, "one": 2}.get(TOLERANCE[name], 9)
+        assert int(d.max()) <= limit and float(d.float().mean()) < 0.4
+    else:  # a deterministic composite: JPEG may move a few pixels of a block a long way
+        assert float(d.float().mean()) < 0.2
 
 
 @pytest.mark.gpu
