@@ -121,6 +121,13 @@ def test_composites_on_the_8bit_route_stay_close_to_the_float_route_without_bias
     assert np.abs(a - x8).mean() > 5  # the shift: profile A 8–45 levels from the clean tile, B 7–32
 
 
+@pytest.mark.parametrize("name", sorted(set(TOLERANCE) | RANDOM_U8 | set(COMPOSITES)))
+def test_the_8bit_route_takes_an_empty_batch(name):
+    spec = get_spec(name)
+    params = spec.sample({k: torch.zeros(0) for k in spec.table}, torch.Generator().manual_seed(0), 0)
+    assert apply_u8(spec, np.zeros((0, 32, 32, 3), np.uint8), params).shape == (0, 32, 32, 3)
+
+
 def test_vignetting_shortcut_equals_the_float_kernel_on_float_tiles_dark_values_and_large_drops():
     """vignetting_f32's power-branch shortcut ``(x + 0.055)·g^(1/2.4) − 0.055`` against the float kernel on float32
     tiles with values near black (the linear branch, fixed up exactly) and drops of 0.15 (shortcut) and 1.2 (gains

@@ -258,6 +258,8 @@ def disk_blur_f32(tiles: np.ndarray, radius: torch.Tensor, u8_out: bool = False)
 
 def disk_blur_fn(radius: torch.Tensor, shape) -> Callable[[int, np.ndarray], np.ndarray | None]:
     """The per-tile function of :func:`disk_blur_f32` for tiles of ``shape`` ``(B, H, W, 3)`` (for :func:`tile_map`)."""
+    if radius.numel() == 0:  # an empty batch: nothing to filter
+        return lambda i, t: None
     k = disk_kernel(radius.cpu()).float().numpy()
     if k.shape[-1] // 2 >= min(shape[1:3]):
         raise ValueError(f"`kernel` is too large for the tile: expected a kernel smaller than {tuple(shape[1:3])}, got {k.shape[-2:]}")
