@@ -128,6 +128,20 @@ def test_the_8bit_route_takes_an_empty_batch(name):
     assert apply_u8(spec, np.zeros((0, 32, 32, 3), np.uint8), params).shape == (0, 32, 32, 3)
 
 
+@pytest.mark.parametrize("name", ["sensor-noise", "scanner-profile-a", "scanner-profile-b"])
+def test_the_8bit_route_gives_the_same_pixels_on_one_thread_and_on_two(tiles_u8, name):
+    seeds = [sample_seed(1, name, 4, str(i)) for i in range(len(tiles_u8))]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, _ = shift_tiles(tiles_u8, name, 4, seeds)
+        torch.set_num_threads(1)
+        b, _ = shift_tiles(tiles_u8, name, 4, seeds)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+
+
 def test_vignetting_shortcut_equals_the_float_kernel_on_float_tiles_dark_values_and_large_drops():
     """vignetting_f32's power-branch shortcut ``(x + 0.055)·g^(1/2.4) − 0.055`` against the float kernel on float32
     tiles with values near black (the linear branch, fixed up exactly) and drops of 0.15 (shortcut) and 1.2 (gains
