@@ -158,18 +158,20 @@ def test_vignetting_shortcut_equals_the_float_kernel_on_float_tiles_dark_values_
         assert np.abs(ours - ref).max() < 2e-6, drop
 
 
-def test_tile_map_converts_and_rounds_tile_by_tile_as_the_batch_helpers_do():
-    """uint8 input is k·(1/255) (to_f32) and u8_out is round(255·clamp(y, 0, 1)) (round_f32), tile by tile."""
+def test_tile_map_converts_and_rounds_tile_by_tile_as_the_float_route_does():
+    """uint8 input reaches the function as k·(1/255) in float32 (the image contract's values) and u8_out is
+    round(255·clamp(y, 0, 1)) half to even, checked against numpy, tile by tile."""
     x8 = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     seen = {}
 
     def fn(i, t):
         seen[i] = t.copy()
-        return t * 1.7 - 0.3  # leaves [0, 1] on both sides
+        return t * np.float32(1.7) - np.float32(0.3)  # leaves [0, 1] on both sides
     out = U.tile_map(x8, fn, u8_out=True)
-    f = U.to_f32(x8)
+    f = x8.astype(np.float32) * np.float32(1 / 255)
     assert np.array_equal(np.stack([seen[0], seen[1]]), f)
-    assert np.array_equal(out, U.round_f32(f * 1.7 - 0.3))
+    y = f * np.float32(1.7) - np.float32(0.3)
+    assert np.array_equal(out, np.rint(np.clip(y, 0, 1) * np.float32(255)).astype(np.uint8))
     assert np.array_equal(U.tile_map(f, lambda i, t: None, u8_out=False), f)
     with pytest.raises(ValueError, match="uint8 or float32"):
         U.tile_map(x8.astype(np.float64), fn, u8_out=True)

@@ -51,7 +51,6 @@ class ShiftSpec:
         u8_post: ``kernel_u8`` also takes ``post=``, per-sample tone curves it applies to its result before rounding
             to 8 bits (sensor noise: a composite fuses the tone curves that follow it).
         components: a composite's component specs in the order they apply (empty for a plain shift).
-        composite_u8: a composite may take the 8-bit route when every component has one.
     """
 
     name: str
@@ -69,7 +68,6 @@ class ShiftSpec:
     u8_post: bool = False
     tile_f32: Optional[Callable] = field(default=None, repr=False, compare=False)
     components: tuple[ShiftSpec, ...] = field(default=(), repr=False, compare=False)
-    composite_u8: bool = True
 
     @property
     def order(self) -> int:
@@ -154,11 +152,10 @@ def direction(gen: torch.Generator, batch: int) -> torch.Tensor:
     return torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)
 
 
-def composite(name: str, components: list, description: str, held_out: bool, route_u8: bool = True) -> ShiftSpec:
+def composite(name: str, components: list, description: str, held_out: bool) -> ShiftSpec:
     """A scanner profile: several registered shifts at the same severity, applied in :data:`PHYSICAL_ORDER`.
 
-    Its table holds each component's parameters as ``"<shift>.<param>"``. ``route_u8=False`` keeps it on the float
-    route even where every component has an 8-bit one (where rounding between components would be amplified).
+    Its table holds each component's parameters as ``"<shift>.<param>"``.
     """
     specs = sorted((get_spec(c) for c in components), key=lambda sp: sp.order)
     table = {f"{sp.name}.{k}": v for sp in specs for k, v in sp.table.items()}
@@ -181,4 +178,4 @@ def composite(name: str, components: list, description: str, held_out: bool, rou
 
     return ShiftSpec(name, "scanner", description + " Components, in order: " + ", ".join(sp.name for sp in specs) + ".",
                      table, units, "composite of " + ", ".join(sp.name for sp in specs), held_out, kernel, sample,
-                     components=tuple(specs), composite_u8=route_u8)
+                     components=tuple(specs))

@@ -87,10 +87,7 @@ def _filter_u8(x: np.ndarray, kernels: np.ndarray, identity) -> np.ndarray:
 def disk_blur_u8(images: np.ndarray, radius: torch.Tensor) -> np.ndarray:
     """:func:`~shiftkit.functional.scanner.disk_blur` on 8-bit tiles (the same anti-aliased pillbox), filtered in
     float32 and rounded once: OpenCV's float ``filter2D`` is about 2× faster than its 8-bit one for these kernels."""
-    x = _tiles(images)
-    if x.shape[0] == 0:
-        return x.copy()
-    return disk_blur_f32(x, radius, u8_out=True)
+    return disk_blur_f32(_tiles(images), radius, u8_out=True)
 
 
 def motion_blur_u8(images: np.ndarray, length: torch.Tensor) -> np.ndarray:
@@ -193,33 +190,24 @@ def resample_u8(images: np.ndarray, factor: torch.Tensor) -> np.ndarray:
     return out
 
 
+def ramp_tables(kernel: Callable[[torch.Tensor], torch.Tensor], batch: int, levels: int = 256) -> np.ndarray:
+    """A pointwise float ``kernel`` of ``(B, 3, H, W)`` batches on the ramp ``k / (levels − 1)`` (float32), rounded
+    as the float route rounds (``round(255 · clamp(y, 0, 1))``): ``(B, 3, levels)`` uint8, one table per sample
+    and channel."""
+    ramp = (torch.arange(levels, dtype=torch.float32) / (levels - 1)).view(1, 1, 1, levels)
+    lut = (kernel(ramp.expand(batch, 3, 1, levels).contiguous()).clamp(0, 1) * 255).round().to(torch.uint8)
+    return lut[:, :, 0].numpy()
+
+
 def pointwise_lut(kernel: Callable[[torch.Tensor, Params], torch.Tensor], images: np.ndarray, params: Params) -> np.ndarray:
     """Apply a per-channel pointwise float ``kernel`` to 8-bit tiles through one 256-entry table per sample and
-    channel, computed by ``kernel`` itself on the ramp ``k / 255`` (float32) and rounded as the float route
-    rounds: ``round(255 · clamp(y, 0, 1))``."""
+    channel, computed by ``kernel`` itself on the ramp ``k / 255`` (:func:`ramp_tables`)."""
     x = _tiles(images)
-    b = x.shape[0]
-    ramp = (torch.arange(256, dtype=torch.float32) / 255).view(1, 1, 1, 256).expand(b, 3, 1, 256).contiguous()
-    lut = (kernel(ramp, params).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, 1, 256)
-    lut = lut[:, :, 0].permute(0, 2, 1).contiguous().numpy()  # (B, 256, 3)
+    lut = np.ascontiguousarray(ramp_tables(lambda r: kernel(r, params), x.shape[0]).transpose(0, 2, 1))  # (B, 256, 3)
     out = np.empty_like(x)
-    for i in range(b):
+    for i in range(x.shape[0]):
         cv2.LUT(x[i], lut[i][None], dst=out[i])
     return out
-
-
-def to_f32(images: np.ndarray) -> np.ndarray:
-    """8-bit tiles ``(B, H, W, 3)`` as float32 in ``[0, 1]``: ``k · (1/255)``, the image contract's values."""
-    x = _tiles(images)
-    return np.multiply(x, np.float32(1.0 / 255.0), dtype=np.float32)
-
-
-def round_f32(tiles: np.ndarray) -> np.ndarray:
-    """Float32 tiles back to 8 bits as the float route rounds: ``round(255 · clamp(y, 0, 1))``, half to even."""
-    src = np.ascontiguousarray(tiles, dtype=np.float32)
-    flat = src.reshape(-1, src.shape[-1])
-    flat = cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO)[1]  # negatives to 0 (convertScaleAbs takes |·|)
-    return cv2.convertScaleAbs(flat, alpha=255.0).reshape(src.shape)
 
 
 def _round_into(dst: np.ndarray, y: np.ndarray) -> None:
@@ -230,8 +218,8 @@ def _round_into(dst: np.ndarray, y: np.ndarray) -> None:
 
 def tile_map(tiles: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray | None], u8_out: bool) -> np.ndarray:
     """``fn(i, tile)`` on each float32 tile in ``[0, 1]`` (``None``: the tile unchanged), spread over threads.
-    uint8 input is converted tile by tile (``k · (1/255)``, as :func:`to_f32`) and ``u8_out`` rounds tile by tile
-    (as :func:`round_f32`), so a chain of these kernels touches each tile while it is in cache."""
+    uint8 input is converted tile by tile (``k · (1/255)``, the image contract's values) and ``u8_out`` rounds tile
+    by tile as the float route rounds, so a chain of these kernels touches each tile while it is in cache."""
     if tiles.dtype not in (np.uint8, np.float32) or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"expected uint8 or float32 tiles of shape (B, H, W, 3), got {tiles.dtype} {tiles.shape}")
     x = np.ascontiguousarray(tiles)
@@ -374,9 +362,8 @@ def stitching_seam_u8(images: np.ndarray, step: torch.Tensor, offset: torch.Tens
     b, w = x.shape[0], x.shape[2]
     if b == 0:
         return out
-    ramp = (torch.arange(256, dtype=torch.float32) / 255).view(1, 1, 256).expand(b, 1, 256)
-    gain = (1.0 + step.detach().float().cpu()).view(-1, 1, 1)
-    lut = (linear_to_srgb(srgb_to_linear(ramp.contiguous()) * gain).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    gain = (1.0 + step.detach().float().cpu()).view(-1, 1, 1, 1)
+    lut = ramp_tables(lambda r: linear_to_srgb(srgb_to_linear(r) * gain), b)  # (B, 3, 256), the same for each channel
     col = (position.detach().float().cpu() * w).round().long().tolist()
     steps, offs = step.tolist(), offset.long().tolist()
     for i in range(b):
@@ -454,11 +441,9 @@ def noise_draws(seed: int, shape) -> np.ndarray:
 
 def post_tables(post: Callable[[torch.Tensor], torch.Tensor], batch: int) -> np.ndarray:
     """Per-sample tone curves for :func:`sensor_noise_u8`: ``post`` (a float kernel of ``(B, 3, H, W)`` in
-    ``[0, 1]``) on the ramp ``w / (POST_LEVELS − 1)``, rounded as the float route rounds, as ``(B, 3·POST_LEVELS)``
-    uint8 (channel-major)."""
-    ramp = (torch.arange(POST_LEVELS, dtype=torch.float32) / (POST_LEVELS - 1)).view(1, 1, 1, -1)
-    lut = (post(ramp.expand(batch, 3, 1, POST_LEVELS).contiguous()).clamp(0, 1) * 255).round().to(torch.uint8)
-    return lut.reshape(batch, 3 * POST_LEVELS).numpy()
+    ``[0, 1]``) on the ramp ``w / (POST_LEVELS − 1)`` (:func:`ramp_tables`), as ``(B, 3·POST_LEVELS)`` uint8
+    (channel-major)."""
+    return ramp_tables(post, batch, POST_LEVELS).reshape(batch, 3 * POST_LEVELS)
 
 
 def sensor_noise_u8(images: np.ndarray, photons: torch.Tensor, read_sigma: torch.Tensor, seed: torch.Tensor,
@@ -500,7 +485,7 @@ def sensor_noise_u8(images: np.ndarray, photons: torch.Tensor, read_sigma: torch
     return out
 
 
-__all__ = ["sensor_noise_u8", "stitching_seam_u8", "unsharp_mask_u8", "vignetting_u8", "to_f32", "round_f32",
+__all__ = ["sensor_noise_u8", "stitching_seam_u8", "unsharp_mask_u8", "vignetting_u8", "ramp_tables",
            "disk_blur_f32", "vignetting_f32", "saturation_f32", "unsharp_mask_f32", "tile_map",
            "disk_blur_fn", "vignetting_fn", "saturation_fn", "unsharp_mask_fn", "noise_quantiles", "noise_draws", "post_tables", "NOISE_BITS", "POST_LEVELS",
            "gaussian_blur_u8", "disk_blur_u8", "motion_blur_u8", "saturation_u8", "jpeg_u8", "jpeg2000_u8", "resample_u8", "pointwise_lut"]

@@ -21,10 +21,10 @@ ROUTES = ("float", "uint8-cpu")
 
 def has_u8_route(spec: ShiftSpec) -> bool:
     """Whether ``spec`` runs on 8-bit tiles without a float round trip: a shift with an 8-bit kernel or a pointwise
-    one, or a composite that allows it (``composite_u8``) whose every component has one (both scanner profiles;
-    how close they stay to the float route is stated and tested in tests/test_routes.py)."""
+    one, or a composite whose every component has one (both scanner profiles; how close they stay to the float
+    route is stated and tested in tests/test_routes.py)."""
     if spec.components:
-        return spec.composite_u8 and all(has_u8_route(c) for c in spec.components)
+        return all(has_u8_route(c) for c in spec.components)
     return spec.kernel_u8 is not None or spec.pointwise
 
 
@@ -90,27 +90,25 @@ def _composite_u8(spec: ShiftSpec, tiles: np.ndarray, params: Dict[str, torch.Te
     * tone curves right after sensor noise are fused into the noise sampler at 12 bits (``post``);
     * every other component runs its own 8-bit route (a codec rounds anyway)."""
     comps, x, i = spec.components, tiles, 0
+
+    def run_end(start: int, has) -> int:  # the end of the run of components from ``start`` that ``has``
+        end = start
+        while end < len(comps) and has(comps[end]):
+            end += 1
+        return end
+
     while i < len(comps):
-        sp = comps[i]
-        j = i
-        while j < len(comps) and comps[j].tile_f32 is not None:
-            j += 1
-        if j - i >= 2:  # each tile through the whole group in float32 while it is in cache, then rounded
-            x, i = tile_map(x, _tile_chain([c.tile_f32(_component_params(params, c), x.shape) for c in comps[i:j]]), True), j
-            continue
-        j = i + 1 if not sp.pointwise else i
-        tones = []
-        while j < len(comps) and comps[j].pointwise:
-            tones.append(comps[j])
-            j += 1
-        if sp.pointwise:
-            x = pointwise_lut(_chain(tones, params), x, {})
-        elif sp.u8_post and tones:
-            x = sp.kernel_u8(x, _component_params(params, sp), post=post_tables(_chain(tones, params), x.shape[0]))
+        sp, f32_end, tones_end = comps[i], run_end(i, lambda c: c.tile_f32 is not None), run_end(i + 1, lambda c: c.pointwise)
+        if f32_end - i >= 2:  # each tile through the whole group in float32 while it is in cache, then rounded
+            fns = [c.tile_f32(_component_params(params, c), x.shape) for c in comps[i:f32_end]]
+            x, i = tile_map(x, _tile_chain(fns), True), f32_end
+        elif sp.pointwise:  # this tone curve and the ones after it, as one table
+            x, i = pointwise_lut(_chain(comps[i:tones_end], params), x, {}), tones_end
+        elif sp.u8_post and tones_end > i + 1:  # noise, then the tone curves after it fused into its tables
+            post = post_tables(_chain(comps[i + 1:tones_end], params), x.shape[0])
+            x, i = sp.kernel_u8(x, _component_params(params, sp), post=post), tones_end
         else:
-            x = apply_u8(sp, x, _component_params(params, sp))
-            j = i + 1
-        i = j
+            x, i = apply_u8(sp, x, _component_params(params, sp)), i + 1
     return x
 
 
