@@ -375,6 +375,28 @@ def test_companded_lab_equals_kornia_and_skimage_lab(real_tile):
     assert (srgb_to_linear(x) - kornia.color.rgb_to_linear_rgb(x)).abs().max() < 1e-6
 
 
+def test_fast_lab_conversions_equal_skimage_in_both_directions(real_tile):
+    """rgb_to_lab_fast and lab_to_rgb_fast (the colour maps' CIELAB) against scikit-image, float32 and float64,
+    including out-of-gamut L*a*b* (clipped to [0, 1], as scikit-image and Kornia clip)."""
+    from skimage.color import lab2rgb
+
+    from shiftkit.functional.stain import lab_to_rgb_fast, rgb_to_lab_fast
+
+    _, x = _lab_cases(real_tile)
+    sk = np.stack([rgb2lab(im.permute(1, 2, 0).numpy().astype(np.float64)) for im in x])
+    for dt in (torch.float32, torch.float64):
+        lab = rgb_to_lab_fast(x.to(dt))
+        assert lab.dtype == dt and lab.shape == x.shape
+        assert np.abs(lab.permute(0, 2, 3, 1).double().numpy() - sk).max() < 0.02
+        wide = lab.clone()
+        wide[:, 1:] *= 1.6  # pushes saturated colours out of the sRGB gamut
+        back = lab_to_rgb_fast(wide)
+        ref = np.stack([np.clip(lab2rgb(w.permute(1, 2, 0).double().numpy()), 0, 1) for w in wide])
+        assert back.dtype == dt and (back.min() >= 0) and (back.max() <= 1)
+        assert np.abs(back.permute(0, 2, 3, 1).double().numpy() - ref).max() < 2e-3
+        assert (lab_to_rgb_fast(lab) - x.to(dt)).abs().max() < 1e-3  # round trip
+
+
 def test_reinhard_without_lab_tensor_equals_kornia_lab_transfer(real_tile):
     """The transfer as one affine map of f per tile, then Kornia's lab_to_rgb steps restated, against the
     textbook route: Kornia LAB, per-channel affine, Kornia lab_to_rgb (gamut clipping included)."""

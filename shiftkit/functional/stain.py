@@ -171,14 +171,46 @@ def reinhard_from_companded(
     k = a_inv @ (d[:, :, None] * a)  # (B, 3, 3)
     bias = (d * (c - source_mean.double()) + tm - c) @ a_inv.T  # (B, 3)
     f2 = torch.baddbmm(bias.to(dtype)[..., None], k.to(dtype), f) if f.shape[0] else f
-    f2[:, 2].clamp_min_(0.0)
+    return srgb_from_companded(f2, shape)
+
+
+def srgb_from_companded(f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """sRGB ``shape`` ``(B, 3, H, W)`` in ``[0, 1]`` from companded values ``f`` ``(B, 3, H·W)`` (consumed:
+    overwritten), as Kornia's :func:`lab_to_rgb` does after forming ``f`` from L*a*b*: ``f_z ≥ 0``; the inverse
+    companding ``f³`` above 6/29 and ``(f − 4/29) / 7.787`` below, as ``max(f, t)³ + (min(f, t) − t) / 7.787``
+    with ``t = 6/29`` (exact above ``t``, 3e-6 off below); white point and linear RGB in one 3×3 product; sRGB
+    encoding as the minimum of its two branches."""
+    dtype = f.dtype
+    f[:, 2].clamp_min_(0.0)
     thr = 0.2068966
-    low = torch.clamp_max(f2, thr).sub_(thr)  # 0 above the threshold
-    cube = f2.clamp_min_(thr)
+    low = torch.clamp_max(f, thr).sub_(thr)  # 0 above the threshold
+    cube = f.clamp_min_(thr)
     xyz = torch.mul(cube, cube).mul_(cube).add_(low, alpha=1 / 7.787)
     m = (_matrix(_XYZ_TO_RGB, f) * _matrix(_WHITE, f)[None]).to(dtype)
     lin = torch.matmul(m, xyz, out=low)  # linear RGB
     return linear_to_srgb(lin, overwrite=True).reshape(shape)
+
+
+def lab_inverse_affine(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A⁻¹, c)`` float64 on ``like``'s device: the companded values of L*a*b* are ``f = A⁻¹·(L*a*b* − c)``, the
+    input of :func:`srgb_from_companded` (Kornia's constants)."""
+    return _matrix(_LAB_TO_F, like), _matrix(_LAB_OFFSET, like)
+
+
+def rgb_to_lab_fast(images: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_lab` of ``(B, 3, H, W)`` sRGB through :func:`lab_companded` and one 3×3 product: within 2e-4
+    LAB units of Kornia (tested), several times faster on CPU."""
+    f = lab_companded(images)
+    a = _matrix(_F_TO_LAB, f).to(f.dtype)
+    return torch.matmul(a, f).add_(_matrix(_LAB_OFFSET, f).to(f.dtype)[:, None]).reshape(images.shape)
+
+
+def lab_to_rgb_fast(lab: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_to_rgb` of ``(B, 3, H, W)`` L*a*b* (clamped to ``[0, 1]``) through :func:`srgb_from_companded`:
+    within 2e-4 of Kornia (tested)."""
+    v = lab.flatten(2)
+    f = torch.matmul(_matrix(_LAB_TO_F, v).to(v.dtype), v - _matrix(_LAB_OFFSET, v).to(v.dtype)[:, None])
+    return srgb_from_companded(f, lab.shape)
 
 
 def reinhard_normalize(
