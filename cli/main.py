@@ -583,7 +583,8 @@ def scanner_fit_report(profile: dict) -> str:
         lines.append(f"- failed input {r['input']}: {r['reason']}")
     c = fit.get("colour")
     if c:
-        lines += ["", "Colour (cross-validated mean CIEDE2000 of 8x8 block means over tissue):", "",
+        lines += ["", ("Colour (cross-validated mean CIEDE2000 of 8x8 block means over tissue; map = input space-output "
+                       "space-degree, cheapest first):"), "",
                   "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
         lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
     m = fit.get("mtf")

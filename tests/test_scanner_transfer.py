@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage.color import deltaE_ciede2000, lab2rgb, rgb2lab
 
 import shiftkit
 from shiftkit import ScannerTransfer, StainNormalizer
@@ -72,6 +72,95 @@ def test_fit_recovers_a_known_colour_map_and_blur(pairs):
     unaligned = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",))  # the default: pairs as registered
     assert not unaligned.profile["fit"]["colour"]["aligned"]
     assert unaligned.profile["fit"]["colour"]["cv_delta_e2000_after"] > c["cv_delta_e2000_after"]
+
+
+def _space(x, space):  # (N, 3) sRGB in [0, 1] to a map space, independently of shiftkit (numpy, scikit-image)
+    return {"srgb": lambda v: v, "od": lambda v: -np.log(np.maximum(v, 1 / 255)), "lab": lambda v: rgb2lab(v[None])[0] / 100}[space](x)
+
+
+def _unspace(y, space):
+    return {"srgb": lambda v: v, "od": lambda v: np.exp(-v), "lab": lambda v: lab2rgb(v[None] * 100)[0]}[space](y)
+
+
+@pytest.mark.parametrize("space", ["srgb", "od", "lab"])
+@pytest.mark.parametrize("out_space", ["srgb", "od", "lab"])
+def test_colour_maps_between_spaces_recover_a_known_map(space, out_space):
+    """A map defined as affine from one space to another (computed with numpy and scikit-image) is recovered by the
+    degree-1 fit in those spaces and reproduced by apply_colour_map on images."""
+    from shiftkit.functional import transfer as T
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.2, 0.9, (4000, 3))
+    xs, ys0 = _space(x, space), _space(x, out_space)
+    # a mild known map: the least-squares affine fit of the identity between the spaces, then perturbed
+    a = np.linalg.lstsq(np.c_[np.ones(len(x)), xs], ys0, rcond=None)[0]
+    a[1:] = a[1:] @ (np.eye(3) + 0.04 * rng.standard_normal((3, 3)))
+    a[0] += 0.01 * rng.standard_normal(3) * np.abs(ys0).mean(0)
+    y = np.clip(_unspace(np.c_[np.ones(len(x)), xs] @ a, out_space), 0, 1)
+    ok = (y > 0.01).all(1) & (y < 0.99).all(1)  # inside the gamut, where the map is exactly affine
+    x, y = x[ok], y[ok]
+    w = T.fit_colour_map(x, y, np.ones(len(x)), space, 1, ridge=1e-12, out_space=out_space)
+    assert np.abs(w - a).max() < 2e-4 * max(1.0, np.abs(a).max()), np.abs(w - a).max()
+    assert len(x) > 1600
+    img, want = (torch.from_numpy(v[:1600].T.reshape(1, 3, 40, 40)) for v in (x, y))
+    out = T.apply_colour_map(img.float(), torch.from_numpy(w), space, 1, torch.ones(1), out_space)
+    assert out.dtype == torch.float32 and out.shape == img.shape
+    assert (out.double() - want).abs().max() < 2e-3
+    half = T.apply_colour_map(img, torch.from_numpy(w), space, 1, torch.full((1,), 0.5), out_space)
+    assert torch.allclose(half, 0.5 * (img + want), atol=1e-6)
+
+
+def test_colour_space_is_chosen_by_cross_validation_and_old_profiles_still_load(pairs):
+    """Every candidate of input space x output space x degree is cross-validated, cheapest first (the affine sRGB
+    map first); the profile's map is the best; a profile written before output spaces existed maps within its one
+    space; an unknown space or candidate list is refused."""
+    from shiftkit.transforms.scanner_transfer import COLOUR_CANDIDATES
+
+    src, dst, slides = pairs
+    keys = [f"{i}-{o}-{d}" for i, o, d in COLOUR_CANDIDATES]
+    assert len(set(keys)) == 27 and keys[0] == "srgb-srgb-1" and keys[-1] == "lab-lab-3"
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",))
+    c = t.profile["fit"]["colour"]
+    cv = c["cv_delta_e2000"]
+    assert sorted(cv) == sorted(keys)
+    assert c["chosen"] == min(keys, key=cv.get) and c["cv_delta_e2000_after"] == min(cv.values())
+    fast = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_candidates=[("srgb", "od", 2), ("od", "od", 1)])
+    assert sorted(fast.profile["fit"]["colour"]["cv_delta_e2000"]) == ["od-od-1", "srgb-od-2"]
+    assert fast.profile["fit"]["colour"]["cv_delta_e2000"]["srgb-od-2"] == pytest.approx(cv["srgb-od-2"], abs=1e-9)
+    for bad in ([], [("srgb", "hsv", 1)], [("srgb", "od", 0)], ["srgb"]):
+        with pytest.raises(InvalidArgumentError, match="colour_candidates"):
+            ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_candidates=bad)
+    prof = t.profile["colour"]
+    assert f"{prof['space']}-{prof['out_space']}-{prof['degree']}" == c["chosen"]
+    old = {**t.profile, "parts": ["colour"], "colour": {"space": "od", "degree": 1,
+                                                        "weights": [[0.1, 0.0, 0.0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]}}
+    x = torch.from_numpy(src[:2]).permute(0, 3, 1, 2).float() / 255
+    got = ScannerTransfer(old)(x)
+    want = (x.clamp_min(1 / 255) * np.exp(-0.1)).where(torch.arange(3).view(1, 3, 1, 1) == 0, x.clamp_min(1 / 255))
+    assert (got - want).abs().max() < 1e-5
+    with pytest.raises(InvalidArgumentError, match="out_space"):
+        ScannerTransfer({**old, "colour": {**old["colour"], "out_space": "hsv"}})
+
+
+def test_relative_mtf_is_monotone_from_one_and_keeps_a_monotone_ratio():
+    """Towards a blurrier scanner the gain falls from g(0) = 1 and never exceeds 1, even when the measured ratio has a
+    low-frequency excess (as the real pairs show after the colour map); towards a sharper one it rises and never
+    drops below 1; a ratio that is already monotone (a Gaussian blur's MTF) is kept as measured."""
+    from shiftkit.functional import transfer as T
+
+    k = T.MTF_BINS
+    f = (np.arange(k) + 0.5) / k * 0.5
+    src = [np.exp(-f * 20.0) * c for c in (1.0, 2.0, 0.5)]
+    blur = np.exp(-2 * np.pi ** 2 * 1.2 ** 2 * f ** 2)
+    bump = 1 + 0.5 * np.exp(-((f - 0.04) / 0.02) ** 2)  # a low-frequency excess, peak 1.5
+    g = T.relative_mtf(src, [p * (blur * bump) ** 2 for p in src])
+    assert g[0] == 1.0 and (np.diff(g) <= 1e-12).all() and g.max() <= 1.0
+    assert np.abs(g[f > 0.15] - blur[f > 0.15]).max() < 0.02  # the optical fall-off beyond the bump is the blur's
+    keep = T.relative_mtf(src, [p * blur ** 2 for p in src])
+    assert np.abs(keep[1:] - blur[1:]).max() < 0.02
+    sharp = T.relative_mtf(src, [p * (1 + 2 * f) ** 2 * (2 - bump) ** 2 for p in src])  # rising, with a low-f dip
+    assert sharp[0] == 1.0 and (np.diff(sharp) >= -1e-12).all() and sharp.min() >= 1.0 and sharp.max() <= 1.5
+    assert np.isfinite(T.relative_mtf(src, [np.zeros(k) for _ in src])).all()
 
 
 def test_bad_pairs_are_refused_by_name_and_counted(pairs):

@@ -22,8 +22,12 @@ from .base import ShiftkitAugmentation, check_range, register_transform
 
 PARTS = ("colour", "mtf", "noise", "jpeg")
 PROFILE_FORMAT = "shiftkit-scanner-transfer/1"
-#: Colour-map candidates compared by cross-validation: (space, degree per channel); degree 1 is the 3x4 affine map.
-COLOUR_CANDIDATES = (("srgb", 1), ("srgb", 2), ("srgb", 3), ("od", 1), ("od", 2), ("od", 3))
+#: Colour-map candidates compared by cross-validation: (input space, output space, degree per channel) over sRGB,
+#: optical density and CIELAB; degree 1 is a 3x4 affine map (in sRGB to sRGB, the affine baseline). Ordered from
+#: the cheapest to apply to the dearest (a CIELAB conversion costs about as much as the degree-3 map itself); an
+#: exact tie goes to the cheaper.
+COLOUR_CANDIDATES = tuple(sorted(((i, o, d) for i in T.SPACES for o in T.SPACES for d in (1, 2, 3)),
+                                 key=lambda c: (T.SPACES.index(c[0]) + T.SPACES.index(c[1]), c[2])))
 
 
 class ScannerTransferError(ShiftkitError, ValueError):
@@ -172,7 +176,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         y = x
         if self._weights is not None:  # in the order of the fit: the MTF was measured on colour-mapped sources
             c = self.profile["colour"]
-            y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s)
+            y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c))
         if self._gain is not None:
             y = T.mtf_filter(y, self._gain, s)
         if "noise" in self.profile["parts"]:
@@ -187,14 +191,15 @@ class ScannerTransfer(ShiftkitAugmentation):
     def fit(cls, src_images: Any, dst_images: Any, *, parts: Sequence[str] = PARTS, max_shift_px: float = 16.0,
             min_peak: float = 0.05, slides: Optional[Sequence[Any]] = None, mpp: Optional[float] = None,
             name: str = "", held_out: bool = False, source: str = "", ridge: float = 1e-3,
-            jpeg_quality: Optional[float] = None, align: bool = False, **kwargs: Any) -> "ScannerTransfer":
+            jpeg_quality: Optional[float] = None, align: bool = False,
+            colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, **kwargs: Any) -> "ScannerTransfer":
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
         Each pair's offset is measured by phase correlation; pairs further apart than ``max_shift_px``, with a
         correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
-        and counted in ``profile["fit"]["refused"]``). The colour map (space and degree) is chosen by
-        cross-validation over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of
+        and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
+        :data:`COLOUR_CANDIDATES`) is chosen by cross-validation over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of
         8×8 block means over tissue; a map whose cross-validated residual is not below identity's is an error.
 
         Args:
@@ -209,6 +214,9 @@ class ScannerTransfer(ShiftkitAugmentation):
             held_out: flag the profile as held-out (evaluation only; never a training view).
             source: where the pairs come from (recorded in the profile).
             ridge: ridge penalty of the colour fit.
+            colour_candidates: the ``(input space, output space, degree)`` maps to cross-validate, cheapest first
+                (default :data:`COLOUR_CANDIDATES`). Leave out CIELAB (``"lab"``) for the fastest application: a
+                CIELAB conversion costs about as much as a degree-3 map in sRGB (figures in docs/benchmarks.md).
             jpeg_quality: quality of the destination's JPEG compression when known (JPEG cannot be measured from
                 decoded pixels reliably; without it the part is reported as not fitted).
             align: fit the colour map on each pair's overlap at its measured offset. Off by default: on the real
@@ -225,6 +233,7 @@ class ScannerTransfer(ShiftkitAugmentation):
             ScannerTransferError: no usable pair, or a fit no better than identity.
         """
         parts = _check_parts(parts)
+        colour_candidates = _check_candidates(colour_candidates)
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
             raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
@@ -249,7 +258,8 @@ class ScannerTransfer(ShiftkitAugmentation):
                 s_col, d_col = zip(*[_aligned(src[i], dst[i], offsets[i]) for i in used])
             else:
                 s_col, d_col = s_used, d_used
-            profile["colour"], profile["fit"]["colour"] = _fit_colour(list(s_col), list(d_col), groups, ridge)
+            profile["colour"], profile["fit"]["colour"] = _fit_colour(list(s_col), list(d_col), groups, ridge,
+                                                                      colour_candidates)
             profile["fit"]["colour"]["aligned"] = bool(align)
             profile["parts"].append("colour")
         if "mtf" in parts:
@@ -260,7 +270,8 @@ class ScannerTransfer(ShiftkitAugmentation):
                 c = profile["colour"]
                 w = torch.tensor(c["weights"], dtype=torch.float64)
                 mapped = [(T.apply_colour_map(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255, w, c["space"],
-                                              int(c["degree"]), torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
+                                              int(c["degree"]), torch.ones(1), _out_space(c))[0].permute(1, 2, 0) * 255
+                           ).round().byte().numpy()
                           for x in s_used]
             mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used)
             profile["fit"]["mtf"] = report
@@ -336,6 +347,22 @@ class ScannerTransfer(ShiftkitAugmentation):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _out_space(colour: dict) -> str:
+    """A colour part's output space; profiles written before output spaces existed map within ``space``."""
+    return colour.get("out_space", colour.get("space"))
+
+
+def _check_candidates(candidates: Any) -> Tuple[Tuple[str, str, int], ...]:
+    try:
+        out = tuple((str(i), str(o), int(d)) for i, o, d in candidates)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(i not in T.SPACES or o not in T.SPACES or not 1 <= d <= 5 for i, o, d in out):
+        raise InvalidArgumentError(f"`colour_candidates` is invalid: expected (space, out_space, degree) triples with "
+                                   f"spaces in {T.SPACES} and degree 1-5, got {candidates!r}")
+    return out
+
+
 def _check_parts(parts: Sequence[str]) -> Tuple[str, ...]:
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
@@ -354,8 +381,10 @@ def _check_profile(profile: Any) -> dict:
     if "colour" in parts:
         c = profile["colour"]
         w = np.asarray(c.get("weights"), np.float64)
-        if c.get("space") not in T.SPACES or w.shape != (1 + 3 * int(c.get("degree", 0)), 3) or not np.isfinite(w).all():
-            raise InvalidArgumentError("`profile` colour part is invalid: expected space, degree and a finite (1+3·degree, 3) weight table")
+        if (c.get("space") not in T.SPACES or _out_space(c) not in T.SPACES
+                or w.shape != (1 + 3 * int(c.get("degree", 0)), 3) or not np.isfinite(w).all()):
+            raise InvalidArgumentError(f"`profile` colour part is invalid: expected space and out_space in {T.SPACES}, "
+                                       "degree and a finite (1+3·degree, 3) weight table")
     if "mtf" in parts:
         g = np.asarray(profile["mtf"].get("gain"), np.float64)
         if g.ndim != 1 or len(g) < 2 or not np.isfinite(g).all() or (g < 0).any():
@@ -402,7 +431,7 @@ def _aligned(a: np.ndarray, b: np.ndarray, offset) -> Tuple[np.ndarray, np.ndarr
     return a[y0:y1, x0:x1], b[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
 
 
-def _fit_colour(src, dst, groups, ridge):
+def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
     sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
     tis = [_lab(d)[..., 0] < 85 for d in db]
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
@@ -412,33 +441,33 @@ def _fit_colour(src, dst, groups, ridge):
     identity = []
     for tr, te in folds:
         identity += [_delta_e(sb[i], db[i], tis[i]) for i in te]
-    for space, degree in COLOUR_CANDIDATES:
+    for space, out_space, degree in candidates:
         res = []
         for tr, te in folds:
             if wflat(tr).sum() <= 0:
                 continue
-            w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge)
+            w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge, out_space)
             for i in te:
                 pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
-                                          degree, torch.ones(1))[0].permute(1, 2, 0).numpy()
+                                          degree, torch.ones(1), out_space)[0].permute(1, 2, 0).numpy()
                 res.append(_delta_e(pred, db[i], tis[i]))
-        scores[f"{space}-{degree}"] = float(np.nanmean(res)) if res else float("nan")
+        scores[f"{space}-{out_space}-{degree}"] = float(np.nanmean(res)) if res else float("nan")
     before = float(np.nanmean(identity)) if identity else float("nan")
     valid = {k: v for k, v in scores.items() if math.isfinite(v)}
     if valid:
-        best = min(valid, key=valid.get)
+        best = min(valid, key=valid.get)  # the first of equal scores: candidates come in order of cost
         if valid[best] >= before:
             raise ScannerTransferError(f"the colour fit is no better than identity: expected a cross-validated CIEDE2000 "
                                        f"below identity's {before:.2f}, got {valid[best]:.2f} (are the pairs the same fields, "
                                        "on two different scanners?)")
-    else:  # too few pairs to cross-validate: the affine map
-        best = "srgb-1"
-    space, degree = best.split("-")[0], int(best.split("-")[1])
+    else:  # too few pairs to cross-validate: the first candidate (by default the affine sRGB map)
+        best = "-".join(map(str, candidates[0]))
+    space, out_space, degree = best.split("-")[0], best.split("-")[1], int(best.split("-")[2])
     allidx = list(range(len(src)))
-    w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge)
+    w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge, out_space)
     report = {"cv_folds": len(folds), "cv_delta_e2000": scores, "identity_delta_e2000": before, "chosen": best,
               "cv_delta_e2000_after": valid.get(best) if valid else None}
-    return {"space": space, "degree": degree, "weights": w.tolist()}, report
+    return {"space": space, "out_space": out_space, "degree": degree, "weights": w.tolist()}, report
 
 
 def _fit_mtf(src, dst, groups, mpp, raw=None):
