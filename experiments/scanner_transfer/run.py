@@ -9,6 +9,7 @@ functions of shared/eval/score_pairs.py (CIEDE2000 of 8x8 block means over tissu
 Writes results/results.json, results/results.md and results/scanner_transfer.png. Nothing fitted here ships.
 """
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -103,7 +104,11 @@ def run_direction(direction, folder, scorer, rows, timings, failures):
             norm = StainNormalizer(m).fit(list(dst[tr]))
             outs[f"shiftkit {m} (per tile)"] = norm.normalize(src[te])
             outs[f"shiftkit {m} (pooled source, slide)"] = norm.normalize(src[te], source="pooled")
-            outs[f"shiftkit {m} (pooled source, cohort)"] = norm.normalize(src[te], source=norm.pooled_source(src))
+            cohort = norm.pooled_source(src)
+            outs[f"shiftkit {m} (pooled source, cohort)"] = norm.normalize(src[te], source=cohort)
+            # which half of the pooled estimate matters: the slide's stain vectors with the cohort's intensity scale
+            outs[f"shiftkit {m} (slide stains, cohort intensity)"] = norm.normalize(src[te], source=dataclasses.replace(
+                norm.pooled_source(src[te]), max_concentrations=cohort.max_concentrations))
         outs.update(peers(src[te], dst[tr], failures.setdefault(direction, {})))
         w = affine_fit(src[tr], dst[tr])
         outs["affine 3x4 sRGB (baseline)"] = np.stack([affine_apply(x, w) for x in src[te]])

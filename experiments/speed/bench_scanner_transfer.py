@@ -6,8 +6,11 @@
 Workload: float32 (64, 3, 224, 224) batches of real tiles. "transfer (colour+MTF)" applies a profile fitted on the
 MITOS dev pairs (colour map and relative MTF; the bundled colour-only profile when the pairs are absent);
 "macenko (per tile)" is StainNormalizer("macenko") with a fitted target, estimating every tile. The target of the
-scanner-transfer issue: the transfer at least as fast as the normalization (ratio >= 1). Also times
-ScannerTransfer.fit on the 60 pairs (target < 30 s). Prints the machine and writes the JSON record.
+scanner-transfer issue: the transfer at least as fast as the normalization (ratio >= 1). The colour map is whichever
+cross-validation picks on these pairs (Aperio -> Hamamatsu); "transfer h2a" is the reverse fit (Hamamatsu ->
+Aperio, its own choice of map) and "transfer, CIELAB colour map" the forward fit restricted to the dearest
+candidate (CIELAB in and out, degree 3), the slowest a fitted map can apply. Also times ScannerTransfer.fit on the
+60 pairs (target < 30 s). Prints the machine and writes the JSON record.
 """
 from __future__ import annotations
 
@@ -46,13 +49,18 @@ def main(argv=None):
     a = ap.parse_args(argv)
     info = machine(a.device)
     print(json.dumps(info))
-    fit_s = None
+    fit_s, st_lab, st_h2a = None, None, None
     try:
         src, dst, slides = mitos_pairs()
         t0 = time.perf_counter()
         st = ScannerTransfer.fit(src, dst, slides=slides, mpp=0.25, parts=("colour", "mtf"))
         fit_s = time.perf_counter() - t0
-        print(f"ScannerTransfer.fit on {len(src)} pairs: {fit_s:.1f} s (target < 30 s)")
+        print(f"ScannerTransfer.fit on {len(src)} pairs: {fit_s:.1f} s (target < 30 s); colour map "
+              f"{st.profile['fit']['colour']['chosen']}")
+        st_lab = ScannerTransfer.fit(src, dst, slides=slides, mpp=0.25, parts=("colour", "mtf"),
+                                     colour_candidates=[("lab", "lab", 3)])
+        st_h2a = ScannerTransfer.fit(dst, src, slides=slides, mpp=0.25, parts=("colour", "mtf"))
+        print(f"h2a colour map {st_h2a.profile['fit']['colour']['chosen']}")
     except (FileNotFoundError, ValueError):
         st = ScannerTransfer.load(shiftkit.shifts.transfer.PROFILES_DIR / "scanners5-aperio-to-nz2.json")
     st = st.to(a.device) if hasattr(st, "to") else st
@@ -68,9 +76,18 @@ def main(argv=None):
         "transfer (colour+MTF)": (lambda: (st(x, params=params), sync()), x.shape[0]),
         "macenko (per tile)": (lambda: (norm.normalize(x), sync()), x.shape[0]),
     }
+    if st_lab is not None:
+        st_lab, st_h2a = (t.to(a.device) if hasattr(t, "to") else t for t in (st_lab, st_h2a))
+        runs["transfer h2a"] = (lambda: (st_h2a(x, params=params), sync()), x.shape[0])
+        runs["transfer, CIELAB colour map"] = (lambda: (st_lab(x, params=params), sync()), x.shape[0])
     with torch.no_grad():
         rates = paired_rates(runs, a.rounds)
     summary = summarize(rates, "transfer (colour+MTF)")
+    for name in ("transfer h2a", "transfer, CIELAB colour map"):
+        if isinstance(rates.get(name), list) and isinstance(rates.get("macenko (per tile)"), list):
+            vs = summarize({k: rates[k] for k in (name, "macenko (per tile)")}, name)["macenko (per tile)"]
+            summary[name]["vs_macenko"] = {k: vs[k] for k in ("ratio_median", "ratio_q1", "ratio_q3")}
+            print(f"{name} / macenko: {vs['ratio_median']:.2f}x (quartiles {vs['ratio_q1']:.2f}-{vs['ratio_q3']:.2f})")
     for name, r in summary.items():
         extra = f"  ratio transfer/this {r['ratio_median']:.2f}x (quartiles {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})" \
             if "ratio_median" in r else ""
@@ -78,6 +95,8 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "batch": list(x.shape), "fit_seconds_60_pairs": fit_s, "parts": st.parts,
+                               "colour_map": st.profile.get("fit", {}).get("colour", {}).get("chosen"),
+                               "colour_map_h2a": st_h2a.profile["fit"]["colour"]["chosen"] if st_h2a is not None else None,
                                "summary": summary, "rates": rates}, indent=2))
 
 
