@@ -18,7 +18,7 @@ from shiftkit.core.errors import InvalidArgumentError, InvalidImageError
 from shiftkit.data import load_sample, load_sample_tiles, write_image
 from shiftkit.transforms.scanner_transfer import ScannerTransferError
 
-from .conftest import shared
+from .conftest import devices, shared
 
 #: The known scanner change of the synthetic pairs: a 3x4 affine colour map in sRGB.
 M = np.array([[0.85, 0.05, 0.02], [0.03, 0.80, 0.04], [0.02, 0.06, 0.90]])
@@ -108,6 +108,25 @@ def test_colour_maps_between_spaces_recover_a_known_map(space, out_space):
     assert (out.double() - want).abs().max() < 2e-3
     half = T.apply_colour_map(img, torch.from_numpy(w), space, 1, torch.full((1,), 0.5), out_space)
     assert torch.allclose(half, 0.5 * (img + want), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("spaces", [("srgb", "od"), ("od", "lab"), ("lab", "lab")])
+def test_colour_map_gives_the_same_result_on_every_device(device, spaces):
+    """A degree-3 map between spaces, in float32 on ``device`` and float64 on the CPU: within 1e-4, same device and
+    dtype out (runs on CUDA as a gpu test where there is one)."""
+    from shiftkit.functional import transfer as T
+
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.uniform(0.1, 0.95, (2, 3, 32, 32)))
+    w = T.fit_colour_map(x.permute(0, 2, 3, 1).reshape(-1, 3).numpy(),
+                         np.clip(x.permute(0, 2, 3, 1).reshape(-1, 3).numpy() ** 1.1 * 0.95, 0, 1),
+                         np.ones(2048), spaces[0], 3, out_space=spaces[1])
+    s = torch.tensor([1.0, 0.6])
+    ref = T.apply_colour_map(x, torch.from_numpy(w), spaces[0], 3, s, spaces[1])
+    got = T.apply_colour_map(x.float().to(device), torch.from_numpy(w), spaces[0], 3, s.to(device), spaces[1])
+    assert got.device.type == device and got.dtype == torch.float32
+    assert (got.cpu().double() - ref).abs().max() < 1e-4
 
 
 def test_colour_space_is_chosen_by_cross_validation_and_old_profiles_still_load(pairs):
