@@ -26,7 +26,7 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 
 from ..core.errors import InvalidArgumentError
-from .stain import lab_inverse_affine, lab_to_rgb_fast, rgb_to_lab_fast, srgb_from_companded
+from .stain import lab_inverse_affine, rgb_to_lab_fast, srgb_from_companded
 
 #: Colour spaces of a colour map's input and output: sRGB in [0, 1], optical density ``-ln(x)`` (x floored at
 #: 1/255) and CIELAB / 100 (D65, Kornia's conversion to within 2e-4 LAB units).
@@ -54,13 +54,9 @@ def _to_space(x: torch.Tensor, space: str) -> torch.Tensor:
 
 
 def _from_space(y: torch.Tensor, space: str) -> torch.Tensor:
-    """Inverse of :func:`_to_space` for ``(B, 3, H, W)``, in place where it can (CIELAB is clamped to ``[0, 1]``
-    by Kornia's conversion)."""
-    if space == "od":
-        return y.neg_().exp_()
-    if space == "lab":
-        return lab_to_rgb_fast(y.mul_(100.0))
-    return y
+    """Inverse of :func:`_to_space` for sRGB and optical density, in place (:func:`apply_colour_map` takes CIELAB
+    back through :func:`~shiftkit.functional.stain.srgb_from_companded`, as ``lab_to_rgb_fast`` does)."""
+    return y.neg_().exp_() if space == "od" else y
 
 
 def colour_features(x: torch.Tensor, space: str, degree: int) -> torch.Tensor:
@@ -114,11 +110,11 @@ def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, de
     _check_space(out_space, "out_space")
     dt = torch.float64 if images.dtype == torch.float64 else torch.float32
     v = _to_space(images.to(dt), space)
-    w = weights.to(device=images.device, dtype=torch.float64)
+    w = weights.detach().to("cpu", torch.float64)
     if out_space == "lab":  # fold L*a*b* = 100·y into the companded values f = A⁻¹(L*a*b* − c): one product fewer
         a_inv, c = lab_inverse_affine(w)
         w = torch.cat([((100.0 * w[0] - c) @ a_inv.t())[None], 100.0 * w[1:] @ a_inv.t()])
-    w = w.to(dt)
+    w = w.to(device=images.device, dtype=dt)
     b, _, h, wd = v.shape
     planes = torch.empty(b, 3 * degree, h * wd, dtype=dt, device=v.device)
     planes[:, :3] = v.reshape(b, 3, -1)
