@@ -209,7 +209,8 @@ def lab_to_rgb_fast(lab: torch.Tensor) -> torch.Tensor:
     """:func:`lab_to_rgb` of ``(B, 3, H, W)`` L*a*b* (clamped to ``[0, 1]``) through :func:`srgb_from_companded`:
     within 2e-4 of Kornia (tested)."""
     v = lab.flatten(2)
-    f = torch.matmul(_matrix(_LAB_TO_F, v).to(v.dtype), v - _matrix(_LAB_OFFSET, v).to(v.dtype)[:, None])
+    a_inv, c = lab_inverse_affine(v)
+    f = torch.matmul(a_inv.to(v.dtype), v - c.to(v.dtype)[:, None])
     return srgb_from_companded(f, lab.shape)
 
 

@@ -199,8 +199,9 @@ class ScannerTransfer(ShiftkitAugmentation):
         Each pair's offset is measured by phase correlation; pairs further apart than ``max_shift_px``, with a
         correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
-        :data:`COLOUR_CANDIDATES`) is chosen by cross-validation over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of
-        8×8 block means over tissue; a map whose cross-validated residual is not below identity's is an error.
+        :data:`COLOUR_CANDIDATES`) is chosen by cross-validation over ``slides`` (leave one slide out; else 5 folds
+        over pairs), on the mean CIEDE2000 of 8×8 block means over tissue; a map whose cross-validated residual is
+        not below identity's is an error.
 
         Args:
             src_images: images of scanner A (a batch, or a sequence of images of any sizes).
@@ -462,7 +463,8 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
                                        "on two different scanners?)")
     else:  # too few pairs to cross-validate: the first candidate (by default the affine sRGB map)
         best = "-".join(map(str, candidates[0]))
-    space, out_space, degree = best.split("-")[0], best.split("-")[1], int(best.split("-")[2])
+    space, out_space, degree = best.split("-")
+    degree = int(degree)
     allidx = list(range(len(src)))
     w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge, out_space)
     report = {"cv_folds": len(folds), "cv_delta_e2000": scores, "identity_delta_e2000": before, "chosen": best,
