@@ -461,9 +461,11 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG, when known.")
 @click.option("--name", default=None, help="Profile name (default: the output file's stem).")
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
+@click.option("--mtf-max-gain", default=None, type=click.FloatRange(1.0, 1000.0),
+              help="Cap on the MTF's gain towards a sharper scanner (default: chosen by cross-validation, 1.5-8).")
 @input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, max_pixels, apply_icc):
+                held_out, mtf_max_gain, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -539,11 +541,12 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     try:
         if unpaired:
             t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
-                                             held_out=held_out, source=str(src_dir) + " -> " + str(dst_dir))
+                                             held_out=held_out, source=str(src_dir) + " -> " + str(dst_dir),
+                                             mtf_max_gain=mtf_max_gain)
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
-                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"))
+                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain)
     except ShiftkitError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -589,10 +592,20 @@ def scanner_fit_report(profile: dict) -> str:
         lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
     m = fit.get("mtf")
     if m:
-        lines += ["", f"MTF: {'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
-        if m.get("fitted"):
-            lines.append(f"Sharpness (Laplacian variance of source / destination): before {m['sharpness_ratio_before']:.2f}, "
-                         f"after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
+        if m.get("unpaired"):
+            by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("sharpness_ratio_geomean_by_max_gain", {}).items())
+            lines += ["", f"MTF: the ratio of the sets' mean spectra (unpaired), gain cap {m['max_gain']:g} (sharpness "
+                          f"ratio of the sets, geometric mean, by cap: {by_cap})."]
+        else:
+            lines += ["", f"MTF: {'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
+        if m.get("fitted") and not m.get("unpaired"):
+            lines.append(f"Sharpness (Laplacian variance of source / destination, median): before "
+                         f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
+            if "max_gain" in m:  # profiles fitted before the cap was chosen have no such entry
+                how = "chosen by cross-validation" if m.get("max_gain_chosen_by_cv") else "as given"
+                by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("cv_sharpness_geomean_by_max_gain", {}).items())
+                lines.append(f"Gain cap {m['max_gain']:g} ({how}; cross-validated sharpness ratio, geometric mean, by cap: "
+                             f"{by_cap}).")
     n = fit.get("noise")
     if n:
         lines += ["", f"Noise: extra σ of the destination {n.get('sigma_extra_median', n.get('sigma', 0)):.4f} "

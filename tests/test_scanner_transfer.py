@@ -178,8 +178,56 @@ def test_relative_mtf_is_monotone_from_one_and_keeps_a_monotone_ratio():
     keep = T.relative_mtf(src, [p * blur ** 2 for p in src])
     assert np.abs(keep[1:] - blur[1:]).max() < 0.02
     sharp = T.relative_mtf(src, [p * (1 + 2 * f) ** 2 * (2 - bump) ** 2 for p in src])  # rising, with a low-f dip
-    assert sharp[0] == 1.0 and (np.diff(sharp) >= -1e-12).all() and sharp.min() >= 1.0 and sharp.max() <= 1.5
+    assert sharp[0] == 1.0 and (np.diff(sharp) >= -1e-12).all() and sharp.min() >= 1.0 and sharp.max() <= 4.0
     assert np.isfinite(T.relative_mtf(src, [np.zeros(k) for _ in src])).all()
+
+
+def test_a_rising_mtf_leaves_the_coarse_scales_alone_and_is_capped():
+    """Towards a sharper scanner the gain is 1 below low_band[0], the measured (monotone) ratio beyond low_band[1],
+    monotone in between, and never above max_gain; a falling gain ignores the band; a bad band is an error."""
+    from shiftkit.functional import transfer as T
+
+    k = T.MTF_BINS
+    f = (np.arange(k) + 0.5) / k * 0.5
+    src = [np.exp(-f * 20.0) * c for c in (1.0, 2.0, 0.5)]
+    ratio = 1.3 + 6 * f  # 1.3 already at the lowest frequencies, like the colour map's contrast shrinkage
+    g = T.relative_mtf(src, [p * ratio ** 2 for p in src], max_gain=10.0, low_band=(0.05, 0.15))
+    assert (g[f < 0.05] == 1.0).all() and (np.diff(g) >= -1e-12).all()
+    np.testing.assert_allclose(g[f > 0.15], ratio[f > 0.15], rtol=1e-6)
+    capped = T.relative_mtf(src, [p * ratio ** 2 for p in src], max_gain=2.0, low_band=(0.05, 0.15))
+    np.testing.assert_allclose(capped, np.minimum(g, 2.0), rtol=1e-6)
+    blur = np.exp(-2 * np.pi ** 2 * 1.2 ** 2 * f ** 2)
+    falling = T.relative_mtf(src, [p * blur ** 2 for p in src], low_band=(0.05, 0.15))
+    assert np.abs(falling[1:] - blur[1:]).max() < 0.02  # the band does not apply to a blur
+    with pytest.raises(InvalidArgumentError, match="low_band"):
+        T.relative_mtf(src, src, low_band=(0.2, 0.1))
+
+
+def test_the_mtf_cap_is_chosen_by_cross_validation_towards_a_sharper_scanner(pairs):
+    """Towards a sharper scanner (an unsharp mask with a large gain at fine scales) the cross-validated cap brings the
+    held-out outputs' sharpness (Laplacian variance, as score_pairs.py) nearer the twins' than the smallest cap does;
+    a fixed cap is used as given; a bad cap is an error."""
+    src = pairs[0]
+
+    def sharpen(x):
+        y = x / 255.0
+        return (np.clip(y + 3.0 * (y - cv2.GaussianBlur(y, (0, 0), 1.0)), 0, 1) * 255).round().astype(np.uint8)
+
+    def lapvar(x):
+        return cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var()
+
+    dst = np.stack([sharpen(x) for x in src])
+    slides = [i // 4 for i in range(len(src))]
+    t = ScannerTransfer.fit(src[:8], dst[:8], slides=slides[:8], parts=("mtf",))
+    fixed = ScannerTransfer.fit(src[:8], dst[:8], slides=slides[:8], parts=("mtf",), mtf_max_gain=1.5)
+    rep = t.profile["fit"]["mtf"]
+    assert rep["max_gain_chosen_by_cv"] and rep["max_gain"] > 1.5
+    assert fixed.profile["fit"]["mtf"]["max_gain"] == 1.5 and not fixed.profile["fit"]["mtf"]["max_gain_chosen_by_cv"]
+    err = lambda m: abs(np.mean([np.log(lapvar(o) / lapvar(y)) for o, y in zip(m.augment(src[8:]), dst[8:])]))  # noqa: E731
+    assert err(t) < 0.5 * err(fixed)
+    for bad in (0.5, "4", float("nan")):
+        with pytest.raises(InvalidArgumentError, match="mtf_max_gain"):
+            ScannerTransfer.fit(src[:8], dst[:8], parts=("mtf",), mtf_max_gain=bad)
 
 
 def test_bad_pairs_are_refused_by_name_and_counted(pairs):
@@ -256,6 +304,19 @@ def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):
     mean = lambda a: a.reshape(-1, 3).mean(0)  # noqa: E731
     assert np.abs(mean(out) - mean(b_side)).sum() < 0.5 * np.abs(mean(src) - mean(b_side)).sum()
     assert np.asarray(t.profile["mtf"]["gain"])[-8:].max() < 0.7
+    assert t.profile["fit"]["mtf"]["max_gain"] == 1.5  # towards a blurrier scanner no cap binds: the smallest
+
+    def lapvar(x):
+        return cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var()
+
+    sharper = np.stack([(np.clip(y + 3.0 * (y - cv2.GaussianBlur(y, (0, 0), 1.0)), 0, 1) * 255).round().astype(np.uint8)
+                        for y in other / 255.0])
+    up = ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",))
+    fixed = ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",), mtf_max_gain=1.5)
+    err = lambda m: abs(np.mean([np.log(lapvar(o)) for o in m.augment(src)]) - np.mean([np.log(lapvar(o)) for o in sharper]))  # noqa: E731
+    assert up.profile["fit"]["mtf"]["max_gain"] > 1.5 and err(up) < 0.5 * err(fixed)
+    with pytest.raises(InvalidArgumentError, match="mtf_max_gain"):
+        ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",), mtf_max_gain=0)
 
 
 def test_registered_scanner_transfer_shifts(pairs, tmp_path):
@@ -336,7 +397,9 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     prof = json.loads(out.read_text())
     assert prof["parts"] == ["colour", "mtf"] and prof["fit"]["used"] == 12
     assert prof["fit"]["icc"] == {"applied": False, "src": ["none"], "dst": ["none"]}  # no embedded profiles here
-    assert (tmp_path / "profile.report.md").read_text().count("chosen") == 1
+    report = (tmp_path / "profile.report.md").read_text()
+    assert report.count("(chosen)") == 1  # one colour map marked in the table
+    assert f"Gain cap {prof['fit']['mtf']['max_gain']:g} (chosen by cross-validation" in report
     assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
 
 

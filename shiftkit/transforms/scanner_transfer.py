@@ -26,6 +26,9 @@ PROFILE_FORMAT = "shiftkit-scanner-transfer/1"
 #: optical density and CIELAB; degree 1 is a 3x4 affine map (in sRGB to sRGB, the affine baseline). Ordered from
 #: the cheapest to apply to the dearest (a CIELAB conversion costs about as much as the degree-3 map itself); an
 #: exact tie goes to the cheaper.
+# caps on the relative MTF's gain, chosen by cross-validation (the geometric-mean sharpness closest to the twins'):
+# 1.5 (3.5 dB) limits noise amplification most; 8 (18 dB) matches the sharper scan's fine detail where it is there
+MTF_MAX_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 COLOUR_CANDIDATES = tuple(sorted(((i, o, d) for i in T.SPACES for o in T.SPACES for d in (1, 2, 3)),
                                  key=lambda c: (T.SPACES.index(c[0]) + T.SPACES.index(c[1]), c[2])))
 
@@ -192,7 +195,8 @@ class ScannerTransfer(ShiftkitAugmentation):
             min_peak: float = 0.05, slides: Optional[Sequence[Any]] = None, mpp: Optional[float] = None,
             name: str = "", held_out: bool = False, source: str = "", ridge: float = 1e-3,
             jpeg_quality: Optional[float] = None, align: bool = False,
-            colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, **kwargs: Any) -> "ScannerTransfer":
+            colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, mtf_max_gain: Optional[float] = None,
+            **kwargs: Any) -> "ScannerTransfer":
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
@@ -218,6 +222,10 @@ class ScannerTransfer(ShiftkitAugmentation):
             colour_candidates: the ``(input space, output space, degree)`` maps to cross-validate, cheapest first
                 (default :data:`COLOUR_CANDIDATES`). Leave out CIELAB (``"lab"``) for the fastest application: a
                 CIELAB conversion costs about as much as a degree-3 map in sRGB (figures in docs/benchmarks.md).
+            mtf_max_gain: cap on the relative MTF's gain (at least 1). By default it is chosen by cross-validation
+                among :data:`MTF_MAX_GAINS`: the cap whose held-out outputs come closest to the twins' sharpness
+                (geometric mean of Laplacian-variance ratios). A higher cap sharpens more, and amplifies noise more,
+                towards a sharper scanner; towards a blurrier one the cap does not bind.
             jpeg_quality: quality of the destination's JPEG compression when known (JPEG cannot be measured from
                 decoded pixels reliably; without it the part is reported as not fitted).
             align: fit the colour map on each pair's overlap at its measured offset. Off by default: on the real
@@ -235,6 +243,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         """
         parts = _check_parts(parts)
         colour_candidates = _check_candidates(colour_candidates)
+        _check_max_gain(mtf_max_gain)
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
             raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
@@ -274,7 +283,7 @@ class ScannerTransfer(ShiftkitAugmentation):
                                               int(c["degree"]), torch.ones(1), _out_space(c))[0].permute(1, 2, 0) * 255
                            ).round().byte().numpy()
                           for x in s_used]
-            mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used)
+            mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used, max_gain=mtf_max_gain)
             profile["fit"]["mtf"] = report
             if mtf is not None:
                 profile["mtf"] = mtf
@@ -298,11 +307,12 @@ class ScannerTransfer(ShiftkitAugmentation):
     @classmethod
     def fit_unpaired(cls, src_images: Any, dst_images: Any, *, parts: Sequence[str] = ("colour", "mtf", "noise"),
                      mpp: Optional[float] = None, name: str = "", held_out: bool = False, source: str = "",
-                     **kwargs: Any) -> "ScannerTransfer":
+                     mtf_max_gain: Optional[float] = None, **kwargs: Any) -> "ScannerTransfer":
         """The weaker option: a transfer from two *unpaired* sets of similar tissue (stain and sharpness statistics
         only). The colour map is the affine map that moves the source's tissue colour mean and covariance onto the
         destination's (a Monge map between Gaussians in sRGB); the MTF is the ratio of the sets' mean power
-        spectra; noise as in :meth:`fit`.
+        spectra, its gain capped where the filtered source set's sharpness (geometric mean of Laplacian variances)
+        comes closest to the destination set's (in-sample: there are no pairs to hold out); noise as in :meth:`fit`.
 
         Args:
             src_images: images of scanner A.
@@ -312,12 +322,14 @@ class ScannerTransfer(ShiftkitAugmentation):
             name: the profile's name.
             held_out: flag the profile as held-out.
             source: where the images come from.
+            mtf_max_gain: cap on the MTF's gain (default: chosen among :data:`MTF_MAX_GAINS` as above).
             kwargs: constructor arguments of the returned transform.
 
         Returns:
             A fitted :class:`ScannerTransfer`.
         """
         parts = _check_parts(parts)
+        _check_max_gain(mtf_max_gain)
         if "jpeg" in parts:
             raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
@@ -335,7 +347,21 @@ class ScannerTransfer(ShiftkitAugmentation):
         if "mtf" in parts:
             ps = np.mean([T.radial_power(x) for x in src], axis=0)
             pd = np.mean([T.radial_power(x) for x in dst], axis=0)
-            profile["mtf"] = {"gain": T.relative_mtf([ps], [pd]).tolist(), "mpp": mpp}
+            caps = MTF_MAX_GAINS if mtf_max_gain is None else (float(mtf_max_gain),)
+            target = float(np.mean([np.log(max(_laplacian_var(x), 1e-9)) for x in dst]))
+            gains = {cap: torch.tensor(T.relative_mtf([ps], [pd], max_gain=cap), dtype=torch.float32) for cap in caps}
+            logs: Dict[float, List[float]] = {cap: [] for cap in caps}
+            for a in src:  # one image at a time: the sets may mix sizes
+                x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+                for cap, g in gains.items():
+                    y = (T.mtf_filter(x, g, torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
+                    logs[cap].append(math.log(max(_laplacian_var(y), 1e-9)))
+            error = {cap: abs(float(np.mean(v)) - target) for cap, v in logs.items()}
+            cap = min(caps, key=lambda c: (round(error[c], 3), c))
+            profile["mtf"] = {"gain": gains[cap].double().tolist(), "mpp": mpp}
+            profile["fit"]["mtf"] = {"fitted": True, "unpaired": True, "max_gain": cap, "max_gain_chosen_by_cv": False,
+                                     "sharpness_ratio_geomean_by_max_gain": {
+                                         str(c): math.exp(float(np.mean(v)) - target) for c, v in logs.items()}}
             profile["parts"].append("mtf")
         if "noise" in parts:
             sigma = max(0.0, float(np.median([T.noise_sigma(x) for x in dst]) - np.median([T.noise_sigma(x) for x in src])))
@@ -472,26 +498,51 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
     return {"space": space, "out_space": out_space, "degree": degree, "weights": w.tolist()}, report
 
 
-def _fit_mtf(src, dst, groups, mpp, raw=None):
+def _check_max_gain(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= 1e3):
+        raise InvalidArgumentError(f"`mtf_max_gain` is invalid: expected None (chosen by cross-validation) or a number "
+                                   f"in [1, 1000], got {value!r}")
+
+
+def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
+    """The relative MTF and its report. The gain's cap is chosen by cross-validation among :data:`MTF_MAX_GAINS`
+    (or fixed by ``max_gain``): the cap whose held-out outputs' Laplacian variance is, in geometric mean, closest to
+    the twins' (equal to three decimals: the smaller cap)."""
     rich = [i for i, (a, b) in enumerate(zip(src, dst)) if min(_tissue_fraction(a), _tissue_fraction(b)) >= 0.3]
     if not rich:
         return None, {"fitted": False, "reason": "no pair with at least 30 % tissue"}
+    caps = MTF_MAX_GAINS if max_gain is None else (float(max_gain),)
     ps = [T.radial_power(src[i]) for i in rich]
     pd = [T.radial_power(dst[i]) for i in rich]
-    gain = T.relative_mtf(ps, pd)
     raw = src if raw is None else raw  # "before" is the unmodified source's sharpness
     before = float(np.median([_laplacian_var(raw[i]) / max(_laplacian_var(dst[i]), 1e-9) for i in rich]))
-    after = []
+    dst_var = [max(_laplacian_var(dst[i]), 1e-9) for i in rich]
+    after: Dict[float, List[float]] = {c: [] for c in caps}
     g_rich = [groups[i] for i in rich] if groups is not None else None
     for tr, te in _folds(g_rich, len(rich)):
-        gtr = torch.tensor(T.relative_mtf([ps[j] for j in tr], [pd[j] for j in tr]), dtype=torch.float32)
-        for j in te:
-            x = torch.from_numpy(src[rich[j]]).permute(2, 0, 1)[None].float() / 255
-            y = (T.mtf_filter(x, gtr, torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
-            after.append(_laplacian_var(y) / max(_laplacian_var(dst[rich[j]]), 1e-9))
-    return {"gain": gain.tolist(), "mpp": mpp}, {"fitted": True, "pairs": len(rich),
-                                                   "sharpness_ratio_before": before,
-                                                   "sharpness_ratio_after_cv": float(np.median(after)) if after else None}
+        x = torch.stack([torch.from_numpy(src[rich[j]]).permute(2, 0, 1) for j in te]).float() / 255
+        done: List[Tuple[np.ndarray, List[float]]] = []
+        for cap in caps:
+            gtr = T.relative_mtf([ps[j] for j in tr], [pd[j] for j in tr], max_gain=cap)
+            same = [r for g, r in done if np.array_equal(g, gtr)]  # a cap that does not bind changes nothing
+            if same:
+                ratios = same[0]
+            else:
+                y = (T.mtf_filter(x, torch.tensor(gtr, dtype=torch.float32), torch.ones(len(te))) * 255).round().byte()
+                ratios = [_laplacian_var(o.permute(1, 2, 0).numpy()) / dst_var[j] for o, j in zip(y, te)]
+                done.append((gtr, ratios))
+            after[cap].extend(ratios)
+    scores = {c: abs(float(np.mean(np.log(np.maximum(r, 1e-9))))) for c, r in after.items() if r}
+    cap = min(caps, key=lambda c: (round(scores[c], 3), c)) if scores else caps[0]
+    gain = T.relative_mtf(ps, pd, max_gain=cap)
+    return {"gain": gain.tolist(), "mpp": mpp}, {
+        "fitted": True, "pairs": len(rich), "sharpness_ratio_before": before, "max_gain": cap,
+        "max_gain_chosen_by_cv": max_gain is None and bool(scores),
+        "sharpness_ratio_after_cv": float(np.median(after[cap])) if after[cap] else None,
+        "sharpness_ratio_after_cv_geomean": float(np.exp(np.mean(np.log(np.maximum(after[cap], 1e-9)))))
+        if after[cap] else None,
+        "cv_sharpness_geomean_by_max_gain": {str(c): float(np.exp(np.mean(np.log(np.maximum(r, 1e-9)))))
+                                             for c, r in after.items() if r}}
 
 
 def _fit_noise(src, dst):
@@ -518,4 +569,4 @@ def _gaussian_map(a: np.ndarray, b: np.ndarray) -> dict:
     return {"space": "srgb", "degree": 1, "weights": w.tolist()}
 
 
-__all__ = ["ScannerTransfer", "ScannerTransferError", "PARTS", "PROFILE_FORMAT", "COLOUR_CANDIDATES"]
+__all__ = ["ScannerTransfer", "ScannerTransferError", "PARTS", "PROFILE_FORMAT", "COLOUR_CANDIDATES", "MTF_MAX_GAINS"]
