@@ -184,11 +184,10 @@ def srgb_from_companded(f: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     f[:, 2].clamp_min_(0.0)
     thr = 0.2068966
     low = torch.clamp_max(f, thr).sub_(thr)  # 0 above the threshold
-    cube = f.clamp_min_(thr)
-    xyz = torch.mul(cube, cube).mul_(cube).add_(low, alpha=1 / 7.787)
+    xyz = f.clamp_min_(thr).pow_(3).add_(low, alpha=1 / 7.787)  # in place: one allocation in all
     m = (_matrix(_XYZ_TO_RGB, f) * _matrix(_WHITE, f)[None]).to(dtype)
     lin = torch.matmul(m, xyz, out=low)  # linear RGB
-    return linear_to_srgb(lin, overwrite=True).reshape(shape)
+    return linear_to_srgb(lin, overwrite=True, out=f).reshape(shape)
 
 
 def lab_inverse_affine(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,8 +45,8 @@ def _check_space(space: str, arg: str = "space") -> None:
 def _to_space(x: torch.Tensor, space: str) -> torch.Tensor:
     """``(N, 3)`` or ``(B, 3, H, W)`` sRGB in ``[0, 1]`` to ``space`` (float64 stays float64)."""
     v = x if x.dtype == torch.float64 else x.float()
-    if space == "od":
-        return -torch.log(v.clamp_min(1.0 / 255.0))
+    if space == "od":  # one new tensor, the rest in place (each fresh multi-MB tensor costs page faults on CPU)
+        return v.clamp_min(1.0 / 255.0).log_().neg_()
     if space == "lab":
         if v.ndim == 2:  # (N, 3) values as one (1, 3, N, 1) image
             return rgb_to_lab_fast(v.t()[None, :, :, None])[0, :, :, 0].t() / 100.0
@@ -222,10 +222,11 @@ def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor)
     t = pos - lo.float()
     g = gain.float().to(x.device)
     gf = (g[lo] * (1 - t) + g[hi] * t).clamp_min(1e-6)  # (h, w//2+1)
-    s = strength.float().to(x.device).view(-1, 1, 1, 1)
-    filt = torch.exp(s * torch.log(gf)[None, None])
-    spec = torch.fft.rfft2(x) * filt
-    return torch.fft.irfft2(spec, s=(h, w)).clamp(0.0, 1.0).to(images.dtype)
+    s = strength.float().to(x.device)
+    # in place where the tensors are large (each fresh multi-MB tensor costs page faults on CPU)
+    filt = gf[None, None] if bool((s == 1).all()) else torch.exp(s.view(-1, 1, 1, 1) * torch.log(gf)[None, None])
+    spec = torch.fft.rfft2(x).mul_(filt)
+    return torch.fft.irfft2(spec, s=(h, w)).clamp_(0.0, 1.0).to(images.dtype)
 
 
 def resample_gain(gain: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:

@@ -29,20 +29,25 @@ def srgb_to_linear(images: torch.Tensor, u8: torch.Tensor | None = None) -> torc
     return g.add_(torch.clamp_max(x, t), alpha=1 / 12.92).sub_(t / 12.92)
 
 
-def linear_to_srgb(linear: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+def linear_to_srgb(linear: torch.Tensor, overwrite: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """sRGB encoding of linear RGB with Kornia's constants, clamped to ``[0, 1]``: ``1.055·x^(1/2.4) − 0.055``
     above 0.0031308 and ``12.92·x`` below.
 
     Computed without a mask as ``min(g(max(x, t)), 12.92·x)``: ``g`` is concave and starts 6e-6 above the line
     at ``t``, so the minimum is the line below ``t`` and ``g`` from 3e-5 above it (within 6e-6 in between).
-    ``overwrite=True`` lets it reuse ``linear``'s memory (no autograd).
+    ``overwrite=True`` lets it reuse ``linear``'s memory (no autograd); ``out``, a scratch tensor of the same shape
+    and dtype, then holds the result (no allocation: a fresh multi-MB tensor costs page faults on CPU).
     """
     t = 0.0031308
     x = linear
     if torch.is_grad_enabled() and x.requires_grad:
         g = torch.exp2(torch.log2(torch.clamp_min(x, t)) * (1 / 2.4)) * 1.055 - 0.055
         return torch.minimum(g, x * 12.92).clamp(0.0, 1.0)
-    g = torch.clamp_min(x, t).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
+    if overwrite and out is not None:
+        g = torch.clamp_min(x, t, out=out)
+    else:
+        g = torch.clamp_min(x, t)
+    g = g.log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
     return torch.minimum(g, x.mul_(12.92) if overwrite else x * 12.92, out=g).clamp_(0.0, 1.0)
 
 

@@ -187,7 +187,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         if "jpeg" in self.profile["parts"]:
             q = 100.0 - s.to(torch.float32) * (100.0 - float(self.profile["jpeg"]["quality"]))
             y = jpeg_kernel(y, q)
-        return y.clamp(0.0, 1.0)
+        return y if y is x else y.clamp_(0.0, 1.0)  # every part returns a new tensor: clamped in place
 
     # ------------------------------------------------------------------ fitting
     @classmethod
