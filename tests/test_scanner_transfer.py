@@ -182,6 +182,25 @@ def test_relative_mtf_is_monotone_from_one_and_keeps_a_monotone_ratio():
     assert np.isfinite(T.relative_mtf(src, [np.zeros(k) for _ in src])).all()
 
 
+def test_mtf_filter_at_full_strength_equals_the_per_sample_path():
+    """Strength 1 everywhere takes a shortcut (no per-sample power of the gain): the same result as a batch that
+    mixes strengths, and as a radial filter built independently with numpy."""
+    from shiftkit.functional import transfer as T
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 40, 48, generator=gen)
+    gain = torch.linspace(1.0, 0.3, T.MTF_BINS)
+    full = T.mtf_filter(x, gain, torch.ones(2))
+    mixed = T.mtf_filter(x, gain, torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(mixed[0], full[0], atol=1e-6, rtol=0)
+    fy, fx = np.fft.fftfreq(40)[:, None], np.fft.rfftfreq(48)[None, :]
+    r = np.minimum(np.sqrt(fx ** 2 + fy ** 2), 0.5)
+    centres = (np.arange(T.MTF_BINS) + 0.5) / T.MTF_BINS * 0.5
+    filt = np.interp(r, centres, gain.numpy())
+    ref = np.clip(np.fft.irfft2(np.fft.rfft2(x.numpy().astype(np.float64)) * filt, s=(40, 48)), 0, 1)
+    np.testing.assert_allclose(full.numpy(), ref, atol=1e-5)
+
+
 def test_a_rising_mtf_leaves_the_coarse_scales_alone_and_is_capped():
     """Towards a sharper scanner the gain is 1 below low_band[0], the measured (monotone) ratio beyond low_band[1],
     monotone in between, and never above max_gain; a falling gain ignores the band; a bad band is an error."""
