@@ -35,7 +35,7 @@ def _device(device: str) -> str:
     return device
 
 
-def _load_target(target: str, method: str | None, on_failure: str):
+def _load_target(target: str, method: str | None, on_failure: str, intensity: str = "pooled"):
     """A fitted StainNormalizer from an image, a folder of images or a saved JSON target."""
     from shiftkit import StainNormalizer
     from shiftkit.core.errors import ShiftkitError
@@ -55,7 +55,7 @@ def _load_target(target: str, method: str | None, on_failure: str):
         raise click.BadParameter(f"expected an image, a folder of images or a .json target, got {target!r} with no images", param_hint="--target")
     try:
         images = [read_image(f) for f in files]
-        return StainNormalizer(method or "macenko", on_failure=on_failure).fit(images)
+        return StainNormalizer(method or "macenko", on_failure=on_failure).fit(images, intensity=intensity)
     except ShiftkitError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from exc
 
@@ -72,6 +72,8 @@ def cli():
 @click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default=None,
               help="Normalization method (default: the saved target's, else macenko).")
 @click.option("--target", required=True, help="Target: an image, a folder of images (pooled) or a JSON file from fit-target.")
+@click.option("--target-intensity", type=click.Choice(["pooled", "median"]), default="pooled", show_default=True,
+              help="A folder --target's intensity scale: from its pooled tissue, or the median tile's (see fit-target).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Tiles per batch (same-size tiles are batched).")
 @click.option("--format", "fmt", type=click.Choice(["png", "same", "jpg", "tif"]), default="png", show_default=True,
@@ -86,8 +88,8 @@ def cli():
               "each file keeps its name and format). The only way to write into SRC.")
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def normalize(src, out, method, target, device, batch_size, fmt, on_failure, source_level, in_place, max_pixels, apply_icc,
-              as_json):
+def normalize(src, out, method, target, target_intensity, device, batch_size, fmt, on_failure, source_level, in_place,
+              max_pixels, apply_icc, as_json):
     """Stain-normalize SRC (an image, a folder searched recursively, or a CSV manifest with a path column) into OUT,
     mirroring file names.
 
@@ -132,7 +134,7 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
         raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
     device = _device(device)
     # the target is fitted with a fallback policy; "raise" then applies to the tiles (each failing tile fails alone)
-    norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure).to(device)
+    norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure, target_intensity).to(device)
     norm.on_failure = on_failure
     jobs, dups = plan_outputs(files, root, out, fmt)
     groups: dict = {}
@@ -165,6 +167,7 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
     summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place,
                "source_level": source_level, "pooled_sources": pooled_info, **report.to_dict(),
+               "target_intensity": None if str(target).lower().endswith(".json") else target_intensity,
                "apply_icc": apply_icc,
                "outputs": [{"source": str(p), "output": str(o), "status": st, "icc": icc_description(read_icc(p))}
                            for p, o, st in report.written]}
@@ -188,7 +191,10 @@ def normalize(src, out, method, target, device, batch_size, fmt, on_failure, sou
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the JSON target.")
 @click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default="macenko", show_default=True)
-def fit_target(images, output, method):
+@click.option("--intensity", type=click.Choice(["pooled", "median"]), default="pooled", show_default=True,
+              help="The target's intensity scale: from the pooled tissue, or the median tile's (safer when the images "
+                   "differ in stain intensity: a pooled percentile follows the darkest).")
+def fit_target(images, output, method, intensity):
     """Fit a normalization target on IMAGES (files or folders; pooled over all their tissue) and save it as JSON."""
     from shiftkit import StainNormalizer
     from shiftkit.core.errors import ShiftkitError
@@ -208,7 +214,7 @@ def fit_target(images, output, method):
     if not arrays:
         raise click.UsageError("no readable image among IMAGES")
     try:
-        norm = StainNormalizer(method).fit(arrays)
+        norm = StainNormalizer(method).fit(arrays, intensity=intensity)
     except ShiftkitError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -60,6 +60,16 @@ def test_fit_target_then_normalize_with_json_target(tmp_path):
     np.testing.assert_array_equal(read_image(out / src.name), StainNormalizer.load(tgt)(read_image(src)))
     res = runner.invoke(cli, ["normalize", str(src), str(out), "--target", str(tgt), "--method", "reinhard"])
     assert res.exit_code == 2 and "saved target" in res.output
+    images = [sample_path("slideflow"), sample_path("stardist")]
+    res = runner.invoke(cli, ["fit-target", *map(str, images), "-o", str(tmp_path / "median.json"), "--intensity", "median"])
+    assert res.exit_code == 0, res.output
+    expected = StainNormalizer("macenko").fit([read_image(p) for p in images], intensity="median")
+    np.testing.assert_allclose(StainNormalizer.load(tmp_path / "median.json").target_max_concentrations,
+                               expected.target_max_concentrations, rtol=1e-6)
+    res = runner.invoke(cli, ["normalize", str(src), str(tmp_path / "o2"), "--target", str(sample_path("slideflow").parent),
+                              "--target-intensity", "median", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o2" / "normalize.json").read_text())["target_intensity"] == "median"
 
 
 def test_usage_errors_exit_2(tmp_path):

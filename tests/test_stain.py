@@ -224,6 +224,41 @@ def test_recovers_known_stain_vectors_within_3_degrees(method, seed):
     assert ang.max() < 3.0, ang
 
 
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_a_median_intensity_target_follows_the_typical_tile_not_the_darkest(method):
+    """Five synthetic tiles of one known stain matrix at stain intensities x0.5 ... x2.5: the pooled target's
+    maximum concentrations follow the darkest tiles, the median target's the middle tile (reference: numpy
+    percentiles of the true concentrations); the stain matrix is the same pooled estimate either way."""
+    tiles, true99 = [], []
+    for i, f in enumerate([0.5, 0.8, 1.0, 1.3, 2.5]):
+        x, conc, _ = synthetic_he(1, 224, h_max=1.6 * f, e_max=0.9 * f, noise=0.002, seed=i)
+        tiles.append(_u8(x))
+        c = conc[0].flatten(1).numpy()
+        true99.append(np.percentile(c[:, c.sum(0) > 0], 99, axis=1))
+    pooled = StainNormalizer(method).fit(tiles)
+    median = StainNormalizer(method).fit(tiles, intensity="median")
+    torch.testing.assert_close(median.target_matrix, pooled.target_matrix)
+    ref = np.median(true99, axis=0)
+    np.testing.assert_allclose(median.target_max_concentrations.numpy(), ref, rtol=0.1)
+    assert (pooled.target_max_concentrations.numpy() > 1.3 * ref).all()
+    single = StainNormalizer(method).fit(tiles[2])  # one image: both are the same
+    torch.testing.assert_close(StainNormalizer(method).fit(tiles[2], intensity="median").target_max_concentrations,
+                               single.target_max_concentrations)
+    with pytest.raises(UnknownNameError, match="intensity"):
+        StainNormalizer(method).fit(tiles, intensity="mean")
+
+
+def test_a_median_intensity_reinhard_target_is_the_median_of_single_tile_targets():
+    tiles = [_u8(synthetic_he(1, 224, h_max=1.6 * f, e_max=0.9 * f, seed=i)[0]) for i, f in enumerate([0.5, 1.0, 2.5])]
+    singles = [StainNormalizer("reinhard").fit(t) for t in tiles]
+    median = StainNormalizer("reinhard").fit(tiles, intensity="median")
+    for attr in ("target_mean", "target_std"):
+        ref = np.median([getattr(n, attr).numpy() for n in singles], axis=0)
+        np.testing.assert_allclose(getattr(median, attr).numpy(), ref, rtol=1e-5, atol=1e-4)
+    pooled = StainNormalizer("reinhard").fit(tiles)
+    assert not torch.allclose(pooled.target_std, median.target_std, atol=0.1)
+
+
 def test_vahadane_is_deterministic_and_seeded(real_tile):
     a = estimate_stains(real_tile, "vahadane")
     b = estimate_stains(real_tile, "vahadane")

@@ -109,6 +109,10 @@ def run_direction(direction, folder, scorer, rows, timings, failures):
             # which half of the pooled estimate matters: the slide's stain vectors with the cohort's intensity scale
             outs[f"shiftkit {m} (slide stains, cohort intensity)"] = norm.normalize(src[te], source=dataclasses.replace(
                 norm.pooled_source(src[te]), max_concentrations=cohort.max_concentrations))
+            # the target's intensity scale from the median training twin instead of the pooled percentile
+            med = StainNormalizer(m).fit(list(dst[tr]), intensity="median")
+            outs[f"shiftkit {m} (per tile, median-intensity target)"] = med.normalize(src[te])
+            outs[f"shiftkit {m} (pooled source, slide, median-intensity target)"] = med.normalize(src[te], source="pooled")
         outs.update(peers(src[te], dst[tr], failures.setdefault(direction, {})))
         w = affine_fit(src[tr], dst[tr])
         outs["affine 3x4 sRGB (baseline)"] = np.stack([affine_apply(x, w) for x in src[te]])

@@ -7,7 +7,7 @@ host round trip) and each tile's result depends on that tile alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -407,28 +407,41 @@ def estimate_batch(x: torch.Tensor, cfg: EstimatorConfig, mask: Optional[torch.T
     return est
 
 
+INTENSITIES = ("pooled", "median")
+
+
 def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", *, on_failure: str = "report",
-                           **options: Any) -> StainEstimate:
+                           intensity: str = "pooled", **options: Any) -> StainEstimate:
     """One stain estimate from the tissue pixels of several images pooled together (a cohort or slide target).
 
     ``images`` may have different sizes; each is given in any layout of the image contract (a batch counts
     as its tiles). Returns a :class:`StainEstimate` with ``B = 1``. ``on_failure``: ``"report"`` (a non-ok
     estimate carries the reference matrix and its status) or ``"raise"`` (:class:`StainEstimationError` naming
     the status and the tissue fraction).
+
+    ``intensity`` sets the maximum concentrations (the intensity scale): ``"pooled"`` (default), the
+    ``percentile``-th over the pooled tissue; ``"median"``, the median over the tiles with enough tissue of each
+    tile's own ``percentile``-th, under the pooled stain matrix — the intensity of a typical tile rather than of the
+    darkest ones, which dominate a pooled percentile when the images differ in stain intensity (falls back to
+    ``"pooled"`` when no tile has enough tissue).
     """
     if on_failure not in ("report", "raise"):
         raise UnknownNameError("on_failure", on_failure, ("report", "raise"))
+    if intensity not in INTENSITIES:
+        raise UnknownNameError("intensity", intensity, INTENSITIES)
     cfg = estimator_config(method, options)
     if isinstance(images, (torch.Tensor,)) or (hasattr(images, "ndim") and not isinstance(images, (list, tuple))):
         images = [images]
     if len(images) == 0:
         raise InvalidArgumentError("`images` is empty: expected at least one image to fit on, got 0 images")
-    ods, ws, dtype = [], [], None
+    ods, ws, tiles, dtype = [], [], [], None
     for i, img in enumerate(images):
         x, _ = to_batch(img, f"images[{i}]")
         od, w = _flatten(x, cfg, subsample=False)
         ods.append(od.permute(1, 0, 2).reshape(3, -1))
         ws.append(w.reshape(-1))
+        if intensity == "median":
+            tiles.append((od, w))
         dtype = x.dtype
     od = torch.cat([o.to(dtype) for o in ods], dim=-1)[None]
     w = torch.cat([v.to(dtype) for v in ws], dim=-1)[None]
@@ -439,4 +452,15 @@ def estimate_stains_pooled(images: Sequence[Any], method: str = "macenko", *, on
             f"`images` gave no usable stain matrix: expected status 'ok' for the pooled {method} estimate, "
             f"got {est.status[0]!r} (tissue fraction {float(est.tissue_fraction[0]):.3f})"
         )
+    if tiles:
+        maxc = []
+        for t_od, t_w in tiles:  # each tile's robust maximum under the pooled matrix
+            m = est.matrix[0].to(t_od.dtype)
+            q = masked_quantile(od_to_concentrations(t_od, m, clamp=True), t_w[:, None].expand(-1, 2, -1),
+                                cfg.percentile / 100.0)
+            enough = cfg.enough_tissue(t_w.sum(-1).double(), torch.full_like(t_w[:, 0], t_w.shape[-1]).double())
+            maxc.append(q[enough].to(est.max_concentrations.dtype))
+        maxc = torch.cat(maxc)
+        if len(maxc):
+            est = replace(est, max_concentrations=maxc.quantile(0.5, dim=0)[None])  # the middle two's mean when even
     return est
