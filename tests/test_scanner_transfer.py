@@ -182,16 +182,17 @@ def test_relative_mtf_is_monotone_from_one_and_keeps_a_monotone_ratio():
     assert np.isfinite(T.relative_mtf(src, [np.zeros(k) for _ in src])).all()
 
 
-def test_mtf_filter_at_full_strength_equals_the_per_sample_path():
+@pytest.mark.parametrize("device", devices())
+def test_mtf_filter_at_full_strength_equals_the_per_sample_path(device):
     """Strength 1 everywhere takes a shortcut (no per-sample power of the gain): the same result as a batch that
-    mixes strengths, and as a radial filter built independently with numpy."""
+    mixes strengths, and as a radial filter built independently with numpy (a gpu test on CUDA)."""
     from shiftkit.functional import transfer as T
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 40, 48, generator=gen)
     gain = torch.linspace(1.0, 0.3, T.MTF_BINS)
-    full = T.mtf_filter(x, gain, torch.ones(2))
-    mixed = T.mtf_filter(x, gain, torch.tensor([1.0, 0.5]))
+    full = T.mtf_filter(x.to(device), gain, torch.ones(2)).cpu()
+    mixed = T.mtf_filter(x.to(device), gain, torch.tensor([1.0, 0.5])).cpu()
     torch.testing.assert_close(mixed[0], full[0], atol=1e-6, rtol=0)
     fy, fx = np.fft.fftfreq(40)[:, None], np.fft.rfftfreq(48)[None, :]
     r = np.minimum(np.sqrt(fx ** 2 + fy ** 2), 0.5)
