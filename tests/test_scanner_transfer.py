@@ -397,6 +397,27 @@ def test_cli_source_level_slide_pools_each_subfolder(pairs, tmp_path):
     assert np.array_equal(got, expect)
 
 
+def test_fit_scanner_cli_unpaired_writes_profile_and_report(tmp_path):
+    """--unpaired on two folders of different fields: the same profile as ScannerTransfer.fit_unpaired, and a report
+    that names the MTF's cap chosen on the sets."""
+    tiles = load_sample_tiles()
+    src, other = tiles[:8], np.stack([scanner_b(x, shift=(0, 0)) for x in tiles[8:]])
+    for i, a in enumerate(src):
+        write_image(tmp_path / "a" / f"A{i}.png", a)
+    for i, b in enumerate(other):
+        write_image(tmp_path / "b" / f"B{i}.png", b)
+    out = tmp_path / "unpaired.json"
+    res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--unpaired",
+                                   "-o", str(out), "--parts", "colour,mtf"])
+    assert res.exit_code == 0, res.output
+    prof = json.loads(out.read_text())
+    ref = ScannerTransfer.fit_unpaired(list(src), list(other), parts=("colour", "mtf"))
+    np.testing.assert_allclose(prof["mtf"]["gain"], ref.profile["mtf"]["gain"], rtol=1e-6)
+    np.testing.assert_allclose(prof["colour"]["weights"], ref.profile["colour"]["weights"], rtol=1e-6)
+    report = (tmp_path / "unpaired.report.md").read_text()
+    assert f"gain cap {ref.profile['fit']['mtf']['max_gain']:g}" in report and "unpaired" in report
+
+
 def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     src, dst, _ = pairs
     rows = ["src,dst,slide"]
