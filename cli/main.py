@@ -600,8 +600,8 @@ def scanner_fit_report(profile: dict) -> str:
     if m:
         if m.get("unpaired"):
             by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("sharpness_ratio_geomean_by_max_gain", {}).items())
-            lines += ["", f"MTF: the ratio of the sets' mean spectra (unpaired), gain cap {m['max_gain']:g} (sharpness "
-                          f"ratio of the sets, geometric mean, by cap: {by_cap})."]
+            lines += ["", (f"MTF: the ratio of the sets' mean spectra (unpaired), gain cap {m['max_gain']:g} (sharpness "
+                           f"ratio of the sets, geometric mean, by cap: {by_cap}).")]
         else:
             lines += ["", f"MTF: {'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
         if m.get("fitted") and not m.get("unpaired"):

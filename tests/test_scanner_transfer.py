@@ -243,7 +243,7 @@ def test_the_mtf_cap_is_chosen_by_cross_validation_towards_a_sharper_scanner(pai
     rep = t.profile["fit"]["mtf"]
     assert rep["max_gain_chosen_by_cv"] and rep["max_gain"] > 1.5
     assert fixed.profile["fit"]["mtf"]["max_gain"] == 1.5 and not fixed.profile["fit"]["mtf"]["max_gain_chosen_by_cv"]
-    err = lambda m: abs(np.mean([np.log(lapvar(o) / lapvar(y)) for o, y in zip(m.augment(src[8:]), dst[8:])]))  # noqa: E731
+    err = lambda m: abs(np.mean([np.log(lapvar(o) / lapvar(y)) for o, y in zip(m.augment(src[8:]), dst[8:])]))
     assert err(t) < 0.5 * err(fixed)
     for bad in (0.5, "4", float("nan")):
         with pytest.raises(InvalidArgumentError, match="mtf_max_gain"):
@@ -333,7 +333,7 @@ def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):
                         for y in other / 255.0])
     up = ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",))
     fixed = ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",), mtf_max_gain=1.5)
-    err = lambda m: abs(np.mean([np.log(lapvar(o)) for o in m.augment(src)]) - np.mean([np.log(lapvar(o)) for o in sharper]))  # noqa: E731
+    err = lambda m: abs(np.mean([np.log(lapvar(o)) for o in m.augment(src)]) - np.mean([np.log(lapvar(o)) for o in sharper]))
     assert up.profile["fit"]["mtf"]["max_gain"] > 1.5 and err(up) < 0.5 * err(fixed)
     with pytest.raises(InvalidArgumentError, match="mtf_max_gain"):
         ScannerTransfer.fit_unpaired(src, sharper, parts=("mtf",), mtf_max_gain=0)
