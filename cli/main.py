@@ -607,6 +607,9 @@ def scanner_fit_report(profile: dict) -> str:
         if m.get("fitted") and not m.get("unpaired"):
             lines.append(f"Sharpness (Laplacian variance of source / destination, median): before "
                          f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
+            if m.get("delta_e2000_after_cv") is not None:
+                lines.append(f"CIEDE2000 of the colour-mapped pairs before the MTF {m['delta_e2000_before']:.2f}, after it, "
+                             f"cross-validated, {m['delta_e2000_after_cv']:.2f}.")
             if "max_gain" in m:  # profiles fitted before the cap was chosen have no such entry
                 how = "chosen by cross-validation" if m.get("max_gain_chosen_by_cv") else "as given"
                 by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("cv_sharpness_geomean_by_max_gain", {}).items())

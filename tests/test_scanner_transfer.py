@@ -441,6 +441,8 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     report = (tmp_path / "profile.report.md").read_text()
     assert report.count("(chosen)") == 1  # one colour map marked in the table
     assert f"Gain cap {prof['fit']['mtf']['max_gain']:g} (chosen by cross-validation" in report
+    m = prof["fit"]["mtf"]  # the MTF's effect on colour, cross-validated, in the report: a blur barely moves block means
+    assert abs(m["delta_e2000_after_cv"] - m["delta_e2000_before"]) < 0.5 and "before the MTF" in report
     assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
 
 
