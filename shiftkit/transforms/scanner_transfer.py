@@ -524,7 +524,7 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
     de_after: Dict[float, List[float]] = {c: [] for c in caps}
     g_rich = [groups[i] for i in rich] if groups is not None else None
     for tr, te in _folds(g_rich, len(rich)):
-        x = torch.stack([torch.from_numpy(src[rich[j]]).permute(2, 0, 1) for j in te]).float() / 255
+        xs = [torch.from_numpy(src[rich[j]]).permute(2, 0, 1)[None].float() / 255 for j in te]  # pairs may differ in size
         done: List[Tuple[np.ndarray, List[float], List[float]]] = []
         for cap in caps:
             gtr = T.relative_mtf([ps[j] for j in tr], [pd[j] for j in tr], max_gain=cap)
@@ -532,8 +532,8 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
             if same:
                 ratios, des = same[0]
             else:
-                y = (T.mtf_filter(x, torch.tensor(gtr, dtype=torch.float32), torch.ones(len(te))) * 255).round().byte()
-                outs = [o.permute(1, 2, 0).numpy() for o in y]
+                g = torch.tensor(gtr, dtype=torch.float32)
+                outs = [(T.mtf_filter(x, g, torch.ones(1))[0] * 255).round().byte().permute(1, 2, 0).numpy() for x in xs]
                 ratios = [_laplacian_var(o) / dst_var[j] for o, j in zip(outs, te)]
                 des = [_delta_e(T.block_means(o), dst_blocks[j], tissue[j]) for o, j in zip(outs, te)]
                 done.append((gtr, ratios, des))
