@@ -149,12 +149,15 @@ def block_means(image: np.ndarray, block: int = 8) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- sharpness
-def radial_power(image: np.ndarray, bins: int = MTF_BINS) -> np.ndarray:
+def radial_power(image: np.ndarray, bins: int = MTF_BINS, weight: np.ndarray | None = None) -> np.ndarray:
     """Radially averaged power spectrum of a Hann-windowed grayscale ``(H, W, 3)`` uint8 image, ``(bins,)`` over
-    [0, 0.5] cycles per pixel."""
+    [0, 0.5] cycles per pixel. ``weight`` ``(H, W)`` in ``[0, 1]`` (e.g. a smoothed tissue mask) multiplies the
+    window, so that only those regions count; the weighted mean is removed first."""
     g = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
-    g = g - g.mean()
     win = np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1]))
+    if weight is not None:
+        win = win * np.asarray(weight, dtype=np.float64)
+    g = g - (g * win).sum() / max(float(win.sum()), 1e-12)
     p = np.abs(np.fft.rfft2(g * win)) ** 2
     fy = np.fft.fftfreq(g.shape[0])[:, None]
     fx = np.fft.rfftfreq(g.shape[1])[None, :]

@@ -59,6 +59,27 @@ def _tissue_fraction(img: np.ndarray) -> float:
     return float(tissue_mask(x).mean())
 
 
+def _tissue_weight(a: np.ndarray, b: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    """Where both images of a pair are tissue, as a smooth ``(H, W)`` weight in ``[0, 1]``: the common tissue mask,
+    closed (gaps inside tissue filled) and eroded by ``2·sigma`` px, then blurred by a Gaussian of ``sigma`` px, so
+    that the weight stays inside tissue (background noise, which the two scanners do not share, would otherwise
+    leak into the high-frequency ratio) and the spectrum does not see the mask's edges. Where the eroded mask keeps
+    under 5 % of the pixels, the mask itself is used; where that too is under 5 %, the whole image."""
+    import cv2
+
+    from ..stain.mask import tissue_mask
+
+    m = [tissue_mask(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy() for x in (a, b)]
+    both = np.minimum(m[0], m[1]).astype(np.float64)
+    r = int(round(2 * sigma))
+    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    eroded = cv2.erode(cv2.morphologyEx(both, cv2.MORPH_CLOSE, kernel), kernel)
+    for w in (eroded, both):
+        if w.mean() >= 0.05:
+            return np.clip(cv2.GaussianBlur(w, (0, 0), sigma), 0.0, 1.0)
+    return np.ones_like(both)
+
+
 def _lab(x: np.ndarray) -> np.ndarray:
     from skimage.color import rgb2lab
 
@@ -512,8 +533,9 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
     if not rich:
         return None, {"fitted": False, "reason": "no pair with at least 30 % tissue"}
     caps = MTF_MAX_GAINS if max_gain is None else (float(max_gain),)
-    ps = [T.radial_power(src[i]) for i in rich]
-    pd = [T.radial_power(dst[i]) for i in rich]
+    weights = [_tissue_weight(src[i], dst[i]) for i in rich]  # tissue regions only, the same for both sides
+    ps = [T.radial_power(src[i], weight=w) for i, w in zip(rich, weights)]
+    pd = [T.radial_power(dst[i], weight=w) for i, w in zip(rich, weights)]
     raw = src if raw is None else raw  # "before" is the unmodified source's sharpness
     before = float(np.median([_laplacian_var(raw[i]) / max(_laplacian_var(dst[i]), 1e-9) for i in rich]))
     dst_var = [max(_laplacian_var(dst[i]), 1e-9) for i in rich]
