@@ -43,11 +43,7 @@ def linear_to_srgb(linear: torch.Tensor, overwrite: bool = False, out: torch.Ten
     if torch.is_grad_enabled() and x.requires_grad:
         g = torch.exp2(torch.log2(torch.clamp_min(x, t)) * (1 / 2.4)) * 1.055 - 0.055
         return torch.minimum(g, x * 12.92).clamp(0.0, 1.0)
-    if overwrite and out is not None:
-        g = torch.clamp_min(x, t, out=out)
-    else:
-        g = torch.clamp_min(x, t)
-    g = g.log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
+    g = torch.clamp_min(x, t, out=out if overwrite else None).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
     return torch.minimum(g, x.mul_(12.92) if overwrite else x * 12.92, out=g).clamp_(0.0, 1.0)
 
 

@@ -52,25 +52,27 @@ def _uint8_list(images: Any, arg: str) -> List[np.ndarray]:
     return out
 
 
-def _tissue_fraction(img: np.ndarray) -> float:
+def _tissue(img: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` tissue mask (0/1) of ``(H, W, 3)`` uint8."""
     from ..stain.mask import tissue_mask
 
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    return float(tissue_mask(x).mean())
+    return tissue_mask(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy()
 
 
-def _tissue_weight(a: np.ndarray, b: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """Where both images of a pair are tissue, as a smooth ``(H, W)`` weight in ``[0, 1]``: the common tissue mask,
-    closed (gaps inside tissue filled) and eroded by ``2·sigma`` px, then blurred by a Gaussian of ``sigma`` px, so
-    that the weight stays inside tissue (background noise, which the two scanners do not share, would otherwise
-    leak into the high-frequency ratio) and the spectrum does not see the mask's edges. Where the eroded mask keeps
-    under 5 % of the pixels, the mask itself is used; where that too is under 5 %, the whole image."""
+def _tissue_fraction(img: np.ndarray) -> float:
+    return float(_tissue(img).mean())
+
+
+def _tissue_weight(mask_a: np.ndarray, mask_b: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    """Where both images of a pair are tissue (their :func:`_tissue` masks), as a smooth ``(H, W)`` weight in
+    ``[0, 1]``: the common tissue mask, closed (gaps inside tissue filled) and eroded by ``2·sigma`` px, then blurred
+    by a Gaussian of ``sigma`` px, so that the weight stays inside tissue (background noise, which the two scanners
+    do not share, would otherwise leak into the high-frequency ratio) and the spectrum does not see the mask's edges.
+    Where the eroded mask keeps under 5 % of the pixels, the mask itself is used; where that too is under 5 %, the
+    whole image."""
     import cv2
 
-    from ..stain.mask import tissue_mask
-
-    m = [tissue_mask(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy() for x in (a, b)]
-    both = np.minimum(m[0], m[1]).astype(np.float64)
+    both = np.minimum(mask_a, mask_b).astype(np.float64)
     r = int(round(2 * sigma))
     kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
     eroded = cv2.erode(cv2.morphologyEx(both, cv2.MORPH_CLOSE, kernel), kernel)
@@ -369,20 +371,19 @@ class ScannerTransfer(ShiftkitAugmentation):
             ps = np.mean([T.radial_power(x) for x in src], axis=0)
             pd = np.mean([T.radial_power(x) for x in dst], axis=0)
             caps = MTF_MAX_GAINS if mtf_max_gain is None else (float(mtf_max_gain),)
-            target = float(np.mean([np.log(max(_laplacian_var(x), 1e-9)) for x in dst]))
-            gains = {cap: torch.tensor(T.relative_mtf([ps], [pd], max_gain=cap), dtype=torch.float32) for cap in caps}
-            logs: Dict[float, List[float]] = {cap: [] for cap in caps}
+            target = _geomean([_laplacian_var(x) for x in dst])  # the destination set's sharpness
+            gains = {cap: T.relative_mtf([ps], [pd], max_gain=cap) for cap in caps}
+            ratios: Dict[float, List[float]] = {cap: [] for cap in caps}
             for a in src:  # one image at a time: the sets may mix sizes
                 x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
                 for cap, g in gains.items():
-                    y = (T.mtf_filter(x, g, torch.ones(1))[0].permute(1, 2, 0) * 255).round().byte().numpy()
-                    logs[cap].append(math.log(max(_laplacian_var(y), 1e-9)))
-            error = {cap: abs(float(np.mean(v)) - target) for cap, v in logs.items()}
-            cap = min(caps, key=lambda c: (round(error[c], 3), c))
-            profile["mtf"] = {"gain": gains[cap].double().tolist(), "mpp": mpp}
+                    y = (T.mtf_filter(x, torch.tensor(g, dtype=torch.float32), torch.ones(1))[0].permute(1, 2, 0) * 255
+                         ).round().byte().numpy()
+                    ratios[cap].append(_laplacian_var(y) / max(target, 1e-9))
+            cap = _closest_cap(ratios)
+            profile["mtf"] = {"gain": gains[cap].tolist(), "mpp": mpp}
             profile["fit"]["mtf"] = {"fitted": True, "unpaired": True, "max_gain": cap, "max_gain_chosen_by_cv": False,
-                                     "sharpness_ratio_geomean_by_max_gain": {
-                                         str(c): math.exp(float(np.mean(v)) - target) for c, v in logs.items()}}
+                                     "sharpness_ratio_geomean_by_max_gain": {str(c): _geomean(r) for c, r in ratios.items()}}
             profile["parts"].append("mtf")
         if "noise" in parts:
             sigma = max(0.0, float(np.median([T.noise_sigma(x) for x in dst]) - np.median([T.noise_sigma(x) for x in src])))
@@ -525,15 +526,27 @@ def _check_max_gain(value: Any) -> None:
                                    f"in [1, 1000], got {value!r}")
 
 
+def _geomean(ratios: Sequence[float]) -> float:
+    return float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-9)))))
+
+
+def _closest_cap(ratios: Dict[float, List[float]]) -> Optional[float]:
+    """The cap whose sharpness ratios (output / destination) are closest to 1 in geometric mean; equal to three
+    decimals, the smaller cap. None without ratios."""
+    scores = {c: abs(math.log(_geomean(r))) for c, r in ratios.items() if r}
+    return min(scores, key=lambda c: (round(scores[c], 3), c)) if scores else None
+
+
 def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
     """The relative MTF and its report. The gain's cap is chosen by cross-validation among :data:`MTF_MAX_GAINS`
     (or fixed by ``max_gain``): the cap whose held-out outputs' Laplacian variance is, in geometric mean, closest to
     the twins' (equal to three decimals: the smaller cap)."""
-    rich = [i for i, (a, b) in enumerate(zip(src, dst)) if min(_tissue_fraction(a), _tissue_fraction(b)) >= 0.3]
+    masks = [(_tissue(a), _tissue(b)) for a, b in zip(src, dst)]
+    rich = [i for i, (ma, mb) in enumerate(masks) if min(ma.mean(), mb.mean()) >= 0.3]
     if not rich:
         return None, {"fitted": False, "reason": "no pair with at least 30 % tissue"}
     caps = MTF_MAX_GAINS if max_gain is None else (float(max_gain),)
-    weights = [_tissue_weight(src[i], dst[i]) for i in rich]  # tissue regions only, the same for both sides
+    weights = [_tissue_weight(*masks[i]) for i in rich]  # tissue regions only, the same for both sides
     ps = [T.radial_power(src[i], weight=w) for i, w in zip(rich, weights)]
     pd = [T.radial_power(dst[i], weight=w) for i, w in zip(rich, weights)]
     raw = src if raw is None else raw  # "before" is the unmodified source's sharpness
@@ -561,8 +574,8 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
                 done.append((gtr, ratios, des))
             after[cap].extend(ratios)
             de_after[cap].extend(des)
-    scores = {c: abs(float(np.mean(np.log(np.maximum(r, 1e-9))))) for c, r in after.items() if r}
-    cap = min(caps, key=lambda c: (round(scores[c], 3), c)) if scores else caps[0]
+    chosen = _closest_cap(after)
+    cap = caps[0] if chosen is None else chosen
     gain = T.relative_mtf(ps, pd, max_gain=cap)
     return {"gain": gain.tolist(), "mpp": mpp}, {
         "fitted": True, "pairs": len(rich), "sharpness_ratio_before": before, "max_gain": cap,
@@ -570,12 +583,10 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
         # destinations, before the MTF and after it (the MTF cross-validated): what the MTF costs or gains in colour
         "delta_e2000_before": float(np.nanmean(de_before)) if de_before else None,
         "delta_e2000_after_cv": float(np.nanmean(de_after[cap])) if de_after[cap] else None,
-        "max_gain_chosen_by_cv": max_gain is None and bool(scores),
+        "max_gain_chosen_by_cv": max_gain is None and chosen is not None,
         "sharpness_ratio_after_cv": float(np.median(after[cap])) if after[cap] else None,
-        "sharpness_ratio_after_cv_geomean": float(np.exp(np.mean(np.log(np.maximum(after[cap], 1e-9)))))
-        if after[cap] else None,
-        "cv_sharpness_geomean_by_max_gain": {str(c): float(np.exp(np.mean(np.log(np.maximum(r, 1e-9)))))
-                                             for c, r in after.items() if r}}
+        "sharpness_ratio_after_cv_geomean": _geomean(after[cap]) if after[cap] else None,
+        "cv_sharpness_geomean_by_max_gain": {str(c): _geomean(r) for c, r in after.items() if r}}
 
 
 def _fit_noise(src, dst):
