@@ -469,9 +469,12 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
 @click.option("--mtf-max-gain", default=None, type=click.FloatRange(1.0, 1000.0),
               help="Cap on the MTF's gain towards a sharper scanner (default: chosen by cross-validation, 1.5-8).")
+@click.option("--colour-loss", type=click.Choice(["l2", "l1", "cv"]), default="l2", show_default=True,
+              help="Loss of the colour fit: least squares, least Euclidean residual lengths (robust to outlying "
+                   "blocks), or both cross-validated (needs several slides to choose reliably). Paired fits only.")
 @input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, mtf_max_gain, max_pixels, apply_icc):
+                held_out, mtf_max_gain, colour_loss, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -552,7 +555,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
-                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain)
+                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
+                                    colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,))
     except ShiftkitError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -591,9 +595,20 @@ def scanner_fit_report(profile: dict) -> str:
     for r in fit.get("failed_inputs", []):
         lines.append(f"- failed input {r['input']}: {r['reason']}")
     c = fit.get("colour")
-    if c:
+    if c and c.get("unpaired"):
+        mean, std = c["lab_mean"], c["lab_std"]
+        fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+        lines += ["", ("Colour (unpaired: the affine map that moves the source's tissue colour mean and covariance onto "
+                       f"the destination's, in sRGB; {c['tissue_blocks'][0]} and {c['tissue_blocks'][1]} tissue blocks of "
+                       "8x8; in-sample, there are no pairs to hold out):"), "",
+                  "| tissue blocks | CIELAB mean (L*/a*/b*) | CIELAB std |", "|---|---|---|"]
+        lines += [f"| {label} | {fmt(mean[k])} | {fmt(std[k])} |"
+                  for k, label in (("src", "source"), ("dst", "destination"), ("mapped", "mapped source"))]
+        lines += ["", f"CIEDE2000 between the mean colours: before {c['delta_e2000_of_means_before']:.2f}, after "
+                      f"{c['delta_e2000_of_means_after']:.2f}."]
+    elif c:
         lines += ["", ("Colour (cross-validated mean CIEDE2000 of 8x8 block means over tissue; map = input space-output "
-                       "space-degree, cheapest first):"), "",
+                       "space-degree[-loss: l1 = least residual lengths; none = least squares], cheapest first):"), "",
                   "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
         lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
     m = fit.get("mtf")

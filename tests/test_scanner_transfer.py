@@ -161,6 +161,52 @@ def test_colour_space_is_chosen_by_cross_validation_and_old_profiles_still_load(
         ScannerTransfer({**old, "colour": {**old["colour"], "out_space": "hsv"}})
 
 
+def test_l1_colour_fit_resists_outlying_blocks_where_least_squares_does_not():
+    """A known affine sRGB map with a fifth of the rows pushed far off (as misregistered edges or a scanner's artefact
+    would): the ``"l1"`` fit recovers the map and has a lower sum of Euclidean residual lengths than least squares,
+    which the outliers pull away; without outliers the two agree; an unknown loss is refused."""
+    from shiftkit.functional import transfer as T
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.2, 0.8, (4000, 3))
+    a = np.r_[B[None], M.T]  # (4, 3): constant row, then the linear part
+    y = np.c_[np.ones(len(x)), x] @ a + 0.003 * rng.standard_normal((len(x), 3))
+    bad = rng.random(len(x)) < 0.2
+    y_out = y.copy()
+    y_out[bad] -= rng.uniform(0.15, 0.3, (bad.sum(), 3))  # one-sided: darker, as dust or a fold would be
+    y_out = np.clip(y_out, 0, 1)
+    w = np.ones(len(x))
+    l2 = T.fit_colour_map(x, y_out, w, "srgb", 1, ridge=1e-9)
+    l1 = T.fit_colour_map(x, y_out, w, "srgb", 1, ridge=1e-9, loss="l1")
+    feats = np.c_[np.ones(len(x)), x]
+    assert np.abs(l1 - a).max() < 0.01 and np.abs(l2 - a).max() > 0.03
+    cost = lambda coef: np.linalg.norm(feats @ coef - y_out, axis=1).sum()  # noqa: E731
+    assert cost(l1) < cost(l2)
+    clean = T.fit_colour_map(x, y, w, "srgb", 1, ridge=1e-9, loss="l1")
+    assert np.abs(clean - T.fit_colour_map(x, y, w, "srgb", 1, ridge=1e-9)).max() < 2e-3
+    with pytest.raises(InvalidArgumentError, match="loss"):
+        T.fit_colour_map(x, y, w, "srgb", 1, loss="huber")
+
+
+def test_colour_losses_are_cross_validated_when_asked(pairs):
+    """``colour_losses=("l2", "l1")`` cross-validates every candidate under both losses (the l1 ones named ``-l1``);
+    the chosen one is the best and its loss is recorded; the default fits least squares only; bad lists are refused."""
+    src, dst, slides = pairs
+    cands = [("srgb", "srgb", 1), ("srgb", "srgb", 3)]
+    both = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_candidates=cands, colour_losses=("l1", "l2"))
+    cv = both.profile["fit"]["colour"]["cv_delta_e2000"]
+    assert list(cv) == ["srgb-srgb-1", "srgb-srgb-1-l1", "srgb-srgb-3", "srgb-srgb-3-l1"]  # least squares first
+    chosen = both.profile["fit"]["colour"]["chosen"]
+    assert chosen == min(cv, key=cv.get)
+    assert both.profile["colour"]["loss"] == ("l1" if chosen.endswith("-l1") else "l2")
+    only = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_candidates=cands)
+    assert list(only.profile["fit"]["colour"]["cv_delta_e2000"]) == ["srgb-srgb-1", "srgb-srgb-3"]
+    assert only.profile["fit"]["colour"]["cv_delta_e2000"]["srgb-srgb-3"] == pytest.approx(cv["srgb-srgb-3"], abs=1e-9)
+    for bad in ([], ["l3"], "l1"):
+        with pytest.raises(InvalidArgumentError, match="colour_losses"):
+            ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_losses=bad)
+
+
 def test_relative_mtf_is_monotone_from_one_and_keeps_a_monotone_ratio():
     """Towards a blurrier scanner the gain falls from g(0) = 1 and never exceeds 1, even when the measured ratio has a
     low-frequency excess (as the real pairs show after the colour map); towards a sharper one it rises and never
@@ -360,6 +406,17 @@ def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):
     assert np.abs(mean(out) - mean(b_side)).sum() < 0.5 * np.abs(mean(src) - mean(b_side)).sum()
     assert np.asarray(t.profile["mtf"]["gain"])[-8:].max() < 0.7
     assert t.profile["fit"]["mtf"]["max_gain"] == 1.5  # towards a blurrier scanner no cap binds: the smallest
+    # the colour report (in-sample): the destination's tissue colour as skimage gives it, the mapped source's near it
+    c = t.profile["fit"]["colour"]
+    blocks = np.concatenate([cv2.resize(x / 255.0, (28, 28), interpolation=cv2.INTER_AREA).reshape(-1, 3) for x in b_side])
+    lab = rgb2lab(blocks[None])[0]
+    lab = lab[lab[:, 0] < 85]
+    assert c["tissue_blocks"][1] == len(lab)
+    np.testing.assert_allclose(c["lab_mean"]["dst"], lab.mean(0), atol=2e-3)
+    np.testing.assert_allclose(c["lab_std"]["dst"], lab.std(0), atol=2e-3)
+    assert c["delta_e2000_of_means_after"] < 0.25 * c["delta_e2000_of_means_before"]
+    gap = lambda k: np.abs(np.subtract(c["lab_std"][k], c["lab_std"]["dst"])).sum()  # noqa: E731
+    assert gap("mapped") < 0.5 * gap("src")
 
     def lapvar(x):
         return cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var()
@@ -451,6 +508,8 @@ def test_fit_scanner_cli_unpaired_writes_profile_and_report(tmp_path):
     np.testing.assert_allclose(prof["colour"]["weights"], ref.profile["colour"]["weights"], rtol=1e-6)
     report = (tmp_path / "unpaired.report.md").read_text()
     assert f"gain cap {ref.profile['fit']['mtf']['max_gain']:g}" in report and "unpaired" in report
+    after = f"after {ref.profile['fit']['colour']['delta_e2000_of_means_after']:.2f}"
+    assert "| mapped source |" in report and after in report
 
 
 def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
@@ -467,7 +526,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "profile.json"
     res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out), "--parts", "colour,mtf",
-                                   "--mpp", "0.5"])
+                                   "--mpp", "0.5", "--colour-loss", "cv"])
     assert res.exit_code == 1, res.output  # one input could not be read
     assert "missing.png" in res.output and "misregistered" in res.output
     prof = json.loads(out.read_text())
@@ -475,6 +534,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     assert prof["fit"]["icc"] == {"applied": False, "src": ["none"], "dst": ["none"]}  # no embedded profiles here
     report = (tmp_path / "profile.report.md").read_text()
     assert report.count("(chosen)") == 1  # one colour map marked in the table
+    assert "srgb-srgb-3-l1 " in report and prof["colour"]["loss"] in ("l1", "l2")  # --colour-loss cv: both losses
     assert f"Gain cap {prof['fit']['mtf']['max_gain']:g} (chosen by cross-validation" in report
     m = prof["fit"]["mtf"]  # the MTF's effect on colour, cross-validated, in the report: a blur barely moves block means
     assert abs(m["delta_e2000_after_cv"] - m["delta_e2000_before"]) < 0.5 and "before the MTF" in report

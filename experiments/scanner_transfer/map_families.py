@@ -10,7 +10,11 @@ input space (sRGB, optical density, CIELAB) x output space (where the squares ar
 with hindsight: the best row is an optimistic bound for a map chosen without seeing the test slide. A second table
 normalizes every slide's source stains (pooled per slide, Reinhard / Macenko / Vahadane, target: the training
 slides' source images) before the map, which would remove slide-to-slide stain variation if it were scanner
-specific. Writes results/map_families.md and .json. Research only: nothing here ships.
+specific. Two more probes beyond per-pixel least squares: the same maps fitted with the "l1" loss of
+shiftkit.functional.transfer.fit_colour_map (least Euclidean residual lengths, 5 reweighted steps), and maps that also
+see the pixel's surroundings (Gaussian-blurred sRGB at sigma 8 and/or 64 px as extra linear terms: a scanner's
+veiling glare or local exposure would show there). Writes results/map_families.md and .json. Research only: nothing
+here ships.
 """
 import itertools
 import json
@@ -58,18 +62,38 @@ def features(v, degree, cross):
     return np.stack(cols, 1)
 
 
-def fit(s, d, w, fam, ridge=1e-3):
+def fit(s, d, w, fam, ridge=1e-3, loss="l2", ctx=None):
+    """``ctx``: extra feature columns per row (the surroundings), appended to the polynomial's."""
     space, out, degree, cross = fam
     x, y = features(to_space(s, space), degree, cross), to_space(d, out)
-    xw = x * w[:, None]
-    reg = ridge * w.sum() * np.eye(x.shape[1])
-    reg[0, 0] = 0
-    return np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+    x = x if ctx is None else np.concatenate([x, ctx], 1)
+    ww = w
+    for _ in range(1 + (5 if loss == "l1" else 0)):  # as shiftkit.functional.transfer.fit_colour_map(loss="l1")
+        xw = x * ww[:, None]
+        reg = ridge * ww.sum() * np.eye(x.shape[1])
+        reg[0, 0] = 0
+        coef = np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+        ww = w / np.maximum(np.linalg.norm(x @ coef - y, axis=1), 0.01)
+    return coef
 
 
-def apply(img, coef, fam):
+def surroundings(img, sigmas, blocks=False):
+    """Gaussian-blurred sRGB of ``img`` at each sigma (px, reflected border), per pixel or per 8x8 block."""
+    x = np.ascontiguousarray(img, dtype=np.float64) / 255
+    out = []
+    for sig in sigmas:
+        c = cv2.GaussianBlur(x, (0, 0), sig, borderType=cv2.BORDER_REFLECT)
+        if blocks:
+            c = cv2.resize(c, (img.shape[1] // 8, img.shape[0] // 8), interpolation=cv2.INTER_AREA)
+        out.append(c.reshape(-1, 3))
+    return np.concatenate(out, 1)
+
+
+def apply(img, coef, fam, sigmas=()):
     space, out, degree, cross = fam
-    y = from_space(features(to_space(img.reshape(-1, 3) / 255.0, space), degree, cross) @ coef, out)
+    x = features(to_space(img.reshape(-1, 3) / 255.0, space), degree, cross)
+    x = np.concatenate([x, surroundings(img, sigmas)], 1) if sigmas else x
+    y = from_space(x @ coef, out)
     return (y * 255).round().astype(np.uint8).reshape(img.shape)
 
 
@@ -110,6 +134,17 @@ def main():
                     name = name if norm == "none" else f"{name}, source stains normalized per slide ({norm})"
                     res.setdefault(name, []).extend(scorer.tissue_delta_e(apply(x, coef, fam), y)
                                                     for x, y in zip(srcn[te], dst[te]))
+                    if norm == "none" and fam in keep + [("srgb", "srgb", 3, True), ("od", "lab", 3, True)]:
+                        coef = fit(sb, db, wb, fam, loss="l1")
+                        res.setdefault(f"{name}, l1 loss", []).extend(scorer.tissue_delta_e(apply(x, coef, fam), y)
+                                                                      for x, y in zip(src[te], dst[te]))
+            sb, db, wb = training_blocks(src[tr], dst[tr])
+            for sigmas in ((8,), (64,), (8, 64)):
+                fam = ("srgb", "srgb", 3, True)
+                ctx = np.concatenate([surroundings(x, sigmas, blocks=True) for x in src[tr]])
+                coef = fit(sb, db, wb, fam, ctx=ctx)
+                res.setdefault(f"srgb->srgb degree 3 cross + surroundings (sigma {'/'.join(map(str, sigmas))} px)",
+                               []).extend(scorer.tissue_delta_e(apply(x, coef, fam, sigmas), y) for x, y in zip(src[te], dst[te]))
             print(f"{direction} slide {s} done", flush=True)
         base = np.array(res["affine 3x4 sRGB on all pixels (baseline)"])
         out[direction] = {k: {"mean": float(np.mean(v)), "diff_vs_baseline": float(np.mean(np.array(v) - base)),

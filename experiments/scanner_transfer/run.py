@@ -122,6 +122,11 @@ def run_direction(direction, folder, scorer, rows, timings, failures):
         outs["ScannerTransfer (paired)"] = st.augment(src[te])
         outs["ScannerTransfer (paired, colour only)"] = ScannerTransfer(
             {**st.profile, "parts": ["colour"]}, seed=0).augment(src[te])
+        # the colour fit's loss: least absolute residual lengths alone, and both losses cross-validated
+        for label, losses in (("L1 colour fit", ("l1",)), ("colour loss by CV", ("l2", "l1"))):
+            alt = ScannerTransfer.fit(src[tr], dst[tr], slides=list(slides[tr]), mpp=0.25, parts=("colour", "mtf", "noise"),
+                                      colour_losses=losses)
+            outs[f"ScannerTransfer (paired, {label})"] = alt.augment(src[te])
         un = ScannerTransfer.fit_unpaired(list(src[tr]), list(dst[tr]), mpp=0.25)
         outs["ScannerTransfer (unpaired)"] = un.augment(src[te])
         outs["per-pair affine (floor)"] = np.stack([affine_apply(x, affine_fit(x[None], y[None])) for x, y in zip(src[te], dst[te])])

@@ -5,7 +5,8 @@ Parts, in the order they are fitted and applied:
 - **colour**: a separable polynomial map ``y = W^T φ(x)`` with ``φ(x) = [1, x_1, x_2, x_3, x_1², …, x_3^d]``
   (degree 1 is the full 3×4 affine map; degree 2–3 add a per-channel tone curve). The input ``x`` and the output
   ``y`` are each in sRGB, optical density or CIELAB (``space`` and ``out_space``); the map is fitted by
-  tissue-weighted ridge least squares in the output space on 8×8 block means;
+  tissue-weighted ridge regression in the output space on 8×8 block means, least squares or least Euclidean
+  residual lengths (``loss``);
 - **mtf**: a relative modulation transfer function ``g(f) = sqrt(P_dst(f) / P_src(f))`` from the radially averaged
   power spectra of the pairs (Hann-windowed grayscale), applied as a radial FFT filter;
 - **noise**: additive Gaussian noise whose σ is the extra noise of the destination (Immerkær's estimate);
@@ -34,6 +35,10 @@ SPACES = ("srgb", "od", "lab")
 #: Radial frequency bins of the MTF, over [0, 0.5] cycles per pixel.
 MTF_BINS = 32
 LOW_BAND = (1.0 / 16.0, 1.0 / 8.0)  # cycles/px: where relative_mtf goes from 1 to the fitted gain
+#: Losses of the colour fit: least squares, or the sum of Euclidean residual lengths (see :func:`fit_colour_map`).
+LOSSES = ("l2", "l1")
+#: Reweighted least-squares steps of the ``"l1"`` colour fit (on the MITOS dev pairs 5 and 10 differ by < 0.05 ΔE).
+L1_ITERATIONS = 5
 
 
 # ----------------------------------------------------------------------------------------------- colour
@@ -70,8 +75,8 @@ def colour_features(x: torch.Tensor, space: str, degree: int) -> torch.Tensor:
 
 
 def fit_colour_map(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, space: str, degree: int,
-                   ridge: float = 1e-3, out_space: str | None = None) -> np.ndarray:
-    """Tissue-weighted ridge least squares for the colour map.
+                   ridge: float = 1e-3, out_space: str | None = None, loss: str = "l2") -> np.ndarray:
+    """Tissue-weighted ridge regression for the colour map.
 
     Args:
         src: ``(N, 3)`` source colours in ``[0, 1]``.
@@ -80,22 +85,32 @@ def fit_colour_map(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, space: 
         space: the input's space, one of :data:`SPACES`.
         degree: polynomial degree per channel (1 = affine).
         ridge: ridge penalty on the non-constant coefficients, relative to the weighted count.
-        out_space: the output's space, where the squared error is minimised (default: ``space``).
+        out_space: the output's space, where the error is measured (default: ``space``).
+        loss: ``"l2"``, least squares; or ``"l1"``, the weighted sum of the residuals' Euclidean lengths in the output
+            space (in CIELAB: the mean ΔE76, closer to a mean-CIEDE2000 judge than squares, which chase the few
+            worst blocks), by :data:`L1_ITERATIONS` reweighted least-squares steps from the least-squares fit, each
+            weighting a row by ``1 / max(|r|, 0.01)`` (0.01 output units: 1 ΔE in CIELAB / 100, 2.55 levels in sRGB).
 
     Returns:
         ``W`` ``(1 + 3·degree, 3)``.
     """
+    if loss not in LOSSES:
+        raise InvalidArgumentError(f"`loss` is invalid: expected one of {LOSSES}, got {loss!r}")
     x = colour_features(torch.from_numpy(np.asarray(src, np.float64)), space, degree).numpy()
     out_space = space if out_space is None else out_space
     _check_space(out_space, "out_space")
     y = _to_space(torch.from_numpy(np.asarray(dst, np.float64)), out_space).numpy()
-    w = np.asarray(weight, np.float64)
-    if w.sum() <= 0:
+    w0 = np.asarray(weight, np.float64)
+    if w0.sum() <= 0:
         raise InvalidArgumentError("`weight` is all zero: expected tissue in at least one pair, got none")
-    xw = x * w[:, None]
-    reg = ridge * w.sum() * np.eye(x.shape[1])
-    reg[0, 0] = 0.0
-    return np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+    w = w0
+    for _ in range(1 + (L1_ITERATIONS if loss == "l1" else 0)):
+        xw = x * w[:, None]
+        reg = ridge * w.sum() * np.eye(x.shape[1])
+        reg[0, 0] = 0.0
+        coef = np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+        w = w0 / np.maximum(np.linalg.norm(x @ coef - y, axis=1), 0.01)
+    return coef
 
 
 def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, degree: int,
@@ -276,5 +291,5 @@ def blockiness(image: np.ndarray) -> float:
     return float((bx + by) / 2 / max(inside, 1e-9))
 
 
-__all__ = ["SPACES", "MTF_BINS", "colour_features", "fit_colour_map", "apply_colour_map", "pair_offset", "block_means",
+__all__ = ["SPACES", "LOSSES", "MTF_BINS", "colour_features", "fit_colour_map", "apply_colour_map", "pair_offset", "block_means",
            "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "noise_sigma", "add_noise", "blockiness"]

@@ -219,16 +219,16 @@ class ScannerTransfer(ShiftkitAugmentation):
             name: str = "", held_out: bool = False, source: str = "", ridge: float = 1e-3,
             jpeg_quality: Optional[float] = None, align: bool = False,
             colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, mtf_max_gain: Optional[float] = None,
-            **kwargs: Any) -> "ScannerTransfer":
+            colour_losses: Sequence[str] = ("l2",), **kwargs: Any) -> "ScannerTransfer":
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
         Each pair's offset is measured by phase correlation; pairs further apart than ``max_shift_px``, with a
         correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
-        :data:`COLOUR_CANDIDATES`) is chosen by cross-validation over ``slides`` (leave one slide out; else 5 folds
-        over pairs), on the mean CIEDE2000 of 8×8 block means over tissue; a map whose cross-validated residual is
-        not below identity's is an error.
+        :data:`COLOUR_CANDIDATES`) and the loss it is fitted with (``colour_losses``) are chosen by cross-validation
+        over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of 8×8 block means over
+        tissue; a map whose cross-validated residual is not below identity's is an error.
 
         Args:
             src_images: images of scanner A (a batch, or a sequence of images of any sizes).
@@ -245,6 +245,15 @@ class ScannerTransfer(ShiftkitAugmentation):
             colour_candidates: the ``(input space, output space, degree)`` maps to cross-validate, cheapest first
                 (default :data:`COLOUR_CANDIDATES`). Leave out CIELAB (``"lab"``) for the fastest application: a
                 CIELAB conversion costs about as much as a degree-3 map in sRGB (figures in docs/benchmarks.md).
+            colour_losses: the losses each candidate is fitted with and cross-validated under, of
+                :data:`shiftkit.functional.transfer.LOSSES`: ``"l2"`` (least squares, the default) and ``"l1"``
+                (least Euclidean residual lengths, robust to blocks that misregistration or an artefact leaves far
+                off; see :func:`shiftkit.functional.transfer.fit_colour_map`); both: chosen by cross-validation,
+                equal scores to ``"l2"``. On the MITOS dev pairs (leave one slide out, CIEDE2000 against the affine
+                baseline) ``"l1"`` helped Hamamatsu -> Aperio (-0.92 against -0.70) and hurt Aperio -> Hamamatsu
+                (-0.24 against -0.43), and cross-validating both on two training slides did worse than either in one
+                direction (-0.62, -0.39): few slides cannot tell the losses apart, so least squares stays the
+                default (docs/real_scanner_shift.md).
             mtf_max_gain: cap on the relative MTF's gain (at least 1). By default it is chosen by cross-validation
                 among :data:`MTF_MAX_GAINS`: the cap whose held-out outputs come closest to the twins' sharpness
                 (geometric mean of Laplacian-variance ratios). A higher cap sharpens more, and amplifies noise more,
@@ -266,6 +275,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         """
         parts = _check_parts(parts)
         colour_candidates = _check_candidates(colour_candidates)
+        colour_losses = _check_losses(colour_losses)
         _check_max_gain(mtf_max_gain)
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
@@ -292,7 +302,7 @@ class ScannerTransfer(ShiftkitAugmentation):
             else:
                 s_col, d_col = s_used, d_used
             profile["colour"], profile["fit"]["colour"] = _fit_colour(list(s_col), list(d_col), groups, ridge,
-                                                                      colour_candidates)
+                                                                      colour_candidates, colour_losses)
             profile["fit"]["colour"]["aligned"] = bool(align)
             profile["parts"].append("colour")
         if "mtf" in parts:
@@ -366,6 +376,7 @@ class ScannerTransfer(ShiftkitAugmentation):
                 raise ScannerTransferError("too little tissue: expected tissue blocks (L* < 85) in both sets, got "
                                            f"{int(ta.sum())} and {int(tb.sum())}")
             profile["colour"] = _gaussian_map(a[ta], b[tb])
+            profile["fit"]["colour"] = _unpaired_colour_report(a[ta], b[tb], profile["colour"])
             profile["parts"].append("colour")
         if "mtf" in parts:
             ps = np.mean([T.radial_power(x) for x in src], axis=0)
@@ -410,6 +421,13 @@ def _check_candidates(candidates: Any) -> Tuple[Tuple[str, str, int], ...]:
         raise InvalidArgumentError(f"`colour_candidates` is invalid: expected (space, out_space, degree) triples with "
                                    f"spaces in {T.SPACES} and degree 1-5, got {candidates!r}")
     return out
+
+
+def _check_losses(losses: Any) -> Tuple[str, ...]:
+    out = tuple(losses) if isinstance(losses, (list, tuple)) else ()
+    if not out or any(v not in T.LOSSES for v in out):
+        raise InvalidArgumentError(f"`colour_losses` is invalid: expected a non-empty subset of {T.LOSSES}, got {losses!r}")
+    return tuple(v for v in T.LOSSES if v in out)  # least squares first: equal scores go to it
 
 
 def _check_parts(parts: Sequence[str]) -> Tuple[str, ...]:
@@ -480,7 +498,11 @@ def _aligned(a: np.ndarray, b: np.ndarray, offset) -> Tuple[np.ndarray, np.ndarr
     return a[y0:y1, x0:x1], b[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
 
 
-def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
+def _candidate_name(space: str, out_space: str, degree: int, loss: str) -> str:
+    return f"{space}-{out_space}-{degree}" + ("" if loss == "l2" else f"-{loss}")
+
+
+def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=T.LOSSES):
     sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
     tis = [_lab(d)[..., 0] < 85 for d in db]
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
@@ -490,17 +512,18 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
     identity = []
     for tr, te in folds:
         identity += [_delta_e(sb[i], db[i], tis[i]) for i in te]
-    for space, out_space, degree in candidates:
+    fits = [(space, out_space, degree, loss) for space, out_space, degree in candidates for loss in losses]
+    for space, out_space, degree, loss in fits:
         res = []
         for tr, te in folds:
             if wflat(tr).sum() <= 0:
                 continue
-            w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge, out_space)
+            w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge, out_space, loss)
             for i in te:
                 pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
                                           degree, torch.ones(1), out_space)[0].permute(1, 2, 0).numpy()
                 res.append(_delta_e(pred, db[i], tis[i]))
-        scores[f"{space}-{out_space}-{degree}"] = float(np.nanmean(res)) if res else float("nan")
+        scores[_candidate_name(space, out_space, degree, loss)] = float(np.nanmean(res)) if res else float("nan")
     before = float(np.nanmean(identity)) if identity else float("nan")
     valid = {k: v for k, v in scores.items() if math.isfinite(v)}
     if valid:
@@ -509,15 +532,14 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES):
             raise ScannerTransferError(f"the colour fit is no better than identity: expected a cross-validated CIEDE2000 "
                                        f"below identity's {before:.2f}, got {valid[best]:.2f} (are the pairs the same fields, "
                                        "on two different scanners?)")
-    else:  # too few pairs to cross-validate: the first candidate (by default the affine sRGB map)
-        best = "-".join(map(str, candidates[0]))
-    space, out_space, degree = best.split("-")
-    degree = int(degree)
+    else:  # too few pairs to cross-validate: the first candidate (by default the affine sRGB map, least squares)
+        best = _candidate_name(*fits[0])
+    space, out_space, degree, loss = dict((_candidate_name(*f), f) for f in fits)[best]
     allidx = list(range(len(src)))
-    w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge, out_space)
+    w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge, out_space, loss)
     report = {"cv_folds": len(folds), "cv_delta_e2000": scores, "identity_delta_e2000": before, "chosen": best,
               "cv_delta_e2000_after": valid.get(best) if valid else None}
-    return {"space": space, "out_space": out_space, "degree": degree, "weights": w.tolist()}, report
+    return {"space": space, "out_space": out_space, "degree": degree, "loss": loss, "weights": w.tolist()}, report
 
 
 def _check_max_gain(value: Any) -> None:
@@ -593,6 +615,22 @@ def _fit_noise(src, dst):
     diffs = [T.noise_sigma(b) - T.noise_sigma(a) for a, b in zip(src, dst)]
     sigma = float(np.median(diffs))
     return (sigma if sigma > 1e-3 else 0.0), {"sigma_extra_median": sigma, "fitted": sigma > 1e-3}
+
+
+def _unpaired_colour_report(a: np.ndarray, b: np.ndarray, colour: dict) -> dict:
+    """What an unpaired colour map achieves on the sets it was fitted on (in-sample; no pairs to hold out): the tissue
+    blocks' CIELAB mean and standard deviation of the source, the destination and the mapped source, and the
+    CIEDE2000 between the mean colours before and after the map."""
+    from skimage.color import deltaE_ciede2000
+
+    w = np.asarray(colour["weights"], np.float64)
+    mapped = np.clip(np.c_[np.ones(len(a)), a] @ w, 0, 1)
+    la, lb, lm = (_lab(v[None])[0] for v in (a, b, mapped))
+    de = lambda u, v: float(deltaE_ciede2000(u.mean(0), v.mean(0)))  # noqa: E731
+    return {"unpaired": True, "tissue_blocks": [int(len(a)), int(len(b))],
+            "lab_mean": {k: v.mean(0).round(3).tolist() for k, v in (("src", la), ("dst", lb), ("mapped", lm))},
+            "lab_std": {k: v.std(0).round(3).tolist() for k, v in (("src", la), ("dst", lb), ("mapped", lm))},
+            "delta_e2000_of_means_before": de(la, lb), "delta_e2000_of_means_after": de(lm, lb)}
 
 
 def _gaussian_map(a: np.ndarray, b: np.ndarray) -> dict:
