@@ -125,15 +125,17 @@ def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, de
     _check_space(space)
     _check_space(out_space, "out_space")
     dt = torch.float64 if images.dtype == torch.float64 else torch.float32
-    v = _to_space(images.to(dt), space)
+    b, _, h, wd = images.shape
+    planes = torch.empty(b, 3 * degree, h * wd, dtype=dt, device=images.device)
+    if space == "od":  # straight into the first planes: no separate tensor to copy there
+        torch.clamp_min(images.to(dt).reshape(b, 3, -1), 1.0 / 255.0, out=planes[:, :3]).log_().neg_()
+    else:
+        planes[:, :3] = _to_space(images.to(dt), space).reshape(b, 3, -1)
     w = weights.detach().to("cpu", torch.float64)
     if out_space == "lab":  # fold L*a*b* = 100·y into the companded values f = A⁻¹(L*a*b* − c): one product fewer
         a_inv, c = lab_inverse_affine(w)
         w = torch.cat([((100.0 * w[0] - c) @ a_inv.t())[None], 100.0 * w[1:] @ a_inv.t()])
     w = w.to(device=images.device, dtype=dt)
-    b, _, h, wd = v.shape
-    planes = torch.empty(b, 3 * degree, h * wd, dtype=dt, device=v.device)
-    planes[:, :3] = v.reshape(b, 3, -1)
     for d in range(1, degree):
         torch.mul(planes[:, 3 * (d - 1):3 * d], planes[:, :3], out=planes[:, 3 * d:3 * (d + 1)])
     y = torch.matmul(w[1:].t(), planes).add_(w[0].view(1, 3, 1))  # (3, 3·d) @ (B, 3·d, HW)
