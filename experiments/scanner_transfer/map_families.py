@@ -27,6 +27,7 @@ import numpy as np
 from skimage.color import lab2rgb, rgb2lab
 
 from shiftkit import StainNormalizer
+from shiftkit.functional.transfer import weighted_ridge
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -67,14 +68,7 @@ def fit(s, d, w, fam, ridge=1e-3, loss="l2", ctx=None):
     space, out, degree, cross = fam
     x, y = features(to_space(s, space), degree, cross), to_space(d, out)
     x = x if ctx is None else np.concatenate([x, ctx], 1)
-    ww = w
-    for _ in range(1 + (5 if loss == "l1" else 0)):  # as shiftkit.functional.transfer.fit_colour_map(loss="l1")
-        xw = x * ww[:, None]
-        reg = ridge * ww.sum() * np.eye(x.shape[1])
-        reg[0, 0] = 0
-        coef = np.linalg.solve(x.T @ xw + reg, xw.T @ y)
-        ww = w / np.maximum(np.linalg.norm(x @ coef - y, axis=1), 0.01)
-    return coef
+    return weighted_ridge(x, y, w, ridge, loss)  # the regression of ScannerTransfer's colour fit
 
 
 def surroundings(img, sigmas, blocks=False):
@@ -128,6 +122,8 @@ def main():
                     for k in SLIDES:
                         srcn[slides == k] = n.normalize(src[slides == k], source="pooled")
                 sb, db, wb = training_blocks(srcn[tr], dst[tr])
+                if norm == "none":
+                    plain = sb, db, wb
                 for fam in fams if norm == "none" else keep:
                     coef = fit(sb, db, wb, fam)
                     name = f"{fam[0]}->{fam[1]} degree {fam[2]}{' cross' if fam[3] else ''}"
@@ -138,7 +134,7 @@ def main():
                         coef = fit(sb, db, wb, fam, loss="l1")
                         res.setdefault(f"{name}, l1 loss", []).extend(scorer.tissue_delta_e(apply(x, coef, fam), y)
                                                                       for x, y in zip(src[te], dst[te]))
-            sb, db, wb = training_blocks(src[tr], dst[tr])
+            sb, db, wb = plain
             for sigmas in ((8,), (64,), (8, 64)):
                 fam = ("srgb", "srgb", 3, True)
                 ctx = np.concatenate([surroundings(x, sigmas, blocks=True) for x in src[tr]])

@@ -100,16 +100,26 @@ def fit_colour_map(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, space: 
     out_space = space if out_space is None else out_space
     _check_space(out_space, "out_space")
     y = _to_space(torch.from_numpy(np.asarray(dst, np.float64)), out_space).numpy()
-    w0 = np.asarray(weight, np.float64)
-    if w0.sum() <= 0:
+    w = np.asarray(weight, np.float64)
+    if w.sum() <= 0:
         raise InvalidArgumentError("`weight` is all zero: expected tissue in at least one pair, got none")
-    w = w0
-    for _ in range(1 + (L1_ITERATIONS if loss == "l1" else 0)):
+    return weighted_ridge(x, y, w, ridge, loss)
+
+
+def weighted_ridge(x: np.ndarray, y: np.ndarray, weight: np.ndarray, ridge: float, loss: str = "l2") -> np.ndarray:
+    """The regression behind :func:`fit_colour_map` on any feature matrix ``x`` ``(N, K)`` whose first column is the
+    constant (not penalised): ``(K, M)`` coefficients for targets ``y`` ``(N, M)``. ``"l2"``: weighted ridge least
+    squares; ``"l1"``: then :data:`L1_ITERATIONS` reweighted steps, each weighting a row by ``weight / max(|r|, 0.01)``
+    with ``|r|`` the Euclidean length of its residual."""
+    def solve(w):
         xw = x * w[:, None]
         reg = ridge * w.sum() * np.eye(x.shape[1])
         reg[0, 0] = 0.0
-        coef = np.linalg.solve(x.T @ xw + reg, xw.T @ y)
-        w = w0 / np.maximum(np.linalg.norm(x @ coef - y, axis=1), 0.01)
+        return np.linalg.solve(x.T @ xw + reg, xw.T @ y)
+
+    coef = solve(weight)
+    for _ in range(L1_ITERATIONS if loss == "l1" else 0):
+        coef = solve(weight / np.maximum(np.linalg.norm(x @ coef - y, axis=1), 0.01))
     return coef
 
 
@@ -293,5 +303,5 @@ def blockiness(image: np.ndarray) -> float:
     return float((bx + by) / 2 / max(inside, 1e-9))
 
 
-__all__ = ["SPACES", "LOSSES", "MTF_BINS", "colour_features", "fit_colour_map", "apply_colour_map", "pair_offset", "block_means",
+__all__ = ["SPACES", "LOSSES", "MTF_BINS", "colour_features", "fit_colour_map", "weighted_ridge", "apply_colour_map", "pair_offset", "block_means",
            "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "noise_sigma", "add_noise", "blockiness"]

@@ -502,7 +502,7 @@ def _candidate_name(space: str, out_space: str, degree: int, loss: str) -> str:
     return f"{space}-{out_space}-{degree}" + ("" if loss == "l2" else f"-{loss}")
 
 
-def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=T.LOSSES):
+def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("l2",)):
     sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
     tis = [_lab(d)[..., 0] < 85 for d in db]
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
