@@ -379,6 +379,28 @@ def test_strength_interpolates_from_identity_and_replays(pairs):
     assert a.shape == x.shape and a.dtype == x.dtype and 0 <= float(a.min()) and float(a.max()) <= 1
 
 
+@pytest.mark.parametrize("parts", [("colour", "mtf"), ("colour", "mtf", "noise"), ("mtf",)])
+def test_a_chunked_batch_equals_each_tile_on_its_own(pairs, parts):
+    """On CPU a batch runs in chunks of 8 tiles of 224², the MTF writing straight into the output when it is the
+    last part: each tile comes out bit for bit as it does alone, with its own strength and noise seed."""
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=parts, mpp=0.5, strength_range=(0.3, 1.0), seed=2)
+    tiles = np.concatenate([src, src[:2]])[:10]  # 10 tiles: a chunk of 8 and a ragged one of 2
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    p = t.draw_parameters(x.shape)
+    p["strength"][:5] = 1.0  # full strength (the shortcut) and mixed strengths in one batch
+    whole = t(x, params=p)
+    for i in range(10):
+        one = {k: (v[i : i + 1] if v.ndim and v.shape[0] == 10 else v) for k, v in p.items()}
+        assert torch.equal(t(x[i : i + 1], params=one), whole[i : i + 1]), i
+    from shiftkit.functional import transfer as T
+
+    gain = torch.as_tensor(t.profile["mtf"]["gain"], dtype=torch.float32)
+    out = torch.full_like(x[:3], float("nan"))
+    direct = T.mtf_filter(x[:3], gain, torch.tensor([1.0, 0.5, 0.2]), out=out)
+    assert direct is out and torch.equal(out, T.mtf_filter(x[:3], gain, torch.tensor([1.0, 0.5, 0.2])))
+
+
 def test_profiles_round_trip_as_json_and_rescale_with_mpp(pairs, tmp_path):
     src, dst, slides = pairs
     t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5)

@@ -197,7 +197,13 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         for i in range(0, b, step):
             xi = x[i : i + step].contiguous()  # e.g. a channels-last input: kernels flatten the pixels
-            out[i : i + step] = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b)), xi)
+            oi = out[i : i + step]
+            if self._accepts_out:  # the transform may write its result straight into the output (no copy)
+                y = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b), out=oi), xi)
+                if y.data_ptr() != oi.data_ptr():
+                    oi.copy_(y)
+            else:
+                oi.copy_(_guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b)), xi))
         return out
 
     def augment(self, images: Any, params: Optional[Dict[str, torch.Tensor]] = None) -> Any:
@@ -241,6 +247,10 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
     #: Subclasses whose ``apply_batch`` takes ``uint8=`` (the same tiles as 8-bit data, for lookup tables)
     #: set this; :meth:`augment` then passes it for uint8 inputs.
     _accepts_uint8 = False
+    #: Subclasses whose ``apply_batch`` takes ``out=`` (a contiguous tensor of ``x``'s shape and dtype that the
+    #: result may be written into; the returned tensor is used either way) set this; :meth:`forward` then passes
+    #: each CPU chunk's slice of the output, saving one copy of the batch.
+    _accepts_out = False
 
     def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the drawn ``params`` to a float batch ``x``: call a ``shiftkit.functional`` kernel."""

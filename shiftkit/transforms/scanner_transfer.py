@@ -197,14 +197,19 @@ class ScannerTransfer(ShiftkitAugmentation):
         seeds = torch.randint(0, 2 ** 31 - 1, (1 if self.same_on_batch else batch,), generator=self.generator)
         return {"strength": strength, "seed": seeds.expand(batch).clone()}
 
-    def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    _accepts_out = True
+
+    def apply_batch(self, x: torch.Tensor, params: Dict[str, torch.Tensor],
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = params["strength"]
         y = x
+        last = self.parts[-1] if self.parts else None
         if self._weights is not None:  # in the order of the fit: the MTF was measured on colour-mapped sources
             c = self.profile["colour"]
             y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c))
         if self._gain is not None:
-            y = T.mtf_filter(y, self._gain, s)
+            direct = out is not None and last == "mtf" and out.dtype == torch.float32
+            y = T.mtf_filter(y, self._gain, s, out=out if direct else None)
         if "noise" in self.profile["parts"]:
             y = T.add_noise(y, float(self.profile["noise"]["sigma"]), s, params["seed"])
         if "jpeg" in self.profile["parts"]:
