@@ -48,13 +48,29 @@ FAMILIES = {"affine 3x4 sRGB": None, "sRGB -> sRGB degree 3": (("srgb", "srgb", 
 REGIMES = ("leave one slide out", "all slides, in sample", "the slide itself", "the slide's other fields", "per pair")
 
 
-def fit_apply(fam, src_fit, dst_fit, src_apply):
+TRANSFER = "ScannerTransfer.fit, colour (CV over the fields)"  # the product itself, in the per-field regime only
+
+
+def fit_apply(fam, src_fit, dst_fit, src_apply, groups=None):
+    if fam == TRANSFER:
+        st = ScannerTransfer.fit(src_fit, dst_fit, slides=list(groups), mpp=0.25, parts=("colour",), seed=0)
+        return list(st.augment(src_apply))
     if fam is None:
         w = run.affine_fit(src_fit, dst_fit)
         return [run.affine_apply(x, w) for x in src_apply]
     fam, loss = fam
     coef = mf.fit(*mf.training_blocks(src_fit, dst_fit), fam, loss=loss)
     return [mf.apply(x, coef, fam) for x in src_apply]
+
+
+def by_field(fam, src, dst, te, fields, scorer):
+    """Each crop of the slide ``te``, scored by the map fitted on that slide's other fields."""
+    held = np.zeros(int(te.sum()))
+    for f in sorted(set(fields[te])):
+        fit_on, test_on = te & (fields != f), fields == f
+        outs = fit_apply(fam, src[fit_on], dst[fit_on], src[test_on], fields[fit_on])
+        held[test_on[te]] = [scorer.tissue_delta_e(o, y) for o, y in zip(outs, dst[test_on])]
+    return held.tolist()
 
 
 def main():
@@ -75,24 +91,10 @@ def main():
                     outs = fit_apply(fam, a, b, src[te])
                     scores.setdefault((name, regime), []).extend(
                         scorer.tissue_delta_e(o, y) for o, y in zip(outs, dst[te]))
-                held = np.zeros(int(te.sum()))  # each crop scored once, by the map of its slide's other fields
-                for f in sorted(set(fields[te])):
-                    fit_on, test_on = te & (fields != f), fields == f
-                    outs = fit_apply(fam, src[fit_on], dst[fit_on], src[test_on])
-                    held[np.where(test_on[te])[0]] = [scorer.tissue_delta_e(o, y) for o, y in zip(outs, dst[test_on])]
-                scores.setdefault((name, "the slide's other fields"), []).extend(held.tolist())
-                if name == "affine 3x4 sRGB":  # the product itself, fitted per slide on the other fields
-                    held = np.zeros(int(te.sum()))
-                    for f in sorted(set(fields[te])):
-                        fit_on, test_on = te & (fields != f), fields == f
-                        st = ScannerTransfer.fit(src[fit_on], dst[fit_on], slides=list(fields[fit_on]), mpp=0.25,
-                                                 parts=("colour",), seed=0)
-                        held[np.where(test_on[te])[0]] = [scorer.tissue_delta_e(o, y)
-                                                          for o, y in zip(st.augment(src[test_on]), dst[test_on])]
-                    scores.setdefault(("ScannerTransfer.fit, colour (CV over the fields)", "the slide's other fields"),
-                                      []).extend(held.tolist())
+                scores.setdefault((name, "the slide's other fields"), []).extend(by_field(fam, src, dst, te, fields, scorer))
                 scores.setdefault((name, "per pair"), []).extend(
                     scorer.tissue_delta_e(fit_apply(fam, x[None], y[None], [x])[0], y) for x, y in zip(src[te], dst[te]))
+            scores.setdefault((TRANSFER, "the slide's other fields"), []).extend(by_field(TRANSFER, src, dst, te, fields, scorer))
             print(f"{direction} slide {s} done", flush=True)
         base = scores[("affine 3x4 sRGB", "leave one slide out")]
         out[direction] = [{"family": n, "regime": r, "mean": float(np.mean(v)),

@@ -237,28 +237,34 @@ def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray
     return np.clip(out, 0.0, max_gain)
 
 
+def _radial_grid(gain: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The radial gain ``(K,)`` on the one-sided FFT grid of ``h × w`` (``(h, w // 2 + 1)``), on ``gain``'s device."""
+    g = gain.detach().float()
+    fy = torch.fft.fftfreq(h, device=g.device)[:, None]
+    fx = torch.fft.rfftfreq(w, device=g.device)[None, :]
+    r = torch.sqrt(fx ** 2 + fy ** 2).clamp(max=0.5)
+    k = g.shape[0]
+    pos = (r / 0.5 * k - 0.5).clamp(0, k - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=k - 1)
+    t = pos - lo.float()
+    return (g[lo] * (1 - t) + g[hi] * t).clamp_min(1e-6)
+
+
 _GRIDS: dict = {}
 
 
 def _gain_grid(gain: torch.Tensor, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """The radial gain on the one-sided FFT grid of ``h × w`` (``(h, w // 2 + 1)``), cached by the gain's values
-    (it was rebuilt for every CPU chunk: about 0.3 ms of small operations each)."""
-    g = gain.detach().to("cpu", torch.float32).contiguous()
-    key = (g.numpy().tobytes(), h, w, str(device))
+    """:func:`_radial_grid` on ``device``; for a gain held on the CPU, cached by its values (it was rebuilt for every
+    CPU chunk: about 0.3 ms of small operations each). A gain on another device is not read back to the host."""
+    if gain.device.type != "cpu":
+        return _radial_grid(gain, h, w).to(device)
+    key = (gain.detach().float().contiguous().numpy().tobytes(), h, w, str(device))
     grid = _GRIDS.get(key)
     if grid is None:
-        fy = torch.fft.fftfreq(h)[:, None]
-        fx = torch.fft.rfftfreq(w)[None, :]
-        r = torch.sqrt(fx ** 2 + fy ** 2).clamp(max=0.5)
-        k = g.shape[0]
-        pos = (r / 0.5 * k - 0.5).clamp(0, k - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=k - 1)
-        t = pos - lo.float()
-        grid = (g[lo] * (1 - t) + g[hi] * t).clamp_min(1e-6).to(device)
         if len(_GRIDS) >= 32:
             _GRIDS.clear()
-        _GRIDS[key] = grid
+        grid = _GRIDS[key] = _radial_grid(gain, h, w).to(device)
     return grid
 
 

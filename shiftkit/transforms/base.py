@@ -198,12 +198,10 @@ class ShiftkitAugmentation(IntensityAugmentationBase2D):
         for i in range(0, b, step):
             xi = x[i : i + step].contiguous()  # e.g. a channels-last input: kernels flatten the pixels
             oi = out[i : i + step]
-            if self._accepts_out:  # the transform may write its result straight into the output (no copy)
-                y = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b), out=oi), xi)
-                if y.data_ptr() != oi.data_ptr():
-                    oi.copy_(y)
-            else:
-                oi.copy_(_guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b)), xi))
+            kw = {"out": oi} if self._accepts_out else {}  # the result may then be written straight into the output
+            y = _guarded(self.apply_batch(xi, slice_parameters(params, i, i + step, b), **kw), xi)
+            if y.data_ptr() != oi.data_ptr():
+                oi.copy_(y)
         return out
 
     def augment(self, images: Any, params: Optional[Dict[str, torch.Tensor]] = None) -> Any:

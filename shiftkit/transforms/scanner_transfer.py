@@ -203,12 +203,11 @@ class ScannerTransfer(ShiftkitAugmentation):
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = params["strength"]
         y = x
-        last = self.parts[-1] if self.parts else None
         if self._weights is not None:  # in the order of the fit: the MTF was measured on colour-mapped sources
             c = self.profile["colour"]
             y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c))
         if self._gain is not None:
-            direct = out is not None and last == "mtf" and out.dtype == torch.float32
+            direct = out is not None and out.dtype == torch.float32 and self.profile["parts"][-1] == "mtf"
             y = T.mtf_filter(y, self._gain, s, out=out if direct else None)
         if "noise" in self.profile["parts"]:
             y = T.add_noise(y, float(self.profile["noise"]["sigma"]), s, params["seed"])
