@@ -587,7 +587,7 @@ def scanner_fit_report(profile: dict) -> str:
         lines += [f"Embedded ICC profiles: source {fit['icc']['src']}, destination {fit['icc']['dst']}; "
                   f"{'converted to sRGB before fitting' if fit['icc']['applied'] else 'not applied (--apply-icc)'}.", ""]
     if fit.get("paired"):
-        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds over pairs)'}.", ""]
+        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds of consecutive pairs)'}.", ""]
         for r in fit.get("refused", []):
             lines.append(f"- refused pair {r['pair']}: {r['reason']}")
     else:

@@ -563,6 +563,24 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cross_validation_folds_hold_out_whole_slides_or_runs_of_consecutive_pairs():
+    """With slide ids: leave one slide out. Without: 5 folds of consecutive pairs, so neighbouring (often
+    overlapping) crops of one field never score each other; every pair is held out exactly once."""
+    from shiftkit.transforms.scanner_transfer import _folds
+
+    folds = _folds(None, 12)
+    assert len(folds) == 5
+    held = np.concatenate([te for _, te in folds])
+    np.testing.assert_array_equal(np.sort(held), np.arange(12))
+    for tr, te in folds:
+        assert np.all(np.diff(te) == 1) and not set(tr) & set(te) and len(tr) + len(te) == 12
+    slides = ["b", "a", "b", "c", "a", "c"]
+    by_slide = _folds(slides, 6)
+    assert [sorted({slides[i] for i in te}) for _, te in by_slide] == [["a"], ["b"], ["c"]]
+    assert all(not {slides[i] for i in tr} & {slides[i] for i in te} for tr, te in by_slide)
+    assert _folds(None, 1) == [] and len(_folds(None, 3)) == 3
+
+
 def test_real_dev_pairs_cross_validated_by_slide():
     """On the real Aperio -> Hamamatsu pairs: leave one slide out, the learned transfer beats unnormalized colour by
     far and lands within 0.67-1.5x of the twins' sharpness (figures in experiments/scanner_transfer)."""

@@ -104,13 +104,15 @@ def _laplacian_var(img: np.ndarray) -> float:
 
 
 def _folds(groups: Sequence[Any], n: int) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Leave-one-group-out when there are several groups (slides, spatial blocks), else 5-fold over pairs."""
+    """Leave-one-group-out when there are several groups (slides, spatial blocks), else 5 folds of consecutive pairs
+    (pairs listed in order usually run field by field: neighbouring, often overlapping crops stay in one fold
+    instead of scoring each other, as interleaved folds let them)."""
     g = np.asarray([str(x) for x in groups]) if groups is not None else None
     if g is not None and len(set(g)) >= 2:
         return [(np.where(g != v)[0], np.where(g == v)[0]) for v in sorted(set(g))]
     k = min(5, n)
     idx = np.arange(n)
-    return [(idx[idx % k != f], idx[idx % k == f]) for f in range(k)] if k >= 2 else []
+    return [(np.setdiff1d(idx, te), te) for te in np.array_split(idx, k)] if k >= 2 else []
 
 
 @register_transform
@@ -231,7 +233,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
         :data:`COLOUR_CANDIDATES`) and the loss it is fitted with (``colour_losses``) are chosen by cross-validation
-        over ``slides`` (leave one slide out; else 5 folds over pairs), on the mean CIEDE2000 of 8×8 block means over
+        over ``slides`` (leave one slide out; else 5 folds of consecutive pairs), on the mean CIEDE2000 of 8×8 block means over
         tissue; a map whose cross-validated residual is not below identity's is an error.
 
         Args:
@@ -240,7 +242,8 @@ class ScannerTransfer(ShiftkitAugmentation):
             parts: the parts to fit, of ``("colour", "mtf", "noise", "jpeg")``.
             max_shift_px: largest accepted misregistration, in pixels.
             min_peak: smallest accepted phase-correlation peak.
-            slides: optional slide id per pair (cross-validation groups).
+            slides: optional slide id per pair (cross-validation groups). Give them where you can: without them the
+                folds are 5 runs of consecutive pairs, so list the pairs field by field.
             mpp: µm per pixel of the pairs (recorded; the MTF is rescaled when applied at another resolution).
             name: the profile's name.
             held_out: flag the profile as held-out (evaluation only; never a training view).
