@@ -248,6 +248,29 @@ def test_mtf_filter_at_full_strength_equals_the_per_sample_path(device):
     np.testing.assert_allclose(full.numpy(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(40, 48), (41, 47), (33, 32), (2, 3), (5, 4), (1, 1)])
+def test_mtf_filter_matches_numpy_on_odd_and_even_sizes_at_any_strength(size):
+    """The filter equals a radial filter built with numpy's FFT in float64 for odd and even sides and per-sample
+    strengths; a non-contiguous ``out`` gets the same values; an empty batch passes through."""
+    from shiftkit.functional import transfer as T
+
+    h, w = size
+    x = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(1))
+    gain = torch.linspace(1.0, 2.5, T.MTF_BINS)
+    strength = torch.tensor([1.0, 0.5, 0.0])
+    got = T.mtf_filter(x, gain, strength)
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    r = np.minimum(np.sqrt(fx ** 2 + fy ** 2), 0.5)
+    centres = (np.arange(T.MTF_BINS) + 0.5) / T.MTF_BINS * 0.5
+    filt = np.maximum(np.interp(r, centres, gain.numpy()), 1e-6)
+    for i, s in enumerate(strength.tolist()):
+        ref = np.clip(np.fft.irfft2(np.fft.rfft2(x[i].numpy().astype(np.float64)) * filt ** s, s=(h, w)), 0, 1)
+        np.testing.assert_allclose(got[i].numpy(), ref, atol=2e-6)
+    out = torch.zeros(3, 3, h, 2 * w)[..., ::2]
+    assert T.mtf_filter(x, gain, strength, out=out) is out and torch.equal(out, got)
+    assert T.mtf_filter(x[:0], gain, strength[:0]).shape == (0, 3, h, w)
+
+
 def test_a_rising_mtf_leaves_the_coarse_scales_alone_and_is_capped():
     """Towards a sharper scanner the gain is 1 below low_band[0], the measured (monotone) ratio beyond low_band[1],
     monotone in between, and never above max_gain; a falling gain ignores the band; a bad band is an error."""

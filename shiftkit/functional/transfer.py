@@ -274,6 +274,8 @@ def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor,
     per-sample ``strength`` ``(B,)``; linear interpolation between bin centres; the mean (f = 0) is kept. The
     result is clamped to ``[0, 1]`` and written into ``out`` when given (float32, the shape of ``images``)."""
     b, c, h, w = images.shape
+    if images.numel() == 0:  # nothing to filter (torch.fft refuses an empty batch)
+        return out if out is not None else images.clone()
     x = images.float()
     s = strength.float().to(x.device)
     gf = _gain_grid(gain, h, w, x.device)  # (h, w//2+1)
