@@ -469,12 +469,16 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
 @click.option("--mtf-max-gain", default=None, type=click.FloatRange(1.0, 1000.0),
               help="Cap on the MTF's gain towards a sharper scanner (default: chosen by cross-validation, 1.5-8).")
+@click.option("--mtf-mode", type=click.Choice(["relative", "matched"]), default="relative", show_default=True,
+              help="relative: one gain, the scanners' ratio of tissue spectra on the pairs; matched: each tile filtered "
+                   "towards the destination's own spectrum when transformed (for a source whose focus varies from slide "
+                   "to slide; slower to apply). Paired fits only.")
 @click.option("--colour-loss", type=click.Choice(["l2", "l1", "cv"]), default="l2", show_default=True,
               help="Loss of the colour fit: least squares, least Euclidean residual lengths (robust to outlying "
                    "blocks), or both cross-validated (needs several slides to choose reliably). Paired fits only.")
 @input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, mtf_max_gain, colour_loss, max_pixels, apply_icc):
+                held_out, mtf_max_gain, mtf_mode, colour_loss, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -556,7 +560,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
                                     source=str(pairs_csv or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
-                                    colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,))
+                                    colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,),
+                                    mtf_mode=mtf_mode)
     except ShiftkitError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -618,7 +623,8 @@ def scanner_fit_report(profile: dict) -> str:
             lines += ["", (f"MTF: the ratio of the sets' mean spectra (unpaired), gain cap {m['max_gain']:g} (sharpness "
                            f"ratio of the sets, geometric mean, by cap: {by_cap}).")]
         else:
-            lines += ["", f"MTF: {'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
+            lines += ["", f"MTF ({m.get('mode', 'relative')}): "
+                          f"{'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
         if m.get("fitted") and not m.get("unpaired"):
             lines.append(f"Sharpness (Laplacian variance of source / destination, median): before "
                          f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
@@ -630,6 +636,11 @@ def scanner_fit_report(profile: dict) -> str:
                 by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("cv_sharpness_geomean_by_max_gain", {}).items())
                 lines.append(f"Gain cap {m['max_gain']:g} ({how}; cross-validated sharpness ratio, geometric mean, by cap: "
                              f"{by_cap}).")
+            mc = m.get("matched_cv")
+            if m.get("mode") == "matched" and mc and mc.get("sharpness_ratio_after_cv") is not None:
+                lines.append(f"Matched MTF (each tile towards the destination's tissue spectrum, the cap above): sharpness "
+                             f"ratio, cross-validated, median {mc['sharpness_ratio_after_cv']:.2f}, geometric mean "
+                             f"{mc['sharpness_ratio_after_cv_geomean']:.2f}; CIEDE2000 after it {mc['delta_e2000_after_cv']:.2f}.")
     n = fit.get("noise")
     if n:
         lines += ["", f"Noise: extra σ of the destination {n.get('sigma_extra_median', n.get('sigma', 0)):.4f} "

@@ -402,12 +402,15 @@ def test_strength_interpolates_from_identity_and_replays(pairs):
     assert a.shape == x.shape and a.dtype == x.dtype and 0 <= float(a.min()) and float(a.max()) <= 1
 
 
-@pytest.mark.parametrize("parts", [("colour", "mtf"), ("colour", "mtf", "noise"), ("mtf",)])
-def test_a_chunked_batch_equals_each_tile_on_its_own(pairs, parts):
+@pytest.mark.parametrize("parts,mode", [(("colour", "mtf"), "relative"), (("colour", "mtf", "noise"), "relative"),
+                                        (("mtf",), "relative"), (("colour", "mtf"), "matched")])
+def test_a_chunked_batch_equals_each_tile_on_its_own(pairs, parts, mode):
     """On CPU a batch runs in chunks of 8 tiles of 224², the MTF writing straight into the output when it is the
-    last part: each tile comes out bit for bit as it does alone, with its own strength and noise seed."""
+    last part: each tile comes out bit for bit as it does alone, with its own strength and noise seed (and, for a
+    matched MTF, its own gain)."""
     src, dst, slides = pairs
-    t = ScannerTransfer.fit(src, dst, slides=slides, parts=parts, mpp=0.5, strength_range=(0.3, 1.0), seed=2)
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=parts, mpp=0.5, strength_range=(0.3, 1.0), seed=2,
+                            mtf_mode=mode)
     tiles = np.concatenate([src, src[:2]])[:10]  # 10 tiles: a chunk of 8 and a ragged one of 2
     x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
     p = t.draw_parameters(x.shape)
@@ -422,6 +425,87 @@ def test_a_chunked_batch_equals_each_tile_on_its_own(pairs, parts):
     out = torch.full_like(x[:3], float("nan"))
     direct = T.mtf_filter(x[:3], gain, torch.tensor([1.0, 0.5, 0.2]), out=out)
     assert direct is out and torch.equal(out, T.mtf_filter(x[:3], gain, torch.tensor([1.0, 0.5, 0.2])))
+
+
+def test_tissue_power_is_a_density_that_tiles_of_any_size_share():
+    """White noise of variance σ² has a flat power spectral density σ² (Parseval): tissue_power measures that at two
+    tile sizes, and a tile that is mostly background is measured on its tissue only."""
+    from shiftkit.functional import transfer as T
+
+    gen = torch.Generator().manual_seed(0)
+    sigma = 0.05
+    dens = {}
+    for n in (96, 192):
+        g = torch.randn(6, 1, n, n, generator=gen) * sigma + 0.5  # mid-grey: tissue everywhere
+        dens[n] = T.tissue_power(g.expand(-1, 3, -1, -1))[:, 1:].mean().item()
+        assert abs(dens[n] / sigma ** 2 - 1) < 0.12, dens
+    assert abs(dens[96] / dens[192] - 1) < 0.1
+    half = torch.ones(6, 1, 192, 192)  # white background on the left, the same noise on the right
+    half[..., 96:] = torch.randn(6, 1, 192, 96, generator=gen) * sigma + 0.5
+    assert abs(T.tissue_power(half.expand(-1, 3, -1, -1))[:, 1:].mean().item() / sigma ** 2 - 1) < 0.25
+    blank = T.tissue_power(torch.ones(2, 3, 64, 64))  # no tissue at all: the whole tile, no NaN
+    assert torch.isfinite(blank).all() and float(blank.abs().max()) == 0.0
+
+
+def test_a_matched_mtf_adapts_to_how_blurred_each_tile_is():
+    """Scanner A's focus varies from slide to slide (Gaussian blur σ 0.7, 1.2, 0.9 px), scanner B is sharp. One
+    relative gain sharpens every tile alike; the matched MTF measures each tile against B's spectrum, so tiles
+    blurred by σ 0.7 and 1.2 come out nearer B's sharpness and nearer each other (Laplacian variance)."""
+    tiles = load_sample_tiles()
+    train, test = tiles[:12], tiles[12:]
+
+    def blur(x, s):
+        return (np.clip(cv2.GaussianBlur(x / 255.0, (0, 0), s), 0, 1) * 255).round().astype(np.uint8)
+
+    def lapvar(x):
+        return cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var()
+
+    src = np.stack([blur(x, (0.7, 1.2, 0.9)[i // 4]) for i, x in enumerate(train)])
+    logs = {}
+    for mode in ("relative", "matched"):
+        t = ScannerTransfer.fit(src, train, slides=[i // 4 for i in range(12)], parts=("mtf",), mtf_mode=mode)
+        logs[mode] = [np.mean(np.log([lapvar(a) / lapvar(b) for a, b in zip(t.augment(np.stack([blur(x, s) for x in test])), test)]))
+                      for s in (0.7, 1.2)]
+    assert t.profile["mtf"]["mode"] == "matched" and t.profile["fit"]["mtf"]["matched_cv"]["sharpness_ratio_after_cv"] > 0
+    spread = {m: abs(v[0] - v[1]) for m, v in logs.items()}
+    assert spread["matched"] < 0.7 * spread["relative"], logs
+    assert sum(map(abs, logs["matched"])) < sum(map(abs, logs["relative"])), logs
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_matched_transfer_gives_the_same_result_on_every_device(pairs, device):
+    """The matched MTF measures each tile's spectrum on the input's device (a gpu test on CUDA): the same gains and
+    output as on the CPU, on the same device and dtype as the input."""
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5, mtf_mode="matched", seed=0)
+    x = torch.from_numpy(src[:3]).permute(0, 3, 1, 2).float() / 255
+    p = t.draw_parameters(x.shape)
+    ref = t(x, params=p)
+    got = t(x.to(device), params=p)
+    assert got.device.type == torch.device(device).type and got.dtype == x.dtype
+    torch.testing.assert_close(got.cpu(), ref, atol=2e-5, rtol=0)
+
+
+def test_matched_profiles_round_trip_rescale_and_are_checked(pairs, tmp_path):
+    from shiftkit.functional import transfer as T
+
+    src, dst, slides = pairs
+    t = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour", "mtf"), mpp=0.5, mtf_mode="matched")
+    u = ScannerTransfer.load(t.save(tmp_path / "m.json"))
+    assert np.array_equal(u.augment(src[:2]), t.augment(src[:2]))
+    ref = np.asarray(t.profile["mtf"]["reference_power"])
+    # at half the µm/px the same tissue spreads its variance over a quarter of the frequency area: 4x the density,
+    # and the fit's frequency f sits at f / 2
+    finer = ScannerTransfer(t.profile, mpp=0.25)
+    k = len(ref)
+    centres = (np.arange(k) + 0.5) / k * 0.5
+    np.testing.assert_allclose(finer._reference[: k // 2], 4 * np.interp(2 * centres[: k // 2], centres, ref))
+    np.testing.assert_allclose(T.resample_power(ref, 0.5, 0.5), ref)
+    with pytest.raises(InvalidArgumentError, match="mtf_mode"):
+        ScannerTransfer.fit(src, dst, parts=("mtf",), mtf_mode="adaptive")
+    for bad in ({"mode": "sharp"}, {"reference_power": [1.0, -1.0]}, {"max_gain": 0.5}):
+        with pytest.raises(InvalidArgumentError, match="mtf"):
+            ScannerTransfer({**t.profile, "mtf": {**t.profile["mtf"], **bad}})
 
 
 def test_profiles_round_trip_as_json_and_rescale_with_mpp(pairs, tmp_path):
@@ -584,6 +668,14 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     m = prof["fit"]["mtf"]  # the MTF's effect on colour, cross-validated, in the report: a blur barely moves block means
     assert abs(m["delta_e2000_after_cv"] - m["delta_e2000_before"]) < 0.5 and "before the MTF" in report
     assert (tmp_path / "profile.report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "MTF (relative): fitted on" in report
+    matched = tmp_path / "matched.json"
+    res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(matched), "--parts",
+                                   "mtf", "--mpp", "0.5", "--mtf-mode", "matched"])
+    prof = json.loads(matched.read_text())
+    assert prof["mtf"]["mode"] == "matched" and len(prof["mtf"]["reference_power"]) == len(prof["mtf"]["gain"])
+    report = (tmp_path / "matched.report.md").read_text()
+    assert "MTF (matched): fitted on" in report and "Matched MTF (each tile" in report, report
 
 
 def test_cross_validation_folds_hold_out_whole_slides_or_runs_of_consecutive_pairs():

@@ -8,7 +8,8 @@ MITOS dev pairs (colour map and relative MTF; the bundled colour-only profile wh
 "macenko (per tile)" is StainNormalizer("macenko") with a fitted target, estimating every tile. The target of the
 scanner-transfer issue: the transfer at least as fast as the normalization (ratio >= 1). The colour map is whichever
 cross-validation picks on these pairs (Aperio -> Hamamatsu); "transfer h2a" is the reverse fit (Hamamatsu ->
-Aperio, its own choice of map) and "transfer, CIELAB colour map" the forward fit restricted to the dearest
+Aperio, its own choice of map), "transfer h2a, matched MTF" the same with mtf_mode="matched" (a spectrum and a
+monotone fit per tile) and "transfer, CIELAB colour map" the forward fit restricted to the dearest
 candidate (CIELAB in and out, degree 3), the slowest a fitted map can apply. Also times ScannerTransfer.fit on the
 60 pairs (target < 30 s). Prints the machine and writes the JSON record.
 """
@@ -49,7 +50,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     info = machine(a.device)
     print(json.dumps(info))
-    fit_s, st_lab, st_h2a = None, None, None
+    fit_s, st_lab, st_h2a, st_matched = None, None, None, None
     try:
         src, dst, slides = mitos_pairs()
         t0 = time.perf_counter()
@@ -61,6 +62,7 @@ def main(argv=None):
                                      colour_candidates=[("lab", "lab", 3)])
         st_h2a = ScannerTransfer.fit(dst, src, slides=slides, mpp=0.25, parts=("colour", "mtf"))
         print(f"h2a colour map {st_h2a.profile['fit']['colour']['chosen']}")
+        st_matched = ScannerTransfer.fit(dst, src, slides=slides, mpp=0.25, parts=("colour", "mtf"), mtf_mode="matched")
     except (FileNotFoundError, ValueError):
         st = ScannerTransfer.load(shiftkit.shifts.transfer.PROFILES_DIR / "scanners5-aperio-to-nz2.json")
     st = st.to(a.device) if hasattr(st, "to") else st
@@ -77,13 +79,14 @@ def main(argv=None):
         "macenko (per tile)": (lambda: (norm.normalize(x), sync()), x.shape[0]),
     }
     if st_lab is not None:
-        st_lab, st_h2a = (t.to(a.device) if hasattr(t, "to") else t for t in (st_lab, st_h2a))
+        st_lab, st_h2a, st_matched = (t.to(a.device) if hasattr(t, "to") else t for t in (st_lab, st_h2a, st_matched))
         runs["transfer h2a"] = (lambda: (st_h2a(x, params=params), sync()), x.shape[0])
+        runs["transfer h2a, matched MTF"] = (lambda: (st_matched(x, params=params), sync()), x.shape[0])
         runs["transfer, CIELAB colour map"] = (lambda: (st_lab(x, params=params), sync()), x.shape[0])
     with torch.no_grad():
         rates = paired_rates(runs, a.rounds)
     summary = summarize(rates, "transfer (colour+MTF)")
-    for name in ("transfer h2a", "transfer, CIELAB colour map"):
+    for name in ("transfer h2a", "transfer h2a, matched MTF", "transfer, CIELAB colour map"):
         if isinstance(rates.get(name), list) and isinstance(rates.get("macenko (per tile)"), list):
             vs = summarize({k: rates[k] for k in (name, "macenko (per tile)")}, name)["macenko (per tile)"]
             summary[name]["vs_macenko"] = {k: vs[k] for k in ("ratio_median", "ratio_q1", "ratio_q3")}

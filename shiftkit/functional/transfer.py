@@ -24,7 +24,7 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from sklearn.isotonic import IsotonicRegression
+from sklearn.isotonic import IsotonicRegression, isotonic_regression
 
 from ..core.errors import InvalidArgumentError
 from .stain import lab_inverse_affine, rgb_to_lab_fast, srgb_from_companded
@@ -219,6 +219,18 @@ def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray
                                    f"got {low_band}")
     ratios = [np.sqrt(np.maximum(d, 1e-20) / np.maximum(s, 1e-20)) for s, d in zip(src_power, dst_power)]
     g = np.exp(np.mean(np.log(np.maximum(np.stack(ratios), 1e-6)), axis=0))
+
+    def isotonic(y, weight, increasing):
+        return IsotonicRegression(increasing=increasing).fit(np.arange(len(y)), y, sample_weight=weight).predict(np.arange(len(y)))
+
+    return _shape_gain(g, max_gain, (lo, hi), isotonic)
+
+
+def _shape_gain(g: np.ndarray, max_gain: float, low_band: Tuple[float, float], isotonic) -> np.ndarray:
+    """:func:`relative_mtf`'s shaping of a raw gain ``g`` ``(K,)``: 3-bin running median, monotone from g(0) = 1 by
+    ``isotonic(log g, weights, increasing)``, the rising gain's low band, the cap."""
+    lo, hi = low_band
+    g = np.array(g, np.float64)
     g[0] = 1.0
     g = np.clip(g, 1e-6, 1e6)
     padded = np.concatenate([g[:1], g, g[-1:]])
@@ -227,8 +239,7 @@ def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray
     blurrier = float(np.median(g[len(g) // 2:])) < 1.0
     weight = np.ones(len(g))
     weight[0] = 1e6  # pins g(0) = 1
-    iso = IsotonicRegression(increasing=not blurrier).fit(np.arange(len(g)), np.log(g), sample_weight=weight)
-    log_g = iso.predict(np.arange(len(g)))
+    log_g = isotonic(np.log(g), weight, not blurrier)
     log_g = np.minimum(log_g, 0.0) if blurrier else np.maximum(log_g, 0.0)
     centres = (np.arange(len(g)) + 0.5) / len(g) * 0.5
     t = np.ones(len(g)) if blurrier else np.clip((centres - lo) / (hi - lo), 0.0, 1.0)
@@ -238,17 +249,18 @@ def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray
 
 
 def _radial_grid(gain: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The radial gain ``(K,)`` on the one-sided FFT grid of ``h × w`` (``(h, w // 2 + 1)``), on ``gain``'s device."""
+    """The radial gain ``(K,)`` (or one per sample, ``(B, K)``) on the one-sided FFT grid of ``h × w``
+    (``(h, w // 2 + 1)``, or ``(B, h, w // 2 + 1)``), on ``gain``'s device."""
     g = gain.detach().float()
     fy = torch.fft.fftfreq(h, device=g.device)[:, None]
     fx = torch.fft.rfftfreq(w, device=g.device)[None, :]
     r = torch.sqrt(fx ** 2 + fy ** 2).clamp(max=0.5)
-    k = g.shape[0]
+    k = g.shape[-1]
     pos = (r / 0.5 * k - 0.5).clamp(0, k - 1)
     lo = pos.floor().long()
     hi = (lo + 1).clamp(max=k - 1)
     t = pos - lo.float()
-    return (g[lo] * (1 - t) + g[hi] * t).clamp_min(1e-6)
+    return (g[..., lo] * (1 - t) + g[..., hi] * t).clamp_min(1e-6)
 
 
 _GRIDS: dict = {}
@@ -270,24 +282,95 @@ def _gain_grid(gain: torch.Tensor, h: int, w: int, device: torch.device) -> torc
 
 def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Filter ``(B, 3, H, W)`` by the radial gain ``gain`` ``(K,)`` (bins over [0, 0.5] cycles/px) raised to the
-    per-sample ``strength`` ``(B,)``; linear interpolation between bin centres; the mean (f = 0) is kept. The
-    result is clamped to ``[0, 1]`` and written into ``out`` when given (float32, the shape of ``images``)."""
+    """Filter ``(B, 3, H, W)`` by the radial gain ``gain`` ``(K,)`` (bins over [0, 0.5] cycles/px; or one gain per
+    sample, ``(B, K)``) raised to the per-sample ``strength`` ``(B,)``; linear interpolation between bin centres; the
+    mean (f = 0) is kept. The result is clamped to ``[0, 1]`` and written into ``out`` when given (float32, the
+    shape of ``images``)."""
     b, c, h, w = images.shape
     if images.numel() == 0:  # nothing to filter (torch.fft refuses an empty batch)
         return out if out is not None else images.clone()
     x = images.float()
     s = strength.float().to(x.device)
-    gf = _gain_grid(gain, h, w, x.device)  # (h, w//2+1)
+    if gain.ndim == 2:  # one gain per sample: (B, 1, h, w//2+1)
+        gf = _radial_grid(gain.to(x.device), h, w)[:, None]
+    else:
+        gf = _gain_grid(gain, h, w, x.device)[None, None]  # (1, 1, h, w//2+1)
     # in place where the tensors are large (each fresh multi-MB tensor costs page faults on CPU)
     if bool((s == 1).all()):
-        filt = gf[None, None]
+        filt = gf
     else:  # per-sample powers; samples at strength 1 get the gain exactly, whatever their batch mates
-        filt = torch.where((s == 1).view(-1, 1, 1, 1), gf, torch.exp(s.view(-1, 1, 1, 1) * torch.log(gf)[None, None]))
+        filt = torch.where((s == 1).view(-1, 1, 1, 1), gf, torch.exp(s.view(-1, 1, 1, 1) * torch.log(gf)))
     spec = torch.fft.rfft2(x).mul_(filt)
     if out is not None:
         return torch.fft.irfft2(spec, s=(h, w), out=out).clamp_(0.0, 1.0)
     return torch.fft.irfft2(spec, s=(h, w)).clamp_(0.0, 1.0).to(images.dtype)
+
+
+#: Grayscale level under which an 8×8 block counts as tissue in :func:`tissue_power` (about L* 85, the scorer's).
+TISSUE_GRAY = 0.83
+
+
+def tissue_power(images: torch.Tensor, bins: int = MTF_BINS) -> torch.Tensor:
+    """Radially averaged power spectra ``(B, bins)`` over [0, 0.5] cycles/px of ``(B, 3, H, W)`` in ``[0, 1]``, over
+    tissue, as a density: the grayscale image (OpenCV's weights) times a Hann window times a smooth tissue weight (8×8
+    block means darker than :data:`TISSUE_GRAY`, closed and eroded by one block so that the tissue's edges with the
+    background do not count, bilinearly upsampled; the mask before erosion where the eroded one keeps under 5 %, the
+    whole tile where that too does), the
+    weighted mean removed, ``|FFT|²`` averaged per radial bin and divided by the window's energy, so that tiles of
+    different sizes and tissue fractions compare. Batched on the input's device (the matched MTF computes it for
+    every tile it filters)."""
+    b, _, h, w = images.shape
+    dev = x_dev = images.device
+    x = images.float().reshape(b, 3, h * w)
+    gray = torch.matmul(torch.tensor([[0.299, 0.587, 0.114]], device=x_dev), x).view(b, 1, h, w)  # one pass
+    nn = torch.nn.functional
+    blocks = nn.adaptive_avg_pool2d(gray, (max(1, -(-h // 8)), max(1, -(-w // 8))))
+    tissue = (blocks < TISSUE_GRAY).float()
+    grow = lambda m: nn.max_pool2d(m, 3, stride=1, padding=1)  # noqa: E731  (by one block)
+    shrink = lambda m: -nn.max_pool2d(-m, 3, stride=1, padding=1)  # noqa: E731
+    inner = shrink(shrink(grow(tissue)))  # closed (gaps filled), then one block in from the tissue's edges
+    few = lambda m: m.mean((-2, -1), keepdim=True) < 0.05  # noqa: E731
+    mask = torch.where(few(inner), torch.where(few(tissue), torch.ones_like(tissue), tissue), inner)
+    win = torch.outer(torch.hann_window(h, periodic=False, dtype=torch.float32, device=dev),
+                      torch.hann_window(w, periodic=False, dtype=torch.float32, device=dev)) if h > 1 and w > 1 else \
+        torch.ones(h, w, device=dev)
+    wt = nn.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False).mul_(win).view(b, 1, h * w)
+    flat = gray.view(b, 1, h * w)
+    dot = lambda u, v: torch.bmm(u, v.transpose(1, 2)).view(b, 1, 1)  # noqa: E731  (per-sample sums, no temporaries)
+    mean = dot(flat, wt) / dot(torch.ones_like(wt[:1]).expand(b, -1, -1), wt).clamp_min(1e-12)
+    energy = dot(wt, wt).view(b, 1).clamp_min(1e-12)
+    g = flat.mul_(wt).addcmul_(wt, mean, value=-1.0).view(b, 1, h, w)  # (gray - weighted mean) · window, in place
+    p = torch.view_as_real(torch.fft.rfft2(g)).square_().sum(-1).flatten(1)  # |FFT|², (B, h·(w//2+1))
+    fy = torch.fft.fftfreq(h, device=dev)[:, None]
+    fx = torch.fft.rfftfreq(w, device=dev)[None, :]
+    idx = (torch.sqrt(fx ** 2 + fy ** 2) / 0.5 * bins).long().clamp(max=bins).flatten()
+    total = torch.zeros(b, bins + 1, device=dev).index_add_(1, idx, p)[:, :bins]
+    count = torch.bincount(idx, minlength=bins + 1)[:bins].clamp_min(1)
+    return total / count / energy
+
+
+def matched_gains(power: torch.Tensor, reference: np.ndarray, max_gain: float) -> torch.Tensor:
+    """The matched MTF: for each tile's :func:`tissue_power` ``(B, K)``, the gain ``(B, K)`` that takes it to the
+    destination's ``reference`` spectrum ``(K,)``, shaped as :func:`relative_mtf` shapes a paired ratio (monotone
+    from g(0) = 1, a rising gain 1 below ``LOW_BAND``, capped at ``max_gain``); float32 on the CPU."""
+    p = power.detach().to("cpu", torch.float64).numpy()
+    ref = np.asarray(reference, np.float64)
+    raw = np.maximum(np.sqrt(np.maximum(ref, 1e-20) / np.maximum(p, 1e-20)), 1e-6)  # relative_mtf of one pair per row
+
+    def isotonic(y, weight, increasing):  # the function behind IsotonicRegression, without the estimator's overhead
+        return isotonic_regression(y, sample_weight=weight, increasing=increasing)
+
+    gains = [_shape_gain(row, max_gain, LOW_BAND, isotonic) for row in raw]
+    return torch.tensor(np.stack(gains) if gains else np.zeros((0, len(ref))), dtype=torch.float32)
+
+
+def resample_power(power: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:
+    """A :func:`tissue_power` reference measured at ``fit_mpp`` µm/px, for tiles at ``mpp``: the frequency axis as in
+    :func:`resample_gain`, and the density scaled by ``(fit_mpp / mpp)²`` (the same variance over a band of
+    physical frequencies spreads over ``(mpp / fit_mpp)²`` times the area in cycles/px)."""
+    k = len(power)
+    centres = (np.arange(k) + 0.5) / k * 0.5
+    return np.interp(np.clip(centres * fit_mpp / mpp, 0, 0.5), centres, power) * (fit_mpp / mpp) ** 2
 
 
 def resample_gain(gain: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:
@@ -335,4 +418,5 @@ def blockiness(image: np.ndarray) -> float:
 
 
 __all__ = ["SPACES", "LOSSES", "MTF_BINS", "colour_features", "fit_colour_map", "weighted_ridge", "apply_colour_map", "pair_offset", "block_means",
-           "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "noise_sigma", "add_noise", "blockiness"]
+           "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "tissue_power", "matched_gains",
+           "resample_power", "TISSUE_GRAY", "noise_sigma", "add_noise", "blockiness"]

@@ -29,6 +29,8 @@ PROFILE_FORMAT = "shiftkit-scanner-transfer/1"
 # caps on the relative MTF's gain, chosen by cross-validation (the geometric-mean sharpness closest to the twins'):
 # 1.5 (3.5 dB) limits noise amplification most; 8 (18 dB) matches the sharper scan's fine detail where it is there
 MTF_MAX_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+#: How the MTF part filters: one relative gain for every tile, or each tile towards the destination's spectrum.
+MTF_MODES = ("relative", "matched")
 COLOUR_CANDIDATES = tuple(sorted(((i, o, d) for i in T.SPACES for o in T.SPACES for d in (1, 2, 3)),
                                  key=lambda c: (T.SPACES.index(c[0]) + T.SPACES.index(c[1]), c[2])))
 
@@ -150,15 +152,20 @@ class ScannerTransfer(ShiftkitAugmentation):
         self.mpp = float(mpp) if mpp is not None else fit_mpp
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
             raise InvalidArgumentError(f"`mpp` is invalid: expected a positive number of µm per pixel, got {mpp!r}")
-        gain = None
+        gain, self._reference = None, None
         if "mtf" in self.profile["parts"]:
-            gain = np.asarray(self.profile["mtf"]["gain"], np.float64)
+            mtf = self.profile["mtf"]
+            gain = np.asarray(mtf["gain"], np.float64)
+            if mtf.get("mode", "relative") == "matched":
+                self._reference = np.asarray(mtf["reference_power"], np.float64)
             if fit_mpp is not None and self.mpp is not None and self.mpp != fit_mpp:
                 ratio = self.mpp / fit_mpp
                 if not 0.5 <= ratio <= 2.0:
                     raise InvalidArgumentError(f"`mpp` is too far from the fit's: expected within 0.5-2x of {fit_mpp} µm/px "
                                                f"(the MTF cannot be extrapolated further), got {self.mpp}")
                 gain = T.resample_gain(gain, fit_mpp, self.mpp)
+                if self._reference is not None:
+                    self._reference = T.resample_power(self._reference, fit_mpp, self.mpp)
         self._gain = None if gain is None else torch.tensor(gain, dtype=torch.float32)
         self._weights = (torch.tensor(self.profile["colour"]["weights"], dtype=torch.float64)
                          if "colour" in self.profile["parts"] else None)
@@ -210,7 +217,10 @@ class ScannerTransfer(ShiftkitAugmentation):
             y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c))
         if self._gain is not None:
             direct = out is not None and out.dtype == torch.float32 and self.profile["parts"][-1] == "mtf"
-            y = T.mtf_filter(y, self._gain, s, out=out if direct else None)
+            gain = self._gain
+            if self._reference is not None:  # matched: each tile's own gain towards the destination's spectrum
+                gain = T.matched_gains(T.tissue_power(y), self._reference, float(self.profile["mtf"]["max_gain"]))
+            y = T.mtf_filter(y, gain, s, out=out if direct else None)
         if "noise" in self.profile["parts"]:
             y = T.add_noise(y, float(self.profile["noise"]["sigma"]), s, params["seed"])
         if "jpeg" in self.profile["parts"]:
@@ -225,7 +235,7 @@ class ScannerTransfer(ShiftkitAugmentation):
             name: str = "", held_out: bool = False, source: str = "", ridge: float = 1e-3,
             jpeg_quality: Optional[float] = None, align: bool = False,
             colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, mtf_max_gain: Optional[float] = None,
-            colour_losses: Sequence[str] = ("l2",), **kwargs: Any) -> "ScannerTransfer":
+            colour_losses: Sequence[str] = ("l2",), mtf_mode: str = "relative", **kwargs: Any) -> "ScannerTransfer":
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
@@ -265,6 +275,17 @@ class ScannerTransfer(ShiftkitAugmentation):
                 among :data:`MTF_MAX_GAINS`: the cap whose held-out outputs come closest to the twins' sharpness
                 (geometric mean of Laplacian-variance ratios). A higher cap sharpens more, and amplifies noise more,
                 towards a sharper scanner; towards a blurrier one the cap does not bind.
+            mtf_mode: ``"relative"`` (default): one gain, the scanners' ratio of tissue spectra on the pairs, for
+                every tile. ``"matched"``: each tile is filtered towards the destination's own tissue spectrum
+                (:func:`~shiftkit.functional.transfer.tissue_power`, geometric mean over the destination tiles),
+                by a gain measured on that tile when it is transformed, shaped and capped like the relative one.
+                Choose it when the source scanner's sharpness varies from slide to slide (focus) and the
+                destination's does not: on the MITOS dev pairs, Hamamatsu -> Aperio, leave one slide out, the
+                relative gain gave 2.99 / 0.64 / 0.59 of the twins' sharpness on slides 03 / 04 / 05 and the matched
+                one 1.18 / 1.31 / 1.13, at 0.02 less CIEDE2000; Aperio -> Hamamatsu, whose destination's focus
+                varies, 0.59 / 1.34 / 1.04 and 0.61 / 1.52 / 0.90 (experiments/scanner_transfer/mtf_modes.py). The
+                gain's cap is the one cross-validated for the relative gain. It costs a spectrum and a monotone fit
+                per tile when applied (speed in docs/benchmarks.md).
             jpeg_quality: quality of the destination's JPEG compression when known (JPEG cannot be measured from
                 decoded pixels reliably; without it the part is reported as not fitted).
             align: fit the colour map on each pair's overlap at its measured offset. Off by default: on the real
@@ -284,6 +305,8 @@ class ScannerTransfer(ShiftkitAugmentation):
         colour_candidates = _check_candidates(colour_candidates)
         colour_losses = _check_losses(colour_losses)
         _check_max_gain(mtf_max_gain)
+        if mtf_mode not in MTF_MODES:
+            raise InvalidArgumentError(f"`mtf_mode` is invalid: expected one of {MTF_MODES}, got {mtf_mode!r}")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
             raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
@@ -323,7 +346,7 @@ class ScannerTransfer(ShiftkitAugmentation):
                                               int(c["degree"]), torch.ones(1), _out_space(c))[0].permute(1, 2, 0) * 255
                            ).round().byte().numpy()
                           for x in s_used]
-            mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used, max_gain=mtf_max_gain)
+            mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used, max_gain=mtf_max_gain, mode=mtf_mode)
             profile["fit"]["mtf"] = report
             if mtf is not None:
                 profile["mtf"] = mtf
@@ -463,6 +486,16 @@ def _check_profile(profile: Any) -> dict:
         g = np.asarray(profile["mtf"].get("gain"), np.float64)
         if g.ndim != 1 or len(g) < 2 or not np.isfinite(g).all() or (g < 0).any():
             raise InvalidArgumentError("`profile` mtf part is invalid: expected a finite non-negative radial gain")
+        mode = profile["mtf"].get("mode", "relative")
+        if mode not in MTF_MODES:
+            raise InvalidArgumentError(f"`profile` mtf mode is invalid: expected one of {MTF_MODES}, got {mode!r}")
+        if mode == "matched":
+            ref = np.asarray(profile["mtf"].get("reference_power"), np.float64)
+            cap = profile["mtf"].get("max_gain")
+            if (ref.shape != g.shape or not np.isfinite(ref).all() or (ref <= 0).any()
+                    or not isinstance(cap, (int, float)) or not cap >= 1):
+                raise InvalidArgumentError("`profile` matched mtf is invalid: expected a positive reference_power "
+                                           "as long as the gain and a max_gain of at least 1")
     return profile
 
 
@@ -566,10 +599,25 @@ def _closest_cap(ratios: Dict[float, List[float]]) -> Optional[float]:
     return min(scores, key=lambda c: (round(scores[c], 3), c)) if scores else None
 
 
-def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
+def _u8(x: torch.Tensor) -> np.ndarray:
+    return (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def _float(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+
+
+def _reference_power(images: Sequence[np.ndarray]) -> np.ndarray:
+    """The destination's reference spectrum of a matched MTF: the geometric mean of the tiles' tissue_power."""
+    logs = [np.log(np.maximum(T.tissue_power(_float(d))[0].double().numpy(), 1e-30)) for d in images]
+    return np.exp(np.mean(logs, axis=0))
+
+
+def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None, mode="relative"):
     """The relative MTF and its report. The gain's cap is chosen by cross-validation among :data:`MTF_MAX_GAINS`
     (or fixed by ``max_gain``): the cap whose held-out outputs' Laplacian variance is, in geometric mean, closest to
-    the twins' (equal to three decimals: the smaller cap)."""
+    the twins' (equal to three decimals: the smaller cap). ``mode="matched"`` adds the destination's reference
+    spectrum (each tile is then filtered towards it, with that cap) and cross-validates that too."""
     masks = [(_tissue(a), _tissue(b)) for a, b in zip(src, dst)]
     rich = [i for i, (ma, mb) in enumerate(masks) if min(ma.mean(), mb.mean()) >= 0.3]
     if not rich:
@@ -606,7 +654,23 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None):
     chosen = _closest_cap(after)
     cap = caps[0] if chosen is None else chosen
     gain = T.relative_mtf(ps, pd, max_gain=cap)
-    return {"gain": gain.tolist(), "mpp": mpp}, {
+    mtf = {"gain": gain.tolist(), "mpp": mpp}
+    matched = None
+    if mode == "matched":
+        mtf.update(mode="matched", max_gain=cap, reference_power=_reference_power([dst[i] for i in rich]).tolist())
+        ratios, des = [], []
+        for tr, te in _folds(g_rich, len(rich)):
+            ref = _reference_power([dst[rich[j]] for j in tr])
+            for j in te:
+                x = _float(src[rich[j]])
+                o = _u8(T.mtf_filter(x, T.matched_gains(T.tissue_power(x), ref, cap), torch.ones(1)))
+                ratios.append(_laplacian_var(o) / dst_var[j])
+                des.append(_delta_e(T.block_means(o), dst_blocks[j], tissue[j]))
+        matched = {"sharpness_ratio_after_cv": float(np.median(ratios)) if ratios else None,
+                   "sharpness_ratio_after_cv_geomean": _geomean(ratios) if ratios else None,
+                   "delta_e2000_after_cv": float(np.nanmean(des)) if des else None}
+    return mtf, {
+        "mode": mode, "matched_cv": matched,
         "fitted": True, "pairs": len(rich), "sharpness_ratio_before": before, "max_gain": cap,
         # CIEDE2000 of block means over tissue of the colour-mapped sources (map fitted on all pairs) against the
         # destinations, before the MTF and after it (the MTF cross-validated): what the MTF costs or gains in colour
@@ -658,4 +722,5 @@ def _gaussian_map(a: np.ndarray, b: np.ndarray) -> dict:
     return {"space": "srgb", "degree": 1, "weights": w.tolist()}
 
 
-__all__ = ["ScannerTransfer", "ScannerTransferError", "PARTS", "PROFILE_FORMAT", "COLOUR_CANDIDATES", "MTF_MAX_GAINS"]
+__all__ = ["ScannerTransfer", "ScannerTransferError", "PARTS", "PROFILE_FORMAT", "COLOUR_CANDIDATES", "MTF_MAX_GAINS",
+           "MTF_MODES"]
