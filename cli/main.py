@@ -678,7 +678,9 @@ def scanner_fit_figure(profile: dict, path: Path) -> None:
         mpp = profile["mtf"].get("mpp")
         axes[1].plot([v / mpp for v in f] if mpp else f, g)
         axes[1].axhline(1.0, color="k", lw=0.8, ls=":")
-        axes[1].set(xlabel="cycles/µm" if mpp else "cycles/px", ylabel="gain", title="relative MTF (B / A)")
+        matched = profile["mtf"].get("mode") == "matched"
+        axes[1].set(xlabel="cycles/µm" if mpp else "cycles/px", ylabel="gain",
+                    title="relative MTF (B / A)" + ("\nthe pairs' mean; matched: each tile its own" if matched else ""))
     else:
         axes[1].text(0.5, 0.5, "no MTF part", ha="center", va="center")
         axes[1].set_axis_off()
