@@ -472,7 +472,7 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--mtf-mode", type=click.Choice(["relative", "matched"]), default="relative", show_default=True,
               help="relative: one gain, the scanners' ratio of tissue spectra on the pairs; matched: each tile filtered "
                    "towards the destination's own spectrum when transformed (for a source whose focus varies from slide "
-                   "to slide; slower to apply). Paired fits only.")
+                   "to slide; slower to apply).")
 @click.option("--colour-loss", type=click.Choice(["l2", "l1", "cv"]), default="l2", show_default=True,
               help="Loss of the colour fit: least squares, least Euclidean residual lengths (robust to outlying "
                    "blocks), or both cross-validated (needs several slides to choose reliably). Paired fits only.")
@@ -555,7 +555,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         if unpaired:
             t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
                                              held_out=held_out, source=str(src_dir) + " -> " + str(dst_dir),
-                                             mtf_max_gain=mtf_max_gain)
+                                             mtf_max_gain=mtf_max_gain, mtf_mode=mtf_mode)
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,

@@ -503,6 +503,11 @@ def test_matched_profiles_round_trip_rescale_and_are_checked(pairs, tmp_path):
     np.testing.assert_allclose(T.resample_power(ref, 0.5, 0.5), ref)
     with pytest.raises(InvalidArgumentError, match="mtf_mode"):
         ScannerTransfer.fit(src, dst, parts=("mtf",), mtf_mode="adaptive")
+    un = ScannerTransfer.fit_unpaired(list(src), list(dst), parts=("mtf",), mtf_mode="matched")
+    assert un.profile["mtf"]["mode"] == "matched" and un.profile["fit"]["mtf"]["mode"] == "matched"
+    np.testing.assert_allclose(un.profile["mtf"]["reference_power"], t.profile["mtf"]["reference_power"], rtol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="mtf_mode"):
+        ScannerTransfer.fit_unpaired(list(src), list(dst), mtf_mode="adaptive")
     for bad in ({"mode": "sharp"}, {"reference_power": [1.0, -1.0]}, {"max_gain": 0.5}):
         with pytest.raises(InvalidArgumentError, match="mtf"):
             ScannerTransfer({**t.profile, "mtf": {**t.profile["mtf"], **bad}})

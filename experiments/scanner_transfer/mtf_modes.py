@@ -9,8 +9,8 @@ Laplacian variance 586 / 547 / 664 on slides 03 / 04 / 05) while the Hamamatsu s
 Hamamatsu's focus varies from slide to slide, so a scanner-to-scanner ratio learned on two slides misses the third.
 ``ScannerTransfer.fit(..., mtf_mode="matched")`` instead filters each tile, when it is transformed, from its own
 tissue spectrum towards the destination's reference spectrum (shaped and capped like the relative gain). This
-compares, leave one slide out, the colour part alone and the colour part with either MTF (no noise part in any
-row), scored with shared/eval/score_pairs.py: mean CIEDE2000 and its paired difference to the leave-one-slide-out
+compares, leave one slide out, the colour part alone and the colour part with either MTF, fitted from the pairs and
+by fit_unpaired from the same training tiles as two unpaired sets (no noise part in any row), scored with shared/eval/score_pairs.py: mean CIEDE2000 and its paired difference to the leave-one-slide-out
 affine baseline (bootstrap 95 % CI over the 60 crops), the mean sharpness ratio to the twin over all crops and per
 held-out slide. Then the same on synthetic pairs whose blur is known (the bundled sample tiles, scanner A's focus
 varying by "slide"), at a fixed high gain cap and at the cross-validated one. Writes results/mtf_modes.md and .json.
@@ -77,6 +77,10 @@ def main():
             outs = {"colour only": ScannerTransfer({**st.profile, "parts": ["colour"]}, seed=0).augment(src[te]),
                     "relative MTF (default)": st.augment(src[te]),
                     "matched MTF (mtf_mode=\"matched\")": matched.augment(src[te])}
+            for mode in ("relative", "matched"):  # the unpaired fit (colour, MTF; no noise) on the same training tiles
+                un = ScannerTransfer.fit_unpaired(list(src[tr]), list(dst[tr]), parts=("colour", "mtf"), mpp=0.25,
+                                                  mtf_mode=mode)
+                outs[f"unpaired fit, {mode} MTF"] = un.augment(src[te])
             for name, o in outs.items():
                 r = rows.setdefault(name, {"delta_e2000": [], "sharpness": {}})
                 r["delta_e2000"] += [scorer.tissue_delta_e(x, y) for x, y in zip(o, dst[te])]

@@ -370,7 +370,7 @@ class ScannerTransfer(ShiftkitAugmentation):
     @classmethod
     def fit_unpaired(cls, src_images: Any, dst_images: Any, *, parts: Sequence[str] = ("colour", "mtf", "noise"),
                      mpp: Optional[float] = None, name: str = "", held_out: bool = False, source: str = "",
-                     mtf_max_gain: Optional[float] = None, **kwargs: Any) -> "ScannerTransfer":
+                     mtf_max_gain: Optional[float] = None, mtf_mode: str = "relative", **kwargs: Any) -> "ScannerTransfer":
         """The weaker option: a transfer from two *unpaired* sets of similar tissue (stain and sharpness statistics
         only). The colour map is the affine map that moves the source's tissue colour mean and covariance onto the
         destination's (a Monge map between Gaussians in sRGB); the MTF is the ratio of the sets' mean power
@@ -386,6 +386,8 @@ class ScannerTransfer(ShiftkitAugmentation):
             held_out: flag the profile as held-out.
             source: where the images come from.
             mtf_max_gain: cap on the MTF's gain (default: chosen among :data:`MTF_MAX_GAINS` as above).
+            mtf_mode: ``"relative"`` (the ratio of the sets' spectra) or ``"matched"`` (each tile towards the
+                destination set's tissue spectrum, with the cap above; see :meth:`fit`).
             kwargs: constructor arguments of the returned transform.
 
         Returns:
@@ -393,6 +395,8 @@ class ScannerTransfer(ShiftkitAugmentation):
         """
         parts = _check_parts(parts)
         _check_max_gain(mtf_max_gain)
+        if mtf_mode not in MTF_MODES:
+            raise InvalidArgumentError(f"`mtf_mode` is invalid: expected one of {MTF_MODES}, got {mtf_mode!r}")
         if "jpeg" in parts:
             raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
@@ -423,7 +427,10 @@ class ScannerTransfer(ShiftkitAugmentation):
                     ratios[cap].append(_laplacian_var(y) / max(target, 1e-9))
             cap = _closest_cap(ratios)
             profile["mtf"] = {"gain": gains[cap].tolist(), "mpp": mpp}
-            profile["fit"]["mtf"] = {"fitted": True, "unpaired": True, "max_gain": cap, "max_gain_chosen_by_cv": False,
+            if mtf_mode == "matched":
+                profile["mtf"].update(mode="matched", max_gain=cap, reference_power=_reference_power(dst).tolist())
+            profile["fit"]["mtf"] = {"fitted": True, "unpaired": True, "mode": mtf_mode, "max_gain": cap,
+                                     "max_gain_chosen_by_cv": False,
                                      "sharpness_ratio_geomean_by_max_gain": {str(c): _geomean(r) for c, r in ratios.items()}}
             profile["parts"].append("mtf")
         if "noise" in parts:
