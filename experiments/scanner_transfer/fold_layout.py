@@ -10,7 +10,6 @@ without, in 5 interleaved folds (pair i in fold i mod 5: the earlier default, un
 field score each other). Scored with shared/eval/score_pairs.py against the leave-one-slide-out affine baseline
 (mean paired difference, bootstrap 95 % CI over the 60 crops). Writes results/fold_layout.md and .json.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -40,15 +39,11 @@ LAYOUTS = {"slide ids (leave one slide out)": (True, CONSECUTIVE), "no slide ids
 
 def main():
     scorer = run.load_scorer(run.SHARED / "eval" / "score_pairs.py")
-    folder = run.SHARED / "data" / "mitos_scanner_pairs_dev"
     out = {}
     for d in ("a2h", "h2a"):
-        src, dst, slides = run.load_pairs(folder, d)
         base, rows = [], {k: {"delta_e2000": [], "chosen": {}} for k in LAYOUTS}
-        for s in sorted(set(slides)):
-            tr, te = slides != s, slides == s
-            w = run.affine_fit(src[tr], dst[tr])
-            base += [scorer.tissue_delta_e(run.affine_apply(x, w), y) for x, y in zip(src[te], dst[te])]
+        for s, tr, te, src, dst, slides, b in run.loso_dev_pairs(d, scorer):
+            base += b
             for name, (with_ids, folds) in LAYOUTS.items():
                 st_mod._folds = folds
                 try:
@@ -58,23 +53,17 @@ def main():
                     st_mod._folds = CONSECUTIVE
                 rows[name]["delta_e2000"] += [scorer.tissue_delta_e(x, y) for x, y in zip(t.augment(src[te]), dst[te])]
                 rows[name]["chosen"][s] = t.profile["fit"]["colour"]["chosen"]
-        for name, r in rows.items():
-            diff, lo, hi = run.bootstrap_diff(np.array(r["delta_e2000"]), np.array(base))
-            r.update(mean=float(np.mean(r["delta_e2000"])), delta_vs_affine=[diff, lo, hi])
+        for r in rows.values():
+            r.update(run.against_baseline(r["delta_e2000"], base))
         out[d] = {"affine_mean": float(np.mean(base)), "layouts": rows}
-    (HERE / "results" / "fold_layout.json").write_text(json.dumps(out, indent=1))
     lines = ["# Cross-validation folds without slide ids (MITOS dev pairs, leave one slide out, colour part only)", "",
              "Mean CIEDE2000 (score_pairs.py) on the held-out slide; Δ vs the leave-one-slide-out affine 3x4 sRGB baseline, "
              "bootstrap 95 % CI over the 60 crops; the map each fit chose, per held-out slide 03/04/05.", ""]
     for d, r in out.items():
         lines += [f"## {d}", "", "| folds of the inner cross-validation | ΔE2000 | Δ vs affine [95% CI] | chosen maps |", "|---|---|---|---|"]
-        for name, x in r["layouts"].items():
-            dv = x["delta_vs_affine"]
-            lines.append(f"| {name} | {x['mean']:.2f} | {dv[0]:+.2f} [{dv[1]:+.2f}, {dv[2]:+.2f}] | "
-                         f"{', '.join(x['chosen'][s] for s in sorted(x['chosen']))} |")
-        lines.append("")
-    (HERE / "results" / "fold_layout.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        lines += [f"| {name} | {run.cells(x)} | {', '.join(x['chosen'][s] for s in sorted(x['chosen']))} |"
+                  for name, x in r["layouts"].items()] + [""]
+    run.save_results("fold_layout", out, lines)
 
 
 if __name__ == "__main__":

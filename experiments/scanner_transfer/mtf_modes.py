@@ -15,7 +15,6 @@ affine baseline (bootstrap 95 % CI over the 60 crops), the mean sharpness ratio 
 held-out slide. Then the same on synthetic pairs whose blur is known (the bundled sample tiles, scanner A's focus
 varying by "slide"), at a fixed high gain cap and at the cross-validated one. Writes results/mtf_modes.md and .json.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -61,19 +60,15 @@ def synthetic():
 
 def main():
     scorer = run.load_scorer(run.SHARED / "eval" / "score_pairs.py")
-    folder = run.SHARED / "data" / "mitos_scanner_pairs_dev"
     out = {}
     for d in ("a2h", "h2a"):
-        src, dst, slides = run.load_pairs(folder, d)
         base, rows, caps = [], {}, {}
-        for s in sorted(set(slides)):
-            tr, te = slides != s, slides == s
-            w = run.affine_fit(src[tr], dst[tr])
-            base += [scorer.tissue_delta_e(run.affine_apply(x, w), y) for x, y in zip(src[te], dst[te])]
+        for s, tr, te, src, dst, slides, b in run.loso_dev_pairs(d, scorer):
+            base += b
             fit = dict(slides=list(slides[tr]), mpp=0.25, parts=("colour", "mtf"))
             st = ScannerTransfer.fit(src[tr], dst[tr], **fit)
             matched = ScannerTransfer.fit(src[tr], dst[tr], mtf_mode="matched", **fit)
-            caps[str(s)] = st.profile["fit"]["mtf"]["max_gain"]
+            caps[s] = st.profile["fit"]["mtf"]["max_gain"]
             outs = {"colour only": ScannerTransfer({**st.profile, "parts": ["colour"]}, seed=0).augment(src[te]),
                     "relative MTF (default)": st.augment(src[te]),
                     "matched MTF (mtf_mode=\"matched\")": matched.augment(src[te])}
@@ -84,16 +79,14 @@ def main():
             for name, o in outs.items():
                 r = rows.setdefault(name, {"delta_e2000": [], "sharpness": {}})
                 r["delta_e2000"] += [scorer.tissue_delta_e(x, y) for x, y in zip(o, dst[te])]
-                r["sharpness"][str(s)] = [scorer.sharpness(x) / scorer.sharpness(y) for x, y in zip(o, dst[te])]
-            print(f"{d} slide {s}: gain cap {caps[str(s)]:g}", flush=True)
+                r["sharpness"][s] = [scorer.sharpness(x) / scorer.sharpness(y) for x, y in zip(o, dst[te])]
+            print(f"{d} slide {s}: gain cap {caps[s]:g}", flush=True)
         for r in rows.values():
-            diff = run.bootstrap_diff(np.array(r["delta_e2000"]), np.array(base))
-            r.update(mean=float(np.mean(r["delta_e2000"])), delta_vs_affine=list(diff),
+            r.update(run.against_baseline(r["delta_e2000"], base),
                      sharpness_mean=float(np.mean([v for x in r["sharpness"].values() for v in x])),
                      sharpness_per_slide={s: float(np.mean(x)) for s, x in r["sharpness"].items()})
         out[d] = {"gain_caps": caps, "rows": rows}
     out["synthetic"] = synthetic()
-    (HERE / "results" / "mtf_modes.json").write_text(json.dumps(out, indent=1))
     lines = ["# The MTF part: relative (one gain) or matched (each tile towards the destination's spectrum), leave one slide out",
              "", "MITOS dev pairs; colour part as ScannerTransfer.fit fits it; no noise part. ΔE2000 and Δ vs the affine "
              "baseline (bootstrap 95 % CI over 60 crops) by score_pairs.py; sharpness = Laplacian variance of the output "
@@ -102,10 +95,8 @@ def main():
         sl = sorted(next(iter(r["rows"].values()))["sharpness_per_slide"])
         lines += [f"## {d}", "", f"| MTF | ΔE2000 | Δ vs affine [95% CI] | sharpness | {' | '.join('slide ' + s for s in sl)} |",
                   "|---|---|---|---|" + "---|" * len(sl)]
-        for name, x in r["rows"].items():
-            dv = x["delta_vs_affine"]
-            lines.append(f"| {name} | {x['mean']:.2f} | {dv[0]:+.2f} [{dv[1]:+.2f}, {dv[2]:+.2f}] | {x['sharpness_mean']:.2f} | "
-                         + " | ".join(f"{x['sharpness_per_slide'][s]:.2f}" for s in sl) + " |")
+        lines += [f"| {name} | {run.cells(x)} | {x['sharpness_mean']:.2f} | "
+                  + " | ".join(f"{x['sharpness_per_slide'][s]:.2f}" for s in sl) + " |" for name, x in r["rows"].items()]
         lines += ["", f"Gain caps chosen by the fits' cross-validation: {r['gain_caps']}.", ""]
     lines += ["## Synthetic: scanner A's focus varies, B is sharp", "",
               "The bundled sample tiles (12 to fit, 6 to test) as B; A = B blurred by a Gaussian whose σ (px) differs by "
@@ -115,9 +106,7 @@ def main():
     for row in out["synthetic"]:
         lines.append(f"| {' / '.join(map(str, row['fit_sigma']))} | {row['cap']} | {row['mode']} | "
                      f"{' / '.join(map(str, row['test_sigma']))} | {' / '.join(f'{v:.2f}' for v in row['sharpness'])} |")
-    lines.append("")
-    (HERE / "results" / "mtf_modes.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    run.save_results("mtf_modes", out, lines + [""])
 
 
 if __name__ == "__main__":

@@ -145,6 +145,39 @@ def bootstrap_diff(a, b, n=2000, seed=0):
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def loso_dev_pairs(direction, scorer, folder=None):
+    """The side experiments' loop: the MITOS dev pairs in ``direction``, leave one slide out. Yields
+    ``(slide, train mask, test mask, src, dst, slides, the affine baseline's CIEDE2000 per held-out crop)``."""
+    src, dst, slides = load_pairs(Path(folder) if folder else SHARED / "data" / "mitos_scanner_pairs_dev", direction)
+    for s in sorted(set(slides)):
+        tr, te = slides != s, slides == s
+        yield str(s), tr, te, src, dst, slides, affine_scores(src, dst, tr, te, scorer)
+
+
+def affine_scores(src, dst, tr, te, scorer):
+    """The baseline's CIEDE2000 per held-out crop: the 3x4 affine sRGB map fitted on the training pairs."""
+    w = affine_fit(src[tr], dst[tr])
+    return [scorer.tissue_delta_e(affine_apply(x, w), y) for x, y in zip(src[te], dst[te])]
+
+
+def against_baseline(scores, base):
+    """Mean CIEDE2000 and the paired difference to the baseline with its bootstrap 95 % CI, for the side experiments."""
+    return {"mean": float(np.mean(scores)), "delta_vs_affine": list(bootstrap_diff(np.array(scores), np.array(base)))}
+
+
+def cells(x):
+    """Markdown cells 'mean | Δ [lo, hi]' of an :func:`against_baseline` record."""
+    d = x["delta_vs_affine"]
+    return f"{x['mean']:.2f} | {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
+
+
+def save_results(stem, data, lines):
+    """Write results/STEM.json and results/STEM.md and print the markdown."""
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (HERE / "results" / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def summarise(rows):
     out = {}
     for direction in sorted({r["direction"] for r in rows}):
