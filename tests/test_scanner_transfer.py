@@ -269,6 +269,7 @@ def test_mtf_filter_matches_numpy_on_odd_and_even_sizes_at_any_strength(size):
     out = torch.zeros(3, 3, h, 2 * w)[..., ::2]
     assert T.mtf_filter(x, gain, strength, out=out) is out and torch.equal(out, got)
     assert T.mtf_filter(x[:0], gain, strength[:0]).shape == (0, 3, h, w)
+    assert torch.equal(got[2], x[2])  # strength 0: the input itself, not an FFT round trip of it
 
 
 def test_a_rising_mtf_leaves_the_coarse_scales_alone_and_is_capped():

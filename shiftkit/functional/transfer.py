@@ -284,8 +284,8 @@ def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Filter ``(B, 3, H, W)`` by the radial gain ``gain`` ``(K,)`` (bins over [0, 0.5] cycles/px; or one gain per
     sample, ``(B, K)``) raised to the per-sample ``strength`` ``(B,)``; linear interpolation between bin centres; the
-    mean (f = 0) is kept. The result is clamped to ``[0, 1]`` and written into ``out`` when given (float32, the
-    shape of ``images``)."""
+    mean (f = 0) is kept; a sample at strength 0 comes back exactly (clamped). The result is clamped to ``[0, 1]``
+    and written into ``out`` when given (float32, the shape of ``images``)."""
     b, c, h, w = images.shape
     if images.numel() == 0:  # nothing to filter (torch.fft refuses an empty batch)
         return out if out is not None else images.clone()
@@ -301,9 +301,12 @@ def mtf_filter(images: torch.Tensor, gain: torch.Tensor, strength: torch.Tensor,
     else:  # per-sample powers; samples at strength 1 get the gain exactly, whatever their batch mates
         filt = torch.where((s == 1).view(-1, 1, 1, 1), gf, torch.exp(s.view(-1, 1, 1, 1) * torch.log(gf)))
     spec = torch.fft.rfft2(x).mul_(filt)
-    if out is not None:
-        return torch.fft.irfft2(spec, s=(h, w), out=out).clamp_(0.0, 1.0)
-    return torch.fft.irfft2(spec, s=(h, w)).clamp_(0.0, 1.0).to(images.dtype)
+    y = torch.fft.irfft2(spec, s=(h, w), out=out) if out is not None else torch.fft.irfft2(spec, s=(h, w))
+    y.clamp_(0.0, 1.0)
+    zero = s == 0
+    if bool(zero.any()):  # strength 0 is the identity exactly, not up to an FFT round trip
+        y[zero] = x[zero].clamp(0.0, 1.0)
+    return y if out is not None else y.to(images.dtype)
 
 
 #: Grayscale level under which an 8×8 block counts as tissue in :func:`tissue_power` (about L* 85, the scorer's).
