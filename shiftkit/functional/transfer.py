@@ -227,25 +227,29 @@ def relative_mtf(src_power: Sequence[np.ndarray], dst_power: Sequence[np.ndarray
 
 
 def _shape_gain(g: np.ndarray, max_gain: float, low_band: Tuple[float, float], isotonic) -> np.ndarray:
-    """:func:`relative_mtf`'s shaping of a raw gain ``g`` ``(K,)``: 3-bin running median, monotone from g(0) = 1 by
-    ``isotonic(log g, weights, increasing)``, the rising gain's low band, the cap."""
+    """:func:`relative_mtf`'s shaping of raw gains ``g`` ``(K,)`` or ``(B, K)`` (row by row): 3-bin running median,
+    monotone from g(0) = 1 by ``isotonic(log g, weights, increasing)``, the rising gain's low band, the cap."""
     lo, hi = low_band
     g = np.array(g, np.float64)
-    g[0] = 1.0
+    one = g.ndim == 1
+    g = np.atleast_2d(g)
+    g[:, 0] = 1.0
     g = np.clip(g, 1e-6, 1e6)
-    padded = np.concatenate([g[:1], g, g[-1:]])
-    g = np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
-    g[0] = 1.0
-    blurrier = float(np.median(g[len(g) // 2:])) < 1.0
-    weight = np.ones(len(g))
+    padded = np.concatenate([g[:, :1], g, g[:, -1:]], axis=1)
+    g = np.median(np.stack([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]]), axis=0)
+    g[:, 0] = 1.0
+    k = g.shape[1]
+    blurrier = np.median(g[:, k // 2:], axis=1) < 1.0  # (B,)
+    weight = np.ones(k)
     weight[0] = 1e6  # pins g(0) = 1
-    log_g = isotonic(np.log(g), weight, not blurrier)
-    log_g = np.minimum(log_g, 0.0) if blurrier else np.maximum(log_g, 0.0)
-    centres = (np.arange(len(g)) + 0.5) / len(g) * 0.5
-    t = np.ones(len(g)) if blurrier else np.clip((centres - lo) / (hi - lo), 0.0, 1.0)
+    log_g = np.stack([isotonic(np.log(row), weight, not b) for row, b in zip(g, blurrier)]) if len(g) else np.log(g)
+    log_g = np.where(blurrier[:, None], np.minimum(log_g, 0.0), np.maximum(log_g, 0.0))
+    centres = (np.arange(k) + 0.5) / k * 0.5
+    t = np.where(blurrier[:, None], 1.0, np.clip((centres - lo) / (hi - lo), 0.0, 1.0)[None])
     out = np.exp(log_g * t * t * (3.0 - 2.0 * t))
-    out[0] = 1.0
-    return np.clip(out, 0.0, max_gain)
+    out[:, 0] = 1.0
+    out = np.clip(out, 0.0, max_gain)
+    return out[0] if one else out
 
 
 def _radial_grid(gain: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -363,8 +367,7 @@ def matched_gains(power: torch.Tensor, reference: np.ndarray, max_gain: float) -
     def isotonic(y, weight, increasing):  # the function behind IsotonicRegression, without the estimator's overhead
         return isotonic_regression(y, sample_weight=weight, increasing=increasing)
 
-    gains = [_shape_gain(row, max_gain, LOW_BAND, isotonic) for row in raw]
-    return torch.tensor(np.stack(gains) if gains else np.zeros((0, len(ref))), dtype=torch.float32)
+    return torch.tensor(_shape_gain(raw.reshape(-1, len(ref)), max_gain, LOW_BAND, isotonic), dtype=torch.float32)
 
 
 def resample_power(power: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:
