@@ -327,9 +327,9 @@ def tissue_power(images: torch.Tensor, bins: int = MTF_BINS) -> torch.Tensor:
     different sizes and tissue fractions compare. Batched on the input's device (the matched MTF computes it for
     every tile it filters)."""
     b, _, h, w = images.shape
-    dev = x_dev = images.device
+    dev = images.device
     x = images.float().reshape(b, 3, h * w)
-    gray = torch.matmul(torch.tensor([[0.299, 0.587, 0.114]], device=x_dev), x).view(b, 1, h, w)  # one pass
+    gray = torch.matmul(torch.tensor([[0.299, 0.587, 0.114]], device=dev), x).view(b, 1, h, w)  # one pass
     nn = torch.nn.functional
     blocks = nn.adaptive_avg_pool2d(gray, (max(1, -(-h // 8)), max(1, -(-w // 8))))
     tissue = (blocks < TISSUE_GRAY).float()
@@ -374,9 +374,7 @@ def resample_power(power: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:
     """A :func:`tissue_power` reference measured at ``fit_mpp`` µm/px, for tiles at ``mpp``: the frequency axis as in
     :func:`resample_gain`, and the density scaled by ``(fit_mpp / mpp)²`` (the same variance over a band of
     physical frequencies spreads over ``(mpp / fit_mpp)²`` times the area in cycles/px)."""
-    k = len(power)
-    centres = (np.arange(k) + 0.5) / k * 0.5
-    return np.interp(np.clip(centres * fit_mpp / mpp, 0, 0.5), centres, power) * (fit_mpp / mpp) ** 2
+    return resample_gain(power, fit_mpp, mpp) * (fit_mpp / mpp) ** 2
 
 
 def resample_gain(gain: np.ndarray, fit_mpp: float, mpp: float) -> np.ndarray:

@@ -54,11 +54,21 @@ def _uint8_list(images: Any, arg: str) -> List[np.ndarray]:
     return out
 
 
+def _float(img: np.ndarray) -> torch.Tensor:
+    """One ``(H, W, 3)`` uint8 image as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``."""
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    """The inverse of :func:`_float` for a ``(1, 3, H, W)`` result in ``[0, 1]``."""
+    return (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def _tissue(img: np.ndarray) -> np.ndarray:
     """The ``(H, W)`` tissue mask (0/1) of ``(H, W, 3)`` uint8."""
     from ..stain.mask import tissue_mask
 
-    return tissue_mask(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy()
+    return tissue_mask(_float(img))[0, 0].numpy()
 
 
 def _tissue_fraction(img: np.ndarray) -> float:
@@ -305,8 +315,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         colour_candidates = _check_candidates(colour_candidates)
         colour_losses = _check_losses(colour_losses)
         _check_max_gain(mtf_max_gain)
-        if mtf_mode not in MTF_MODES:
-            raise InvalidArgumentError(f"`mtf_mode` is invalid: expected one of {MTF_MODES}, got {mtf_mode!r}")
+        _check_mtf_mode(mtf_mode)
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
             raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
@@ -342,9 +351,7 @@ class ScannerTransfer(ShiftkitAugmentation):
             if "colour" in profile["parts"]:
                 c = profile["colour"]
                 w = torch.tensor(c["weights"], dtype=torch.float64)
-                mapped = [(T.apply_colour_map(torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255, w, c["space"],
-                                              int(c["degree"]), torch.ones(1), _out_space(c))[0].permute(1, 2, 0) * 255
-                           ).round().byte().numpy()
+                mapped = [_u8(T.apply_colour_map(_float(x), w, c["space"], int(c["degree"]), torch.ones(1), _out_space(c)))
                           for x in s_used]
             mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used, max_gain=mtf_max_gain, mode=mtf_mode)
             profile["fit"]["mtf"] = report
@@ -395,8 +402,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         """
         parts = _check_parts(parts)
         _check_max_gain(mtf_max_gain)
-        if mtf_mode not in MTF_MODES:
-            raise InvalidArgumentError(f"`mtf_mode` is invalid: expected one of {MTF_MODES}, got {mtf_mode!r}")
+        _check_mtf_mode(mtf_mode)
         if "jpeg" in parts:
             raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
@@ -420,10 +426,9 @@ class ScannerTransfer(ShiftkitAugmentation):
             gains = {cap: T.relative_mtf([ps], [pd], max_gain=cap) for cap in caps}
             ratios: Dict[float, List[float]] = {cap: [] for cap in caps}
             for a in src:  # one image at a time: the sets may mix sizes
-                x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+                x = _float(a)
                 for cap, g in gains.items():
-                    y = (T.mtf_filter(x, torch.tensor(g, dtype=torch.float32), torch.ones(1))[0].permute(1, 2, 0) * 255
-                         ).round().byte().numpy()
+                    y = _u8(T.mtf_filter(x, torch.tensor(g, dtype=torch.float32), torch.ones(1)))
                     ratios[cap].append(_laplacian_var(y) / max(target, 1e-9))
             cap = _closest_cap(ratios)
             profile["mtf"] = {"gain": gains[cap].tolist(), "mpp": mpp}
@@ -458,6 +463,11 @@ def _check_candidates(candidates: Any) -> Tuple[Tuple[str, str, int], ...]:
         raise InvalidArgumentError(f"`colour_candidates` is invalid: expected (space, out_space, degree) triples with "
                                    f"spaces in {T.SPACES} and degree 1-5, got {candidates!r}")
     return out
+
+
+def _check_mtf_mode(mode: Any) -> None:
+    if mode not in MTF_MODES:
+        raise InvalidArgumentError(f"`mtf_mode` is invalid: expected one of {MTF_MODES}, got {mode!r}")
 
 
 def _check_losses(losses: Any) -> Tuple[str, ...]:
@@ -606,14 +616,6 @@ def _closest_cap(ratios: Dict[float, List[float]]) -> Optional[float]:
     return min(scores, key=lambda c: (round(scores[c], 3), c)) if scores else None
 
 
-def _u8(x: torch.Tensor) -> np.ndarray:
-    return (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
-
-
-def _float(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-
-
 def _reference_power(images: Sequence[np.ndarray]) -> np.ndarray:
     """The destination's reference spectrum of a matched MTF: the geometric mean of the tiles' tissue_power."""
     logs = [np.log(np.maximum(T.tissue_power(_float(d))[0].double().numpy(), 1e-30)) for d in images]
@@ -643,7 +645,7 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None, mode="relative"):
     de_after: Dict[float, List[float]] = {c: [] for c in caps}
     g_rich = [groups[i] for i in rich] if groups is not None else None
     for tr, te in _folds(g_rich, len(rich)):
-        xs = [torch.from_numpy(src[rich[j]]).permute(2, 0, 1)[None].float() / 255 for j in te]  # pairs may differ in size
+        xs = [_float(src[rich[j]]) for j in te]  # pairs may differ in size
         done: List[Tuple[np.ndarray, List[float], List[float]]] = []
         for cap in caps:
             gtr = T.relative_mtf([ps[j] for j in tr], [pd[j] for j in tr], max_gain=cap)
@@ -652,7 +654,7 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None, mode="relative"):
                 ratios, des = same[0]
             else:
                 g = torch.tensor(gtr, dtype=torch.float32)
-                outs = [(T.mtf_filter(x, g, torch.ones(1))[0] * 255).round().byte().permute(1, 2, 0).numpy() for x in xs]
+                outs = [_u8(T.mtf_filter(x, g, torch.ones(1))) for x in xs]
                 ratios = [_laplacian_var(o) / dst_var[j] for o, j in zip(outs, te)]
                 des = [_delta_e(T.block_means(o), dst_blocks[j], tissue[j]) for o, j in zip(outs, te)]
                 done.append((gtr, ratios, des))
