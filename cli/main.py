@@ -616,6 +616,12 @@ def scanner_fit_report(profile: dict) -> str:
                        "space-degree[-loss: l1 = least residual lengths; none = least squares], cheapest first):"), "",
                   "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
         lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
+        dom = profile.get("colour", {}).get("domain")
+        if dom is not None:
+            q = c.get("domain_quantiles", [0.001, 0.999])
+            lines += ["", (f"Input domain of the map (the {100 * q[0]:g} % and {100 * q[1]:g} % quantiles of the training "
+                           f"tissue pixels in its input space, {profile['colour']['space']}; inputs beyond are held at its "
+                           f"edge): low {'/'.join(f'{v:.3f}' for v in dom[0])}, high {'/'.join(f'{v:.3f}' for v in dom[1])}.")]
     m = fit.get("mtf")
     if m:
         if m.get("unpaired"):

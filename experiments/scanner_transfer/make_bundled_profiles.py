@@ -8,8 +8,14 @@ images are downsampled overviews of unknown µm/px, so no MTF is fitted. Only th
 (shiftkit/shifts/profiles), with their source named; the images stay in shared/data (licence unverified).
 
     python experiments/scanner_transfer/make_bundled_profiles.py [--data ../shared/data] [--out shiftkit/shifts/profiles]
+    python experiments/scanner_transfer/make_bundled_profiles.py --add-domain   # keep the shipped maps, add their domain
+
+``--add-domain`` refits each shipped profile's own map only (its weights must come back unchanged) and writes the
+input domain and the affine slope beyond it that fits now record into the shipped file, leaving its map and cross-validation report as they were
+(a full refit picks CIELAB outputs at equal CV error, slower to apply).
 """
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data" / "scanners5_same_region"))
     ap.add_argument("--out", default=str(HERE.parents[1] / "shiftkit" / "shifts" / "profiles"))
+    ap.add_argument("--add-domain", action="store_true",
+                    help="add the input domain and the slope beyond it to the shipped maps, unchanged")
     a = ap.parse_args(argv)
     data, out = Path(a.data), Path(a.out)
     imgs = {k: np.array(Image.open(data / f"{k}.png").convert("RGB")) for k in NAMES}
@@ -42,6 +50,21 @@ def main(argv=None):
     imgs = {k: x[:side, :side] for k, x in imgs.items()}
     src = blocks(imgs["aperio"])
     for dst_name, held_out in FLAGS.items():
+        if a.add_domain:
+            path = out / f"scanners5-aperio-to-{dst_name}.json"
+            shipped = json.loads(path.read_text())
+            c = shipped["colour"]
+            candidate = (c["space"], c.get("out_space", c["space"]), int(c["degree"]))
+            t = ScannerTransfer.fit(src, blocks(imgs[dst_name]), parts=("colour",), slides=[0, 1, 2, 3], max_shift_px=24,
+                                    colour_candidates=[candidate])
+            diff = float(np.abs(np.asarray(t.profile["colour"]["weights"]) - np.asarray(c["weights"])).max())
+            if diff > 1e-9:
+                raise SystemExit(f"{path.name}: the refitted map differs from the shipped one by {diff:.2e}; refit in full")
+            c["domain"], c["beyond_slope"] = t.profile["colour"]["domain"], t.profile["colour"]["beyond_slope"]
+            shipped["fit"]["colour"]["domain_quantiles"] = t.profile["fit"]["colour"]["domain_quantiles"]
+            path.write_text(json.dumps(shipped, indent=2))
+            print(f"{path.name}: map {candidate} unchanged (max weight difference {diff:.1e}); domain {c['domain']}")
+            continue
         t = ScannerTransfer.fit(src, blocks(imgs[dst_name]), parts=("colour",), slides=[0, 1, 2, 3],
                                 name=f"scanners5-aperio-to-{dst_name}", held_out=held_out,
                                 source=f"{NAMES['aperio']} -> {NAMES[dst_name]}: {SOURCE}", max_shift_px=24)

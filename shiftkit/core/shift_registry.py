@@ -23,7 +23,9 @@ REFERENCE_MPP = 0.5
 #: or a preset's ranges (with the golden outputs in tests/golden), recorded in every manifest and report.
 #: 1: the first tables. 2: stain-hue severities (3, 6, 9, 12, 15)° (were 2, 4, 6, 9, 12) and the StainAugment
 #: "strong" preset's angle 0–15° (was 0–10°), calibrated on a real scanner change (experiments/calibration).
-SEVERITY_TABLE_VERSION = 2
+#: 3: the bundled scanner-transfer profiles' colour maps go on linearly beyond their input domain (same maps inside;
+#: before, the cubic everywhere).
+SEVERITY_TABLE_VERSION = 3
 
 
 @dataclass(frozen=True)

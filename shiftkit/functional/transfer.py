@@ -123,32 +123,81 @@ def weighted_ridge(x: np.ndarray, y: np.ndarray, weight: np.ndarray, ridge: floa
     return coef
 
 
+#: Quantiles of the training tissue pixels that bound a colour map's input (see :func:`colour_domain`).
+DOMAIN_QUANTILES = (0.001, 0.999)
+
+
+def colour_domain(pixels: np.ndarray, space: str, quantiles: Tuple[float, float] = DOMAIN_QUANTILES) -> np.ndarray:
+    """``(2, 3)``: per channel, the ``quantiles`` (default 0.1 % and 99.9 %) of ``(N, 3)`` sRGB ``pixels`` in
+    ``[0, 1]`` taken to ``space`` — the input range a colour map was fitted on, beyond which
+    :func:`apply_colour_map` continues the polynomial linearly (a polynomial of degree 3 fitted on tissue can turn
+    round outside it: darker tissue came out lighter)."""
+    _check_space(space)
+    v = _to_space(torch.from_numpy(np.asarray(pixels, np.float64).reshape(-1, 3)), space).numpy()
+    if len(v) == 0:
+        raise InvalidArgumentError("`pixels` is empty: expected the tissue pixels the colour map was fitted on")
+    return np.quantile(v, quantiles, axis=0)
+
+
 def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, degree: int,
-                     strength: torch.Tensor, out_space: str | None = None) -> torch.Tensor:
+                     strength: torch.Tensor, out_space: str | None = None,
+                     domain: torch.Tensor | np.ndarray | None = None,
+                     slope: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
     """Apply a fitted colour map to ``(B, 3, H, W)`` in ``[0, 1]`` with per-sample ``strength`` ``(B,)``.
 
     The map is separable per input channel, so it runs as one ``(3·degree) → 3`` channel mix of the power planes
     in float32 (float64 inputs stay float64); the result equals :func:`colour_features` ``@ weights`` up to
     float32 rounding, taken from ``out_space`` (default ``space``) back to sRGB. Strength interpolates in sRGB.
+
+    ``domain`` ``(2, 3)`` (rows: low and high, in ``space``; from :func:`colour_domain`): the polynomial is
+    evaluated on the input held inside it, per channel. Beyond it the map goes on linearly with ``slope`` ``(3, 3)``
+    (row i: the output's change per unit of input channel i, in the map's spaces; the affine fit's, see
+    :func:`fit_colour_map`): ``map(x) = poly(c) + slope^T (x − c)`` with ``c`` the held input — continuous, and
+    no steeper or more curved than the affine map where the polynomial has no data. Without ``slope`` the map is
+    constant beyond the domain.
     """
     out_space = space if out_space is None else out_space
     _check_space(space)
     _check_space(out_space, "out_space")
     dt = torch.float64 if images.dtype == torch.float64 else torch.float32
     b, _, h, wd = images.shape
-    planes = torch.empty(b, 3 * degree, h * wd, dtype=dt, device=images.device)
-    if space == "od":  # straight into the first planes: no separate tensor to copy there
-        torch.clamp_min(images.to(dt).reshape(b, 3, -1), 1.0 / 255.0, out=planes[:, :3]).log_().neg_()
+    beyond = domain is not None and slope is not None
+    planes = torch.empty(b, 3 * degree + (3 if beyond else 0), h * wd, dtype=dt, device=images.device)
+    head, ext = planes[:, :3], (planes[:, 3 * degree:] if beyond else None)
+    lo = hi = None
+    if domain is not None:
+        dom = torch.as_tensor(np.asarray(domain, np.float64) if not torch.is_tensor(domain) else domain.detach().cpu(),
+                              dtype=torch.float64)
+        lo, hi = (t.to(device=images.device, dtype=dt).view(1, 3, 1) for t in (dom[0], dom[1]))
+    x = images.to(dt).reshape(b, 3, -1)
+    if space == "od" and not beyond:  # straight into the first planes, held inside the domain in sRGB, where the
+        if lo is None:                # logarithm needs a clamp anyway: OD in [lo, hi] is sRGB in [e^-hi, e^-lo]
+            torch.clamp_min(x, 1.0 / 255.0, out=head)
+        else:
+            torch.clamp(x, torch.exp(-hi).clamp_min(1.0 / 255.0), torch.exp(-lo), out=head)
+        head.log_().neg_()
     else:
-        planes[:, :3] = _to_space(images.to(dt), space).reshape(b, 3, -1)
+        if space == "od":  # the input in its space, unheld, into the slot of the excess
+            v = torch.clamp_min(x, 1.0 / 255.0, out=ext).log_().neg_()
+        else:
+            v = x if space == "srgb" else _to_space(images.to(dt), space).reshape(b, 3, -1)
+        if lo is None:
+            head.copy_(v)
+        else:
+            torch.clamp(v, lo, hi, out=head)
+            if beyond:  # the excess beyond the domain (0 inside)
+                torch.sub(v, head, out=ext)
     w = weights.detach().to("cpu", torch.float64)
+    if beyond:  # the slope's rows mix the excess planes, after the polynomial's
+        w = torch.cat([w, torch.as_tensor(np.asarray(slope, np.float64) if not torch.is_tensor(slope)
+                                          else slope.detach().cpu(), dtype=torch.float64).reshape(3, 3)])
     if out_space == "lab":  # fold L*a*b* = 100·y into the companded values f = A⁻¹(L*a*b* − c): one product fewer
         a_inv, c = lab_inverse_affine(w)
         w = torch.cat([((100.0 * w[0] - c) @ a_inv.t())[None], 100.0 * w[1:] @ a_inv.t()])
     w = w.to(device=images.device, dtype=dt)
     for d in range(1, degree):
         torch.mul(planes[:, 3 * (d - 1):3 * d], planes[:, :3], out=planes[:, 3 * d:3 * (d + 1)])
-    y = torch.matmul(w[1:].t(), planes).add_(w[0].view(1, 3, 1))  # (3, 3·d) @ (B, 3·d, HW)
+    y = torch.matmul(w[1:].t(), planes).add_(w[0].view(1, 3, 1))  # (3, 3·d [+ 3]) @ (B, 3·d [+ 3], HW)
     y = srgb_from_companded(y, (b, 3, h, wd)) if out_space == "lab" else _from_space(y.view(b, 3, h, wd), out_space)
     x0 = images.to(dt)
     s = strength.to(device=images.device, dtype=dt)

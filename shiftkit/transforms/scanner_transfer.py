@@ -179,6 +179,7 @@ class ScannerTransfer(ShiftkitAugmentation):
         self._gain = None if gain is None else torch.tensor(gain, dtype=torch.float32)
         self._weights = (torch.tensor(self.profile["colour"]["weights"], dtype=torch.float64)
                          if "colour" in self.profile["parts"] else None)
+        self._domain, self._beyond = _colour_domain(self.profile)
         self._config.update(profile=self.profile, strength_range=list(self.strength_range), mpp=mpp)
 
     # ------------------------------------------------------------------ profile IO
@@ -224,7 +225,8 @@ class ScannerTransfer(ShiftkitAugmentation):
         y = x
         if self._weights is not None:  # in the order of the fit: the MTF was measured on colour-mapped sources
             c = self.profile["colour"]
-            y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c))
+            y = T.apply_colour_map(y, self._weights, c["space"], int(c["degree"]), s, _out_space(c), self._domain,
+                                   self._beyond)
         if self._gain is not None:
             direct = out is not None and out.dtype == torch.float32 and self.profile["parts"][-1] == "mtf"
             gain = self._gain
@@ -254,7 +256,14 @@ class ScannerTransfer(ShiftkitAugmentation):
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
         :data:`COLOUR_CANDIDATES`) and the loss it is fitted with (``colour_losses``) are chosen by cross-validation
         over ``slides`` (leave one slide out; else 5 folds of consecutive pairs), on the mean CIEDE2000 of 8×8 block means over
-        tissue; a map whose cross-validated residual is not below identity's is an error.
+        tissue; a map whose cross-validated residual is not below identity's is an error. The map's input domain is
+        recorded (``profile["colour"]["domain"]``: per channel of its input space, the 0.1 % and 99.9 % quantiles of
+        the training tissue pixels) with the slope of the affine map fitted on the same pairs (``"beyond_slope"``):
+        inside the domain the map is the polynomial, beyond it the polynomial at the domain's edge plus the affine
+        slope times the excess — in the cross-validation too. Beyond the colours it was fitted on a cubic can turn
+        round: fitted Hamamatsu -> Aperio on the MITOS dev pairs, 13 % of the tissue pixels of darker-stained
+        colorectal tiles came out lighter when made darker; 0.004 % with the domain
+        (experiments/scanner_transfer/domain_check.py).
 
         Args:
             src_images: images of scanner A (a batch, or a sequence of images of any sizes).
@@ -351,8 +360,8 @@ class ScannerTransfer(ShiftkitAugmentation):
             if "colour" in profile["parts"]:
                 c = profile["colour"]
                 w = torch.tensor(c["weights"], dtype=torch.float64)
-                mapped = [_u8(T.apply_colour_map(_float(x), w, c["space"], int(c["degree"]), torch.ones(1), _out_space(c)))
-                          for x in s_used]
+                mapped = [_u8(T.apply_colour_map(_float(x), w, c["space"], int(c["degree"]), torch.ones(1), _out_space(c),
+                                                 *_colour_domain(profile))) for x in s_used]
             mtf, report = _fit_mtf(mapped, d_used, groups, mpp, raw=s_used, max_gain=mtf_max_gain, mode=mtf_mode)
             profile["fit"]["mtf"] = report
             if mtf is not None:
@@ -499,6 +508,16 @@ def _check_profile(profile: Any) -> dict:
                 or w.shape != (1 + 3 * int(c.get("degree", 0)), 3) or not np.isfinite(w).all()):
             raise InvalidArgumentError(f"`profile` colour part is invalid: expected space and out_space in {T.SPACES}, "
                                        "degree and a finite (1+3·degree, 3) weight table")
+        if c.get("domain") is not None:
+            d = np.asarray(c["domain"], np.float64)
+            if d.shape != (2, 3) or not np.isfinite(d).all() or (d[0] > d[1]).any():
+                raise InvalidArgumentError(f"`profile` colour domain is invalid: expected [[low x3], [high x3]] in the "
+                                           f"map's input space with low <= high, got {c['domain']!r}")
+        if c.get("beyond_slope") is not None:
+            d = np.asarray(c["beyond_slope"], np.float64)
+            if d.shape != (3, 3) or not np.isfinite(d).all() or c.get("domain") is None:
+                raise InvalidArgumentError(f"`profile` colour beyond_slope is invalid: expected a finite 3x3 slope (rows: "
+                                           f"input channels) beside a domain, got {c['beyond_slope']!r}")
     if "mtf" in parts:
         g = np.asarray(profile["mtf"].get("gain"), np.float64)
         if g.ndim != 1 or len(g) < 2 or not np.isfinite(g).all() or (g < 0).any():
@@ -559,9 +578,45 @@ def _candidate_name(space: str, out_space: str, degree: int, loss: str) -> str:
     return f"{space}-{out_space}-{degree}" + ("" if loss == "l2" else f"-{loss}")
 
 
+def _colour_domain(profile: dict) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The colour part's input domain ``(2, 3)`` and its slope beyond it ``(3, 3)`` (absent in profiles written
+    before they were recorded: the polynomial everywhere)."""
+    c = profile.get("colour") if "colour" in profile.get("parts", []) else None
+    get = lambda k: None if c is None or c.get(k) is None else torch.tensor(c[k], dtype=torch.float64)  # noqa: E731
+    return get("domain"), get("beyond_slope")
+
+
+#: Source pixels per pair that go into a colour map's input domain (a deterministic strided sample of its tissue).
+DOMAIN_SAMPLE = 4096
+
+
+def _tissue_pixels(image: np.ndarray, tissue_blocks: np.ndarray, block: int = 8) -> np.ndarray:
+    """``(N, 3)`` floats in ``[0, 1]``: a strided sample (at most :data:`DOMAIN_SAMPLE`) of ``image``'s pixels inside the
+    ``block × block`` blocks marked in ``tissue_blocks`` (the blocks the colour map is fitted on)."""
+    mask = np.repeat(np.repeat(tissue_blocks, block, axis=0), block, axis=1)
+    px = image[:mask.shape[0], :mask.shape[1]][mask]
+    return px[::max(1, -(-len(px) // DOMAIN_SAMPLE))].astype(np.float64) / 255.0
+
+
 def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("l2",)):
     sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
     tis = [_lab(d)[..., 0] < 85 for d in db]
+    pix = [_tissue_pixels(x, t) for x, t in zip(src, tis)]
+    domains: Dict[Tuple[int, str], np.ndarray] = {}
+
+    slopes: Dict[Tuple[Any, ...], np.ndarray] = {}
+
+    def domain(idx, space):  # the input range of the pairs a map is fitted on, per fold and space
+        key = (tuple(int(i) for i in idx), space)
+        if key not in domains:
+            domains[key] = T.colour_domain(np.concatenate([pix[i] for i in idx]), space)
+        return domains[key]
+
+    def slope(idx, space, out_space, loss):  # beyond the domain: the affine map's slope, fitted on the same pairs
+        key = (tuple(int(i) for i in idx), space, out_space, loss)
+        if key not in slopes:
+            slopes[key] = T.fit_colour_map(flat(idx, sb), flat(idx, db), wflat(idx), space, 1, ridge, out_space, loss)[1:]
+        return slopes[key]
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
     wflat = lambda idx: np.concatenate([tis[i].reshape(-1) for i in idx]).astype(np.float64)  # noqa: E731
     folds = _folds(groups, len(src))
@@ -578,7 +633,8 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("
             w = T.fit_colour_map(flat(tr, sb), flat(tr, db), wflat(tr), space, degree, ridge, out_space, loss)
             for i in te:
                 pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
-                                          degree, torch.ones(1), out_space)[0].permute(1, 2, 0).numpy()
+                                          degree, torch.ones(1), out_space, domain(tr, space),
+                                          slope(tr, space, out_space, loss))[0].permute(1, 2, 0).numpy()
                 res.append(_delta_e(pred, db[i], tis[i]))
         scores[_candidate_name(space, out_space, degree, loss)] = float(np.nanmean(res)) if res else float("nan")
     before = float(np.nanmean(identity)) if identity else float("nan")
@@ -594,9 +650,12 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("
     space, out_space, degree, loss = dict((_candidate_name(*f), f) for f in fits)[best]
     allidx = list(range(len(src)))
     w = T.fit_colour_map(flat(allidx, sb), flat(allidx, db), wflat(allidx), space, degree, ridge, out_space, loss)
+    dom, beyond = domain(allidx, space), slope(allidx, space, out_space, loss)
     report = {"cv_folds": len(folds), "cv_delta_e2000": scores, "identity_delta_e2000": before, "chosen": best,
               "cv_delta_e2000_after": valid.get(best) if valid else None}
-    return {"space": space, "out_space": out_space, "degree": degree, "loss": loss, "weights": w.tolist()}, report
+    report["domain_quantiles"] = list(T.DOMAIN_QUANTILES)
+    return {"space": space, "out_space": out_space, "degree": degree, "loss": loss, "weights": w.tolist(),
+            "domain": dom.tolist(), "beyond_slope": beyond.tolist()}, report
 
 
 def _check_max_gain(value: Any) -> None:
