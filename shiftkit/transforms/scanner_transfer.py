@@ -300,9 +300,9 @@ class ScannerTransfer(ShiftkitAugmentation):
                 by a gain measured on that tile when it is transformed, shaped and capped like the relative one.
                 Choose it when the source scanner's sharpness varies from slide to slide (focus) and the
                 destination's does not: on the MITOS dev pairs, Hamamatsu -> Aperio, leave one slide out, the
-                relative gain gave 2.99 / 0.64 / 0.59 of the twins' sharpness on slides 03 / 04 / 05 and the matched
-                one 1.18 / 1.31 / 1.13, at 0.02 less CIEDE2000; Aperio -> Hamamatsu, whose destination's focus
-                varies, 0.59 / 1.34 / 1.04 and 0.61 / 1.52 / 0.90 (experiments/scanner_transfer/mtf_modes.py). The
+                relative gain gave 2.95 / 0.64 / 0.60 of the twins' sharpness on slides 03 / 04 / 05 and the matched
+                one 1.22 / 1.30 / 0.85, at 0.02 less CIEDE2000; Aperio -> Hamamatsu, whose destination's focus
+                varies, 0.60 / 1.34 / 1.04 and 0.61 / 1.52 / 0.90 (experiments/scanner_transfer/mtf_modes.py). The
                 gain's cap is the one cross-validated for the relative gain. It costs a spectrum and a monotone fit
                 per tile when applied (speed in docs/benchmarks.md).
             jpeg_quality: quality of the destination's JPEG compression when known (JPEG cannot be measured from
