@@ -150,7 +150,8 @@ def test_colour_map_is_the_polynomial_inside_its_domain_and_linear_beyond(space,
     assert 20 < inside.sum() < 1000
     free = T.apply_colour_map(img.float(), torch.from_numpy(w), space, 3, torch.ones(1), out_space)[0].reshape(3, -1).T
     assert torch.equal(free[torch.from_numpy(inside)], torch.from_numpy(got[inside]).float())
-    assert torch.allclose(free[torch.from_numpy(inside)], torch.from_numpy(linear[inside]).float(), atol=1e-6)
+    # inside, the slope's two terms cancel (S^T v - S^T c) up to float32 rounding
+    assert (free[torch.from_numpy(inside)].double() - torch.from_numpy(linear[inside])).abs().max() < 1e-4
     assert np.abs(free.double().numpy() - unclamped).max() < tol
     assert np.abs(got - unclamped).max() > 0.05  # the clamp changes the outside
     with pytest.raises(InvalidArgumentError, match="pixels"):

@@ -163,34 +163,33 @@ def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, de
     b, _, h, wd = images.shape
     beyond = domain is not None and slope is not None
     planes = torch.empty(b, 3 * degree + (3 if beyond else 0), h * wd, dtype=dt, device=images.device)
-    head, ext = planes[:, :3], (planes[:, 3 * degree:] if beyond else None)
-    lo = hi = None
-    if domain is not None:
-        dom = torch.as_tensor(np.asarray(domain, np.float64) if not torch.is_tensor(domain) else domain.detach().cpu(),
-                              dtype=torch.float64)
-        lo, hi = (t.to(device=images.device, dtype=dt).view(1, 3, 1) for t in (dom[0], dom[1]))
+    head = planes[:, :3]
     x = images.to(dt).reshape(b, 3, -1)
-    if space == "od" and not beyond:  # straight into the first planes, held inside the domain in sRGB, where the
-        if lo is None:                # logarithm needs a clamp anyway: OD in [lo, hi] is sRGB in [e^-hi, e^-lo]
-            torch.clamp_min(x, 1.0 / 255.0, out=head)
+    if domain is None:
+        if space == "od":  # straight into the first planes: no separate tensor to copy there
+            torch.clamp_min(x, 1.0 / 255.0, out=head).log_().neg_()
         else:
-            torch.clamp(x, torch.exp(-hi).clamp_min(1.0 / 255.0), torch.exp(-lo), out=head)
-        head.log_().neg_()
+            head.copy_(x if space == "srgb" else _to_space(images.to(dt), space).reshape(b, 3, -1))
     else:
-        if space == "od":  # the input in its space, unheld, into the slot of the excess
-            v = torch.clamp_min(x, 1.0 / 255.0, out=ext).log_().neg_()
+        dom = np.asarray(domain.detach().cpu() if torch.is_tensor(domain) else domain, np.float64).reshape(2, 3)
+        lo, hi = dom[0].tolist(), dom[1].tolist()
+        if not beyond and space == "od":  # held in sRGB, where the logarithm needs a clamp anyway: OD in [lo, hi]
+            for i in range(3):            # is sRGB in [e^-hi, e^-lo]
+                torch.clamp(x[:, i], max(math.exp(-hi[i]), 1.0 / 255.0), math.exp(-lo[i]), out=head[:, i])
+            head.log_().neg_()
         else:
-            v = x if space == "srgb" else _to_space(images.to(dt), space).reshape(b, 3, -1)
-        if lo is None:
-            head.copy_(v)
-        else:
-            torch.clamp(v, lo, hi, out=head)
-            if beyond:  # the excess beyond the domain (0 inside)
-                torch.sub(v, head, out=ext)
+            if space == "od":
+                v = torch.clamp_min(x, 1.0 / 255.0, out=planes[:, -3:] if beyond else head).log_().neg_()
+            else:
+                v = x if space == "srgb" else _to_space(images.to(dt), space).reshape(b, 3, -1)
+                if beyond:  # the unheld input is a plane too: poly(c) + S^T(v - c) = S^T v + poly(c) - S^T c
+                    planes[:, -3:].copy_(v)
+            for i in range(3):  # per channel with scalar bounds: several times faster than tensor bounds on CPU
+                torch.clamp(v[:, i], lo[i], hi[i], out=head[:, i])
     w = weights.detach().to("cpu", torch.float64)
-    if beyond:  # the slope's rows mix the excess planes, after the polynomial's
-        w = torch.cat([w, torch.as_tensor(np.asarray(slope, np.float64) if not torch.is_tensor(slope)
-                                          else slope.detach().cpu(), dtype=torch.float64).reshape(3, 3)])
+    if beyond:  # poly(c) + S^T (v - c): the linear rows take -S, the unheld input's planes take S
+        sl = torch.as_tensor(np.asarray(slope.detach().cpu() if torch.is_tensor(slope) else slope, np.float64)).reshape(3, 3)
+        w = torch.cat([w[:1], w[1:4] - sl, w[4:], sl])
     if out_space == "lab":  # fold L*a*b* = 100·y into the companded values f = A⁻¹(L*a*b* − c): one product fewer
         a_inv, c = lab_inverse_affine(w)
         w = torch.cat([((100.0 * w[0] - c) @ a_inv.t())[None], 100.0 * w[1:] @ a_inv.t()])
