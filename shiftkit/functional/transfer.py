@@ -59,12 +59,6 @@ def _to_space(x: torch.Tensor, space: str) -> torch.Tensor:
     return v
 
 
-def _from_space(y: torch.Tensor, space: str) -> torch.Tensor:
-    """Inverse of :func:`_to_space` for sRGB and optical density, in place (:func:`apply_colour_map` takes CIELAB
-    back through :func:`~shiftkit.functional.stain.srgb_from_companded`, as ``lab_to_rgb_fast`` does)."""
-    return y.neg_().exp_() if space == "od" else y
-
-
 def colour_features(x: torch.Tensor, space: str, degree: int) -> torch.Tensor:
     """``φ(x)``: ``(N, 1 + 3·degree)`` features of ``(N, 3)`` values in ``[0, 1]`` (sRGB) for a colour map whose
     input is in ``space``."""
@@ -193,11 +187,18 @@ def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, de
     if out_space == "lab":  # fold L*a*b* = 100·y into the companded values f = A⁻¹(L*a*b* − c): one product fewer
         a_inv, c = lab_inverse_affine(w)
         w = torch.cat([((100.0 * w[0] - c) @ a_inv.t())[None], 100.0 * w[1:] @ a_inv.t()])
+    elif out_space == "od":  # e^-y as 2^(-y / ln 2), the factor folded into the weights: exp2 is ~3x faster than exp
+        w = w * (-1.0 / math.log(2.0))
     w = w.to(device=images.device, dtype=dt)
     for d in range(1, degree):
         torch.mul(planes[:, 3 * (d - 1):3 * d], planes[:, :3], out=planes[:, 3 * d:3 * (d + 1)])
     y = torch.matmul(w[1:].t(), planes).add_(w[0].view(1, 3, 1))  # (3, 3·d [+ 3]) @ (B, 3·d [+ 3], HW)
-    y = srgb_from_companded(y, (b, 3, h, wd)) if out_space == "lab" else _from_space(y.view(b, 3, h, wd), out_space)
+    if out_space == "lab":
+        y = srgb_from_companded(y, (b, 3, h, wd))
+    else:
+        y = y.view(b, 3, h, wd)
+        if out_space == "od":
+            y.exp2_()
     x0 = images.to(dt)
     s = strength.to(device=images.device, dtype=dt)
     if not bool((s == 1).all()):  # samples at strength 1 keep the map's value exactly, whatever their batch mates
