@@ -240,8 +240,8 @@ def test_fitted_colour_map_keeps_darker_tissue_darker_on_another_cohort():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("spaces", [("srgb", "od"), ("od", "lab"), ("lab", "lab")])
 def test_colour_map_gives_the_same_result_on_every_device(device, spaces):
-    """A degree-3 map between spaces, in float32 on ``device`` and float64 on the CPU: within 1e-4, same device and
-    dtype out (runs on CUDA as a gpu test where there is one)."""
+    """A degree-3 map between spaces, in float32 on ``device`` and float64 on the CPU, without and with an input domain
+    and a slope beyond it: within 1e-4, same device and dtype out (runs on CUDA as a gpu test where there is one)."""
     from shiftkit.functional import transfer as T
 
     rng = np.random.default_rng(7)
@@ -254,6 +254,13 @@ def test_colour_map_gives_the_same_result_on_every_device(device, spaces):
     got = T.apply_colour_map(x.float().to(device), torch.from_numpy(w), spaces[0], 3, s.to(device), spaces[1])
     assert got.device.type == device and got.dtype == torch.float32
     assert (got.cpu().double() - ref).abs().max() < 1e-4
+    # with a domain narrower than the inputs and a slope beyond it
+    dom = T.colour_domain(rng.uniform(0.3, 0.8, (500, 3)), spaces[0])
+    slope = torch.from_numpy(rng.normal(0, 0.2, (3, 3)))
+    ref = T.apply_colour_map(x, torch.from_numpy(w), spaces[0], 3, s, spaces[1], dom, slope)
+    got = T.apply_colour_map(x.float().to(device), torch.from_numpy(w), spaces[0], 3, s.to(device), spaces[1], dom,
+                             slope.to(device))
+    assert got.device.type == device and (got.cpu().double() - ref).abs().max() < 1e-4
 
 
 def test_colour_space_is_chosen_by_cross_validation_and_old_profiles_still_load(pairs):
