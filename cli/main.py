@@ -676,7 +676,18 @@ def scanner_fit_figure(profile: dict, path: Path) -> None:
     for ch, col in zip(range(3), ("tab:red", "tab:green", "tab:blue")):
         axes[0].plot(ramp, y[ch], color=col, label="RGB"[ch])
     axes[0].plot([0, 1], [0, 1], "k:", lw=0.8, label="identity")
-    axes[0].set(xlabel="input grey level", ylabel="output", title="colour map on a grey ramp")
+    c = profile.get("colour", {})
+    if c.get("domain") is not None and c.get("space") in ("srgb", "od"):  # where each channel leaves the fitted domain
+        import math
+
+        lo, hi = c["domain"]
+        for ch, col in zip(range(3), ("tab:red", "tab:green", "tab:blue")):
+            edges = (lo[ch], hi[ch]) if c["space"] == "srgb" else (math.exp(-hi[ch]), math.exp(-lo[ch]))
+            for e in edges:
+                if 0.0 < e < 1.0:
+                    axes[0].axvline(e, color=col, lw=0.6, ls="--")
+    axes[0].set(xlabel="input grey level", ylabel="output",
+                title="colour map on a grey ramp" + ("\n(dashed: edges of the fitted domain)" if c.get("domain") else ""))
     axes[0].legend(fontsize=8)
     if "mtf" in profile:
         g = profile["mtf"]["gain"]
