@@ -189,6 +189,32 @@ def test_fitted_profiles_record_their_domain_and_the_affine_slope_beyond_it(pair
         ScannerTransfer({**t.profile, "colour": {k: v for k, v in c.items() if k != "domain"}})
 
 
+def test_background_weight_decides_whether_light_blocks_shape_the_colour_map(pairs):
+    """Recolouring the destination's light blocks (L* >= 90, staying light) leaves a tissue-only fit
+    (background_weight 0, the default) unchanged to the last bit and moves a fit that weights them; the weight is
+    recorded and a bad one refused by name."""
+    from shiftkit.functional.transfer import block_means
+
+    src, dst, slides = pairs
+    lab = lambda d: rgb2lab(block_means(d))[..., 0]  # noqa: E731
+    light = [np.repeat(np.repeat(lab(d) >= 90, 8, 0), 8, 1) for d in dst]
+    assert sum(m.sum() for m in light) > 64 * 20
+    pink = dst.copy()
+    for d, m in zip(pink, light):
+        d[m] = np.clip(d[m].astype(int) + [0, -5, 2], 0, 255).astype(np.uint8)
+    assert all(((lab(a) >= 85) == (lab(b) >= 85)).all() for a, b in zip(dst, pink))  # the same blocks are tissue
+    fits = {(bw, k): ScannerTransfer.fit(src, d, slides=slides, parts=("colour",), background_weight=bw,
+                                         colour_candidates=[("srgb", "srgb", 3)])
+            for bw in (0.0, 1.0) for k, d in (("orig", dst), ("pink", pink))}
+    w = {k: np.asarray(t.profile["colour"]["weights"]) for k, t in fits.items()}
+    assert np.array_equal(w[0.0, "orig"], w[0.0, "pink"])
+    assert np.abs(w[1.0, "orig"] - w[1.0, "pink"]).max() > 1e-3
+    assert fits[1.0, "orig"].profile["fit"]["colour"]["background_weight"] == 1.0
+    for bad in (-0.5, float("nan"), "1"):
+        with pytest.raises(InvalidArgumentError, match="background_weight"):
+            ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), background_weight=bad)
+
+
 def test_bundled_profiles_carry_a_domain_and_map_within_it_as_fitted():
     """The shipped scanners5 profiles record a domain and a slope beyond it (make_bundled_profiles.py --add-domain,
     their maps unchanged); inside the domain each applies its polynomial exactly as fitted (numpy)."""
@@ -795,7 +821,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "profile.json"
     res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out), "--parts", "colour,mtf",
-                                   "--mpp", "0.5", "--colour-loss", "cv"])
+                                   "--mpp", "0.5", "--colour-loss", "cv", "--background-weight", "0.5"])
     assert res.exit_code == 1, res.output  # one input could not be read
     assert "missing.png" in res.output and "misregistered" in res.output
     prof = json.loads(out.read_text())
@@ -803,6 +829,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     assert prof["fit"]["icc"] == {"applied": False, "src": ["none"], "dst": ["none"]}  # no embedded profiles here
     report = (tmp_path / "profile.report.md").read_text()
     assert report.count("(chosen)") == 1  # one colour map marked in the table
+    assert prof["fit"]["colour"]["background_weight"] == 0.5 and "weighted 0.5 against tissue" in report
     lo = "/".join(f"{v:.3f}" for v in prof["colour"]["domain"][0])
     assert f"Input domain of the map (the 0.1 % and 99.9 % quantiles" in report and f"low {lo}" in report
     assert "srgb-srgb-3-l1 " in report and prof["colour"]["loss"] in ("l1", "l2")  # --colour-loss cv: both losses
