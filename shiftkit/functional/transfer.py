@@ -147,8 +147,8 @@ def apply_colour_map(images: torch.Tensor, weights: torch.Tensor, space: str, de
     evaluated on the input held inside it, per channel. Beyond it the map goes on linearly with ``slope`` ``(3, 3)``
     (row i: the output's change per unit of input channel i, in the map's spaces; the affine fit's, see
     :func:`fit_colour_map`): ``map(x) = poly(c) + slope^T (x − c)`` with ``c`` the held input — continuous, and
-    no steeper or more curved than the affine map where the polynomial has no data. Without ``slope`` the map is
-    constant beyond the domain.
+    linear with the affine map's slope where the polynomial has no data. Without ``slope`` the map is constant
+    beyond the domain (a ``slope`` without a ``domain`` is not used).
     """
     out_space = space if out_space is None else out_space
     _check_space(space)
