@@ -7,6 +7,7 @@ last checkpoint is kept) and 143 (stopped by SIGTERM after writing a checkpoint)
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -625,9 +626,11 @@ def scanner_fit_report(profile: dict) -> str:
         dom = profile.get("colour", {}).get("domain")
         if dom is not None:
             q = c.get("domain_quantiles", [0.001, 0.999])
+            beyond = ("the map goes on with the affine fit's slope" if profile["colour"].get("beyond_slope") is not None
+                      else "inputs are held at its edge")
             lines += ["", (f"Input domain of the map (the {100 * q[0]:g} % and {100 * q[1]:g} % quantiles of the training "
-                           f"tissue pixels in its input space, {profile['colour']['space']}; inputs beyond are held at its "
-                           f"edge): low {'/'.join(f'{v:.3f}' for v in dom[0])}, high {'/'.join(f'{v:.3f}' for v in dom[1])}.")]
+                           f"tissue pixels in its input space, {profile['colour']['space']}; beyond it {beyond}): "
+                           f"low {'/'.join(f'{v:.3f}' for v in dom[0])}, high {'/'.join(f'{v:.3f}' for v in dom[1])}.")]
     m = fit.get("mtf")
     if m:
         if m.get("unpaired"):
@@ -684,8 +687,6 @@ def scanner_fit_figure(profile: dict, path: Path) -> None:
     axes[0].plot([0, 1], [0, 1], "k:", lw=0.8, label="identity")
     c = profile.get("colour", {})
     if c.get("domain") is not None and c.get("space") in ("srgb", "od"):  # where each channel leaves the fitted domain
-        import math
-
         lo, hi = c["domain"]
         for ch, col in zip(range(3), ("tab:red", "tab:green", "tab:blue")):
             edges = (lo[ch], hi[ch]) if c["space"] == "srgb" else (math.exp(-hi[ch]), math.exp(-lo[ch]))

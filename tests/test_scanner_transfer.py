@@ -831,7 +831,8 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     assert report.count("(chosen)") == 1  # one colour map marked in the table
     assert prof["fit"]["colour"]["background_weight"] == 0.5 and "weighted 0.5 against tissue" in report
     lo = "/".join(f"{v:.3f}" for v in prof["colour"]["domain"][0])
-    assert f"Input domain of the map (the 0.1 % and 99.9 % quantiles" in report and f"low {lo}" in report
+    assert "Input domain of the map (the 0.1 % and 99.9 % quantiles" in report and f"low {lo}" in report
+    assert "beyond it the map goes on with the affine fit's slope" in report
     assert "srgb-srgb-3-l1 " in report and prof["colour"]["loss"] in ("l1", "l2")  # --colour-loss cv: both losses
     assert f"Gain cap {prof['fit']['mtf']['max_gain']:g} (chosen by cross-validation" in report
     m = prof["fit"]["mtf"]  # the MTF's effect on colour, cross-validated, in the report: a blur barely moves block means

@@ -470,6 +470,7 @@ def blockiness(image: np.ndarray) -> float:
     return float((bx + by) / 2 / max(inside, 1e-9))
 
 
-__all__ = ["SPACES", "LOSSES", "MTF_BINS", "colour_features", "fit_colour_map", "weighted_ridge", "apply_colour_map", "pair_offset", "block_means",
+__all__ = ["SPACES", "LOSSES", "MTF_BINS", "DOMAIN_QUANTILES", "colour_features", "fit_colour_map", "weighted_ridge",
+           "colour_domain", "apply_colour_map", "pair_offset", "block_means",
            "radial_power", "relative_mtf", "mtf_filter", "resample_gain", "tissue_power", "matched_gains",
            "resample_power", "TISSUE_GRAY", "noise_sigma", "add_noise", "blockiness"]
