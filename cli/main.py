@@ -457,9 +457,11 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--dst", "dst_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of scanner-B images of the same fields.")
 @click.option("--match", default=r"(.*)", show_default=True,
-              help="Regular expression whose first group is a file's id; files of --src and --dst with equal ids pair.")
-@click.option("--slide-regex", default=None, help="Regular expression whose first group is the slide id of a --src file "
-              "(cross-validation groups), e.g. '^A(\\d\\d)'.")
+              help="Regular expression searched in each file's name without its extension; its first group (else the "
+              "whole match) is the file's id, and files of --src and --dst with equal ids pair, e.g. '^[AH](.*)' for "
+              "A030_0.png / H030_0.png.")
+@click.option("--slide-regex", default=None, help="Regular expression searched in a --src file's name without its "
+              "extension; its first group is the slide id (cross-validation groups), e.g. '^A(\\d\\d)'.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile JSON to write.")
 @click.option("--parts", default="colour,mtf,noise,jpeg", show_default=True, help="Comma-separated parts to fit.")
 @click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
@@ -524,10 +526,14 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             rows = [(a, None, None, a.name) for a in list_images(src_dir)] + [(None, b, None, b.name) for b in list_images(dst_dir)]
         else:
             dst_by_id = {ident(b): b for b in list_images(dst_dir) if ident(b) is not None}
+            some = ", ".join(repr(k) for k in sorted(dst_by_id)[:3]) or "none: --match matched no --dst name"
             for a in list_images(src_dir):
                 i = ident(a)
-                if i is None or i not in dst_by_id:
-                    failed.append((str(a), f"no --dst file with the same id ({i!r})"))
+                if i is None:
+                    failed.append((str(a), f"--match {match!r} does not match its name without extension {a.stem!r}"))
+                    continue
+                if i not in dst_by_id:
+                    failed.append((str(a), f"no --dst file has its id {i!r} (--dst ids, e.g.: {some})"))
                     continue
                 sm = srx.search(a.stem) if srx else None
                 rows.append((a, dst_by_id[i], (sm.group(1) if sm and sm.groups() else None), i))
