@@ -490,7 +490,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
 
     Beside the profile it writes PROFILE.report.md (pairs used and refused with reasons, cross-validated residual
     CIEDE2000 and sharpness before and after each part) and PROFILE.report.png (the colour map and the MTF ratio).
-    Pairs that cannot be read or differ in size are listed and skipped; exit code 1 if any was.
+    Pairs that cannot be read or differ in size, and files of --src/--dst that do not pair (no twin, or an id twice), are listed and skipped; exit code 1 if any was.
     """
     import csv
     import re
@@ -525,8 +525,17 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         if unpaired:
             rows = [(a, None, None, a.name) for a in list_images(src_dir)] + [(None, b, None, b.name) for b in list_images(dst_dir)]
         else:
-            dst_by_id = {ident(b): b for b in list_images(dst_dir) if ident(b) is not None}
+            dst_by_id: dict = {}
+            for b in list_images(dst_dir):
+                i = ident(b)
+                if i is None:
+                    failed.append((str(b), f"--match {match!r} does not match its name without extension {b.stem!r}"))
+                elif i in dst_by_id:
+                    failed.append((str(b), f"its id {i!r} is also {dst_by_id[i].name}'s: expected one --dst file per id"))
+                else:
+                    dst_by_id[i] = b
             some = ", ".join(repr(k) for k in sorted(dst_by_id)[:3]) or "none: --match matched no --dst name"
+            paired = set()
             for a in list_images(src_dir):
                 i = ident(a)
                 if i is None:
@@ -535,8 +544,14 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
                 if i not in dst_by_id:
                     failed.append((str(a), f"no --dst file has its id {i!r} (--dst ids, e.g.: {some})"))
                     continue
+                if i in paired:
+                    failed.append((str(a), f"its id {i!r} is another --src file's too: expected one --src file per id"))
+                    continue
+                paired.add(i)
                 sm = srx.search(a.stem) if srx else None
                 rows.append((a, dst_by_id[i], (sm.group(1) if sm and sm.groups() else None), i))
+        if not unpaired:
+            failed += [(str(b), f"no --src file has its id {i!r}") for i, b in dst_by_id.items() if i not in paired]
     else:
         raise click.UsageError("give --pairs CSV, or --src DIR and --dst DIR")
     src_imgs, dst_imgs, slides = [], [], []

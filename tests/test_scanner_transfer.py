@@ -809,20 +809,24 @@ def test_fit_scanner_cli_unpaired_writes_profile_and_report(tmp_path):
 
 def test_fit_scanner_cli_pairs_folders_by_match_and_names_what_did_not_pair(pairs, tmp_path):
     """--src/--dst/--match pair files by the regex's first group on the name without extension, --slide-regex groups
-    them; a source without a twin and a name the regex does not match are listed with the id or name (exit 1), the
-    rest are fitted: the same profile as ScannerTransfer.fit on the same pairs and slides."""
+    them; a file without a twin, a name the regex does not match and a second file with an id are listed with the id
+    or name (exit 1), the rest are fitted: the same profile as ScannerTransfer.fit on the same pairs and slides."""
     src, dst, _ = pairs
     for i, (a, b) in enumerate(zip(src, dst)):
         write_image(tmp_path / "a" / f"A{i // 4}_{i % 4}.png", a)
         write_image(tmp_path / "b" / f"H{i // 4}_{i % 4}.png", b)
     write_image(tmp_path / "a" / "A9_9.png", src[0])  # no twin
     write_image(tmp_path / "a" / "notes.png", src[0])  # the regex does not match
+    write_image(tmp_path / "b" / "H8_8.png", dst[0])  # no source
+    write_image(tmp_path / "b" / "X0_0.png", dst[1])  # a second destination with id 0_0
     out = tmp_path / "m.json"
     res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--match",
-                                   r"^[AH](\d_\d)", "--slide-regex", r"^A(\d)", "-o", str(out), "--parts", "colour"])
+                                   r"^[AHX](\d_\d)", "--slide-regex", r"^A(\d)", "-o", str(out), "--parts", "colour"])
     assert res.exit_code == 1, res.output
     assert "A9_9.png: no --dst file has its id '9_9'" in res.output and "'0_0'" in res.output
     assert "notes.png: --match" in res.output and "'notes'" in res.output
+    assert "H8_8.png: no --src file has its id '8_8'" in res.output
+    assert "X0_0.png: its id '0_0' is also H0_0.png's" in res.output
     prof = json.loads(out.read_text())
     ref = ScannerTransfer.fit(list(src), list(dst), slides=[str(i // 4) for i in range(len(src))], parts=("colour",))
     assert prof["fit"]["used"] == len(src) == ref.profile["fit"]["used"]
