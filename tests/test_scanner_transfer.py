@@ -533,6 +533,13 @@ def test_bad_pairs_are_refused_by_name_and_counted(pairs):
         ScannerTransfer.fit(src[:3], dst[:2])
     with pytest.raises(ScannerTransferError, match="no usable pair"):
         ScannerTransfer.fit([blank] * 3, [blank] * 3)
+    small = ScannerTransfer.fit(list(src[:6]) + [src[0][:24, :40]], list(dst[:6]) + [dst[0][:24, :40]], parts=("colour",))
+    assert small.profile["fit"]["used"] == 6
+    assert small.profile["fit"]["refused"] == [{"pair": 6, "reason": "too small: 40x24 px, expected at least 32 px a side "
+                                                                     "(8x8 blocks and a spectrum)"}]
+    for bad in ({"max_shift_px": -1.0}, {"max_shift_px": float("nan")}, {"min_peak": 1.5}, {"min_peak": True}):
+        with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+            ScannerTransfer.fit(src[:3], dst[:3], **bad)
 
 
 def test_a_fit_no_better_than_identity_is_an_error(pairs):

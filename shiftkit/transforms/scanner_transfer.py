@@ -252,8 +252,9 @@ class ScannerTransfer(ShiftkitAugmentation):
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
-        Each pair's offset is measured by phase correlation; pairs further apart than ``max_shift_px``, with a
-        correlation peak under ``min_peak``, with almost no tissue, or whose stains are not H&E are refused (named
+        Each pair's offset is measured by phase correlation; pairs smaller than :data:`MIN_PAIR_SIDE` px a side,
+        further apart than ``max_shift_px``, with a correlation peak under ``min_peak``, with almost no tissue, or
+        whose stains are not H&E are refused (named
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
         :data:`COLOUR_CANDIDATES`) and the loss it is fitted with (``colour_losses``) are chosen by cross-validation
         over ``slides`` (leave one slide out; else 5 folds of consecutive pairs), on the mean CIEDE2000 of 8×8 block means over
@@ -328,6 +329,8 @@ class ScannerTransfer(ShiftkitAugmentation):
 
         Raises:
             ScannerTransferError: no usable pair, or a fit no better than identity.
+            InvalidArgumentError: an argument out of its range (named), or pairs that do not pair.
+            InvalidImageError: an image off the image contract, or a pair of two sizes.
         """
         parts = _check_parts(parts)
         colour_candidates = _check_candidates(colour_candidates)
@@ -338,6 +341,10 @@ class ScannerTransfer(ShiftkitAugmentation):
                 and background_weight >= 0):
             raise InvalidArgumentError(f"`background_weight` is invalid: expected a finite number >= 0, got "
                                        f"{background_weight!r}")
+        for arg, value, lo, hi in (("max_shift_px", max_shift_px, 0.0, math.inf), ("min_peak", min_peak, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi \
+                    or math.isnan(value):
+                raise InvalidArgumentError(f"`{arg}` is invalid: expected a number in [{lo:g}, {hi:g}], got {value!r}")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
         if len(src) != len(dst):
             raise InvalidArgumentError(f"`dst_images` does not pair with `src_images`: expected {len(src)} images, got {len(dst)}")
@@ -558,6 +565,10 @@ def _reasons(refused: List[dict]) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.items())
 
 
+#: The smallest side of a pair :meth:`ScannerTransfer.fit` uses (colour is fitted on 8x8 block means, the MTF on spectra).
+MIN_PAIR_SIDE = 32
+
+
 def _screen_pairs(src, dst, max_shift_px, min_peak):
     from ..stain import estimate_stains
 
@@ -566,7 +577,10 @@ def _screen_pairs(src, dst, max_shift_px, min_peak):
         dx, dy, peak = T.pair_offset(a, b)
         offsets.append([round(dx, 2), round(dy, 2), round(peak, 3)])
         shift = math.hypot(dx, dy)
-        if min(_tissue_fraction(a), _tissue_fraction(b)) < 0.05:
+        if min(a.shape[:2]) < MIN_PAIR_SIDE:
+            refused.append({"pair": i, "reason": f"too small: {a.shape[1]}x{a.shape[0]} px, expected at least "
+                                                 f"{MIN_PAIR_SIDE} px a side (8x8 blocks and a spectrum)"})
+        elif min(_tissue_fraction(a), _tissue_fraction(b)) < 0.05:
             refused.append({"pair": i, "reason": "background only: less than 5 % tissue"})
         elif shift > max_shift_px:
             refused.append({"pair": i, "reason": f"misregistered: offset {shift:.1f} px > max_shift_px {max_shift_px}"})
