@@ -698,6 +698,15 @@ def test_profiles_round_trip_as_json_and_rescale_with_mpp(pairs, tmp_path):
         ScannerTransfer({"format": "something else"})
 
 
+def test_unpaired_fit_refuses_empty_and_tissueless_sets_by_name(pairs):
+    src = pairs[0]
+    for args, arg in ((([], src), "src_images"), ((src, []), "dst_images")):
+        with pytest.raises(InvalidArgumentError, match=f"`{arg}` is empty"):
+            ScannerTransfer.fit_unpaired(*args)
+    with pytest.raises(ScannerTransferError, match="too little tissue.*got 0 and"):
+        ScannerTransfer.fit_unpaired(np.full((3, 64, 64, 3), 245, np.uint8), src)
+
+
 def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):
     src, dst, _ = pairs
     other = load_sample_tiles()[12:]

@@ -437,6 +437,9 @@ class ScannerTransfer(ShiftkitAugmentation):
         if "jpeg" in parts:
             raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
+        for arg, images in (("src_images", src), ("dst_images", dst)):
+            if not images:
+                raise InvalidArgumentError(f"`{arg}` is empty: expected at least one image of tissue")
         profile = {"format": PROFILE_FORMAT, "version": 1, "name": name, "held_out": bool(held_out), "parts": [],
                    "fit": {"paired": False, "src_images": len(src), "dst_images": len(dst), "source": source, "mpp": mpp}}
         if "colour" in parts:
