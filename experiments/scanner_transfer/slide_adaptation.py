@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does slide-level stain adaptation close the per-slide gap of a learned transfer? (MITOS dev pairs, leave one slide out)
 
-    python experiments/scanner_transfer/slide_adaptation.py     # ~2 min on this project's 2-core CPU
+    python experiments/scanner_transfer/slide_adaptation.py     # ~1 min on this project's 2-core CPU
 
 oracle_bounds.py found that in the Aperio -> Hamamatsu direction a global colour map reaches the 0.8 target margin
 only in sample, while one map per slide goes further: the remaining error varies from slide to slide. Part of that
