@@ -467,7 +467,8 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
 @click.option("--max-shift", default=16.0, show_default=True, type=float, help="Largest accepted misregistration (px).")
 @click.option("--mpp", default=None, type=float, help="µm per pixel of the pairs (the MTF is rescaled when applied elsewhere).")
-@click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG, when known.")
+@click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG (default: read from JPEG --dst files' quantization tables, applied "
+              "unless the --src files are JPEG at that quality or lower).")
 @click.option("--name", default=None, help="Profile name (default: the output file's stem).")
 @click.option("--held-out", is_flag=True, help="Flag the profile held-out: an evaluation shift, never a training view.")
 @click.option("--mtf-max-gain", default=None, type=click.FloatRange(1.0, 1000.0),
@@ -554,7 +555,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             failed += [(str(b), f"no --src file has its id {i!r}") for i, b in dst_by_id.items() if i not in paired]
     else:
         raise click.UsageError("give --pairs CSV, or --src DIR and --dst DIR")
-    src_imgs, dst_imgs, slides = [], [], []
+    src_imgs, dst_imgs, slides, src_read, dst_read = [], [], [], [], []
     for a, b, slide, where in rows:
         try:
             ia = read_image(a, max_pixels=max_pixels, apply_icc=apply_icc) if a is not None else None
@@ -568,14 +569,21 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             continue
         if ia is not None:
             src_imgs.append(ia)
+            src_read.append(a)
         if ib is not None:
             dst_imgs.append(ib)
+            dst_read.append(b)
         slides.append(slide)
     if not src_imgs or not dst_imgs:
         for w, reason in failed:
             click.echo(f"  FAILED {w}: {reason}", err=True)
         raise click.UsageError("no usable pair: every pair failed to read or match (listed above)")
     use_slides = slides if all(slides) and len(set(slides)) > 1 else None
+    jpeg_estimate = None
+    if not unpaired and jpeg_quality is None and "jpeg" in parts_t:
+        jpeg_estimate = _jpeg_estimate(src_read, dst_read)
+        if jpeg_estimate["applied"]:
+            jpeg_quality = jpeg_estimate["dst"]["quality_median"]
     try:
         if unpaired:
             t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
@@ -592,6 +600,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     t.profile["fit"]["failed_inputs"] = [{"input": w, "reason": r} for w, r in failed]
+    if jpeg_estimate is not None and "jpeg" in t.profile["fit"]:
+        t.profile["fit"]["jpeg"]["estimated"] = jpeg_estimate
     from shiftkit.data.io import icc_description, read_icc
 
     t.profile["fit"]["icc"] = {"applied": apply_icc,
@@ -683,9 +693,49 @@ def scanner_fit_report(profile: dict) -> str:
                       f"({'added' if 'noise' in profile['parts'] else 'not added: no extra noise'})."]
     j = fit.get("jpeg")
     if j:
-        lines += ["", f"JPEG: blockiness source {j['blockiness_src']:.3f}, destination {j['blockiness_dst']:.3f}; "
-                      + (f"quality {j['quality']} applied." if j.get("quality") else "not applied (give --jpeg-quality when known).")]
+        e = j.get("estimated")
+        if e and e["applied"]:
+            d = e["dst"]
+            how = (f"quality {j['quality']} applied, estimated from the destination files' quantization tables (IJG "
+                   f"scale; {d['jpeg_files']} files, qualities {d['quality_range'][0]}-{d['quality_range'][1]}"
+                   + ("" if d["exact_ijg_tables"] else "; not all IJG tables: the nearest IJG quality") + ").")
+        elif j.get("quality"):
+            how = f"quality {j['quality']} applied."
+        elif e:
+            how = f"not applied: {e['why_not']} (give --jpeg-quality to apply one)."
+        else:
+            how = "not applied (give --jpeg-quality when known)."
+        lines += ["", f"JPEG: blockiness source {j['blockiness_src']:.3f}, destination {j['blockiness_dst']:.3f}; " + how]
     return "\n".join(lines) + "\n"
+
+
+def _jpeg_estimate(src_paths, dst_paths) -> dict:
+    """The destination's JPEG quality from its files' quantization tables (IJG scale, see
+    :func:`shiftkit.data.io.jpeg_quality`; the lower median), for fit-scanner without --jpeg-quality: applied when every destination
+    file is a JPEG and the sources are not, or are at a higher quality (a source already as compressed as the
+    destination needs no more)."""
+    from shiftkit.data.io import jpeg_quality
+
+    def side(paths):
+        qs = [jpeg_quality(p) for p in paths]
+        found = [q for q in qs if q is not None]
+        if not found:
+            return {"files": len(qs), "jpeg_files": 0}
+        values = sorted(q["quality"] for q in found)
+        return {"files": len(qs), "jpeg_files": len(found), "quality_median": values[(len(values) - 1) // 2],
+                "quality_range": [values[0], values[-1]], "exact_ijg_tables": all(q["exact"] for q in found)}
+
+    src, dst = side(src_paths), side(dst_paths)
+    if dst["jpeg_files"] == 0:
+        why = "the destination files are not JPEG"
+    elif dst["jpeg_files"] < dst["files"]:
+        why = f"only {dst['jpeg_files']} of {dst['files']} destination files are JPEG"
+    elif src["jpeg_files"] == src["files"] and src["quality_median"] <= dst["quality_median"]:
+        why = (f"the source files are JPEG at quality {src['quality_median']}, as compressed as the destination's "
+               f"{dst['quality_median']} or more")
+    else:
+        why = ""
+    return {"src": src, "dst": dst, "applied": not why, "why_not": why}
 
 
 def scanner_fit_figure(profile: dict, path: Path) -> None:

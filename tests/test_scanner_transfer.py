@@ -999,3 +999,57 @@ def test_embedded_icc_profiles_are_read_recorded_and_applied_on_request(pairs, t
     y, x = (int(v) for v in Path(first).stem.split("_"))
     expect = read_image(src / (Path(first).parent.name + ".png"), apply_icc=True)[y:y + 112, x:x + 112]
     assert np.array_equal(read_image(tmp_path / "tiles" / first), expect)
+
+
+def test_jpeg_quality_is_read_from_the_quantization_table(tmp_path):
+    """Files written by Pillow and by OpenCV (libjpeg, the encoder the transfer's JPEG part uses) at known qualities
+    come back at exactly those qualities with IJG tables; a table of one's own gets the nearest IJG quality, not
+    exact; a PNG or a missing file gives None."""
+    from PIL import Image
+
+    from shiftkit.data.io import ijg_luminance_table, jpeg_quality
+
+    img = load_sample_tiles()[0]
+    for q in (5, 37, 50, 63, 90, 100):
+        Image.fromarray(img).save(tmp_path / "p.jpg", quality=q)
+        cv2.imwrite(str(tmp_path / "c.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])
+        assert jpeg_quality(tmp_path / "p.jpg") == {"quality": q, "exact": True, "mean_abs_error": 0.0}
+        assert jpeg_quality(tmp_path / "c.jpg")["quality"] == q
+    assert list(ijg_luminance_table(50)[:8]) == [16, 11, 10, 16, 24, 40, 51, 61]  # T.81 table K.1
+    own = [int(v) + (1 if i % 5 == 0 else 0) for i, v in enumerate(ijg_luminance_table(70))]
+    Image.fromarray(img).save(tmp_path / "own.jpg", qtables=[own, own])
+    got = jpeg_quality(tmp_path / "own.jpg")
+    assert got["quality"] == 70 and not got["exact"] and 0 < got["mean_abs_error"] < 0.25
+    write_image(tmp_path / "x.png", img)
+    assert jpeg_quality(tmp_path / "x.png") is None and jpeg_quality(tmp_path / "missing.jpg") is None
+
+
+def test_fit_scanner_cli_takes_the_jpeg_quality_from_destination_files(pairs, tmp_path):
+    """Without --jpeg-quality, JPEG destination files give the part its quality (from their tables), unless the
+    sources are JPEG at that quality or lower; --jpeg-quality overrides. The report says which."""
+    from PIL import Image
+
+    src, dst, _ = pairs
+
+    def fit(src_q, dst_q, *extra):
+        a, b, out = tmp_path / f"a{src_q}", tmp_path / f"b{dst_q}", tmp_path / f"p{src_q}_{dst_q}_{len(extra)}.json"
+        a.mkdir(exist_ok=True)
+        b.mkdir(exist_ok=True)
+        for i, (x, y) in enumerate(zip(src, dst)):
+            Image.fromarray(x).save(a / (f"A{i}.jpg" if src_q else f"A{i}.png"), **({"quality": src_q} if src_q else {}))
+            Image.fromarray(y).save(b / f"B{i}.jpg", quality=dst_q)
+        res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(a), "--dst", str(b), "--match", r"^[AB](\d+)", "-o",
+                                       str(out), "--parts", "colour,jpeg", *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(out.read_text()), out.with_name(out.stem + ".report.md").read_text()
+
+    prof, report = fit(None, 70)
+    assert prof["parts"] == ["colour", "jpeg"] and prof["jpeg"]["quality"] == 70
+    assert prof["fit"]["jpeg"]["estimated"]["dst"]["quality_range"] == [70, 70]
+    assert "quality 70 applied, estimated from the destination files' quantization tables" in report
+    prof, report = fit(60, 70)  # the source is already more compressed
+    assert "jpeg" not in prof["parts"] and "not applied: the source files are JPEG at quality 60" in report
+    prof, report = fit(90, 70)  # a less compressed source: the destination's JPEG applies
+    assert prof["jpeg"]["quality"] == 70
+    prof, report = fit(None, 70, "--jpeg-quality", "40")
+    assert prof["jpeg"]["quality"] == 40 and "estimated" not in prof["fit"]["jpeg"] and "quality 40 applied." in report

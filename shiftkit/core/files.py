@@ -83,6 +83,44 @@ def read_icc(path: PathLike) -> Optional[bytes]:
     return image_header(path)[1]
 
 
+#: The IJG (libjpeg) luminance quantization table at quality 50, natural order (ITU-T T.81, Annex K, table K.1).
+IJG_LUMINANCE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+
+
+def ijg_luminance_table(quality: int) -> np.ndarray:
+    """The luminance quantization table libjpeg writes at ``quality`` (1–100; its integer scaling, baseline-clamped
+    to 1–255), natural order."""
+    q = int(quality)
+    scale = 5000 // q if q < 50 else 200 - 2 * q
+    return np.clip((np.asarray(IJG_LUMINANCE) * scale + 50) // 100, 1, 255)
+
+
+def jpeg_quality(path: PathLike) -> Optional[dict]:
+    """The JPEG quality of a file, from its luminance quantization table (the file header only; no pixel is
+    decoded): ``{"quality": q, "exact": bool, "mean_abs_error": e}`` with ``q`` the IJG quality (1–100, the scale of
+    libjpeg, OpenCV and Pillow) whose table is nearest, ``exact`` when it is that table exactly (an encoder with its
+    own tables gets the nearest IJG quality). None for a file that is not a JPEG or has no table."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.format != "JPEG":
+                    return None
+                tables = getattr(im, "quantization", None) or {}
+                table = np.asarray(tables.get(0, []), np.float64)
+    except Exception:
+        return None
+    if table.size != 64:
+        return None
+    errors = {q: float(np.abs(table - ijg_luminance_table(q)).mean()) for q in range(100, 0, -1)}
+    best = min(errors, key=lambda q: (errors[q], -q))  # equal tables: the higher quality
+    return {"quality": best, "exact": errors[best] == 0.0, "mean_abs_error": round(errors[best], 4)}
+
+
 def icc_description(icc: Optional[bytes]) -> str:
     """A profile's description (e.g. ``"sRGB IEC61966-2.1"``), ``""`` for none, ``"unreadable"`` for a broken one."""
     if not icc:

@@ -23,6 +23,8 @@ from ..core.files import (  # noqa: F401  (re-exported)
     icc_transform,
     image_header,
     image_size,
+    ijg_luminance_table,
+    jpeg_quality,
     list_images,
     read_icc,
     read_image,
