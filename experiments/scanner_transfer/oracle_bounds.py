@@ -18,6 +18,10 @@ out affine baseline (the issue's baseline; paired differences, bootstrap 95 % CI
   from a few paired fields would give (also with ScannerTransfer.fit itself, colour part, its map chosen by
   cross-validation over the three fields);
 - **per pair**: a map fitted on each pair itself (the floor of the family on this metric).
+- **misregistration only**: the real twin moved onto the source crop's grid by the pair's phase-correlation offset
+  — what a perfect transfer would output, since every transfer keeps the source's geometry; its score is the
+  pairs' misregistration (a few pixels) alone. Maps fitted on the misregistered pair itself can score lower: they
+  learn the misregistered block means.
 
 Families: the 3x4 affine sRGB map on every pixel (the baseline's own fit) and the tissue-weighted block fits of
 ScannerTransfer's colour part (map_families.py's code) for sRGB -> sRGB and OD -> CIELAB at degree 3, the maps
@@ -45,7 +49,9 @@ FAMILIES = {"affine 3x4 sRGB": None, "sRGB -> sRGB degree 3": (("srgb", "srgb", 
             "sRGB -> sRGB degree 3, l1 loss": (("srgb", "srgb", 3, False), "l1"),
             "OD -> CIELAB degree 3, l1 loss": (("od", "lab", 3, False), "l1"),
             "sRGB -> sRGB degree 5, all cross terms (56)": (("srgb", "srgb", 5, True), "l2")}
-REGIMES = ("leave one slide out", "all slides, in sample", "the slide itself", "the slide's other fields", "per pair")
+REGIMES = ("leave one slide out", "all slides, in sample", "the slide itself", "the slide's other fields", "per pair",
+           "misregistration only")
+FLOOR = "the real twin moved onto the source's grid (a perfect transfer)"
 
 
 TRANSFER = "ScannerTransfer.fit, colour (CV over the fields)"  # the product itself, in the per-field regime only
@@ -95,6 +101,8 @@ def main():
                 scores.setdefault((name, "per pair"), []).extend(
                     scorer.tissue_delta_e(fit_apply(fam, x[None], y[None], [x])[0], y) for x, y in zip(src[te], dst[te]))
             scores.setdefault((TRANSFER, "the slide's other fields"), []).extend(by_field(TRANSFER, src, dst, te, fields, scorer))
+            scores.setdefault((FLOOR, "misregistration only"), []).extend(
+                scorer.tissue_delta_e(run.moved_twin(x, y), y) for x, y in zip(src[te], dst[te]))
             print(f"{direction} slide {s} done", flush=True)
         base = scores[("affine 3x4 sRGB", "leave one slide out")]
         out[direction] = [{"family": n, "regime": r, "mean": float(np.mean(v)),

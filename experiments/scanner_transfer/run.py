@@ -42,6 +42,19 @@ def load_pairs(folder: Path, direction: str):
     return (a, h, slides) if direction == "a2h" else (h, a, slides)
 
 
+def moved_twin(a, b):
+    """The twin ``b`` moved onto ``a``'s grid by the pair's phase-correlation offset (bilinear, reflected border): what a
+    perfect transfer of ``a`` would give, since every transfer keeps ``a``'s geometry — its distance to ``b`` is the
+    misregistration's alone."""
+    import cv2
+
+    from shiftkit.functional.transfer import pair_offset
+
+    dx, dy, _ = pair_offset(a, b)  # b[p + d] ≈ a[p]
+    m = np.float32([[1, 0, -dx], [0, 1, -dy]])
+    return cv2.warpAffine(b, m, (b.shape[1], b.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
 def affine_fit(src, dst):
     """The baseline: a full 3x4 least-squares map in sRGB on every pixel of the training pairs."""
     x = np.concatenate([src.reshape(-1, 3) / 255.0, np.ones((src.size // 3, 1))], axis=1)
