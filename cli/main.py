@@ -449,9 +449,67 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
     sys.exit(1 if report.failed else 0)
 
 
+@cli.command("pair-tiles")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for src/, dst/ and pairs.csv.")
+@click.option("--size", default=256, show_default=True, type=int, help="Tile side in pixels (the source's).")
+@click.option("--stride", default=None, type=int, help="Step between source tiles (default: --size).")
+@click.option("--min-tissue", default=0.5, show_default=True, type=float, help="Keep source tiles with at least this tissue fraction.")
+@click.option("--max-pairs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="At most this many pairs, evenly spread over the source's tissue tiles.")
+@click.option("--search", "search_px", default=48, show_default=True, type=click.IntRange(min=1),
+              help="Local search around the global registration, ± pixels.")
+@click.option("--min-score", default=0.5, show_default=True, type=click.FloatRange(-1, 1),
+              help="Smallest normalized cross-correlation of a pair (same field on two scanners: about 0.65-0.95 on "
+                   "224-px tiles of the MITOS pairs; different fields: under 0.15).")
+@click.option("--src-mpp", default=None, type=float, help="µm per pixel of SRC (default: a slide's metadata; plain images: as DST).")
+@click.option("--dst-mpp", default=None, type=float, help="µm per pixel of DST (default: a slide's metadata; plain images: as SRC).")
+@click.option("--slide", default=None, help="Slide id written to pairs.csv (default: SRC's file name without extension).")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=1),
+              help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
+                   "images are read region by region.")
+def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, search_px, min_score, src_mpp, dst_mpp, slide,
+                   max_pixels):
+    """Cut registered tile pairs from two scans SRC and DST of the same slide (plain images or whole-slide images),
+    for `shiftkit fit-scanner --pairs OUT/pairs.csv`.
+
+    The scans may lie on the glass differently (any multiple of 90°, a mirror, and a rotation of up to ±5°) and
+    differ in pixel size: they are registered on thumbnails, the map is refitted at full resolution on a few tiles,
+    then each source tile with tissue is matched locally. DST's tiles are written in SRC's orientation and pixel
+    size (its own pixels turned exactly where the glass is not rotated, else warped bilinearly). Matches under --min-score or reaching beyond DST are listed and
+    skipped (exit code 1 if any was); pairs.csv is always written. For several slides, give each its own OUT and fit
+    with one --pairs per slide (`fit-scanner --pairs s1/pairs.csv --pairs s2/pairs.csv`): cross-validation then
+    holds out whole slides."""
+    from shiftkit.core.errors import ShiftkitError
+    from shiftkit.data.pairing import pair_tiles
+
+    try:
+        rep = pair_tiles(src, dst, out_dir, size=size, stride=stride, min_tissue=min_tissue, max_pairs=max_pairs,
+                         search_px=search_px, min_score=min_score, src_mpp=src_mpp, dst_mpp=dst_mpp,
+                         max_pixels=max_pixels, slide=slide)
+    except ShiftkitError as exc:
+        raise click.UsageError(str(exc))
+    r = rep.registration
+    turn = f"{r['k'] * 90}° counter-clockwise" + (", mirrored left-right first" if r["flip"] else "")
+    refined = r.get("refined", [{}])[-1]
+    fit = (f"; refined on {refined['inliers']} tiles at full resolution, rms {refined['rms_px']:.2f} px"
+           if refined.get("refitted") else "; not refined at full resolution (fewer than 4 tiles matched)")
+    click.echo(f"registration: DST turned {turn} to match SRC, glass rotated {r['glass_angle']:+.2f}°, scale "
+               f"{r['scale']:.3f} DST px per SRC px, thumbnail phase-correlation peak {r['peak']:.3f} (next best "
+               f"orientation {r['second_peak']:.3f}){fit}")
+    click.echo(f"{rep.written} pairs written, {rep.rejected} source tiles skipped (tissue < {min_tissue} or beyond "
+               f"--max-pairs), {len(rep.unmatched)} unmatched -> {rep.manifest}")
+    for name, reason in rep.unmatched:
+        click.echo(f"  UNMATCHED {name}: {reason}", err=True)
+    sys.exit(1 if rep.unmatched else 0)
+
+
 @cli.command("fit-scanner")
-@click.option("--pairs", "pairs_csv", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with columns src,dst (registered pairs; paths relative to the CSV) and optional slide.")
+@click.option("--pairs", "pairs_csv", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns src,dst (registered pairs; paths relative to the CSV) and optional slide, e.g. "
+                   "from `shiftkit pair-tiles`; repeat for several slides.")
 @click.option("--src", "src_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of scanner-A images (with --dst and --match instead of --pairs).")
 @click.option("--dst", "dst_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -502,16 +560,19 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
 
     parts_t = tuple(x.strip() for x in parts.split(",") if x.strip())
     rows, failed = [], []
-    if pairs_csv is not None:
+    if pairs_csv:
         if src_dir or dst_dir:
             raise click.UsageError("give --pairs or --src/--dst, not both")
-        with open(pairs_csv, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not {"src", "dst"} <= set(reader.fieldnames or []):
-                raise click.BadParameter(f"expected columns src,dst, got {reader.fieldnames}", param_hint="--pairs")
-            for line, r in enumerate(reader, start=2):
-                a, b = (Path(r[k]) if Path(r[k]).is_absolute() else pairs_csv.parent / r[k] for k in ("src", "dst"))
-                rows.append((a, b, r.get("slide") or None, f"line {line}"))
+        for csv_path in pairs_csv:
+            with open(csv_path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if not {"src", "dst"} <= set(reader.fieldnames or []):
+                    raise click.BadParameter(f"{csv_path}: expected columns src,dst, got {reader.fieldnames}",
+                                             param_hint="--pairs")
+                for line, r in enumerate(reader, start=2):
+                    a, b = (Path(r[k]) if Path(r[k]).is_absolute() else csv_path.parent / r[k] for k in ("src", "dst"))
+                    where = f"line {line}" if len(pairs_csv) == 1 else f"{csv_path} line {line}"
+                    rows.append((a, b, r.get("slide") or None, where))
     elif src_dir and dst_dir:
         try:
             rx = re.compile(match)
@@ -592,7 +653,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
-                                    source=str(pairs_csv or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
+                                    source=(", ".join(map(str, pairs_csv)) or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
                                     colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,),
                                     background_weight=background_weight,
                                     mtf_mode=mtf_mode)
