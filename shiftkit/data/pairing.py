@@ -23,8 +23,10 @@ from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 from ..core.errors import InvalidArgumentError
+from ..stain.mask import tissue_mask
 from .io import read_image, write_image
 from .naming import ensure_inside
 from .tiling import WSI_SUFFIXES, open_slide, tissue_fraction
@@ -331,21 +333,52 @@ def _refine(dst, m, candidates, size, search_px, min_score, reg) -> Tuple[np.nda
                         glass_angle=_glass_angle(lin, reg))
 
 
+def _spread(items: list, n: int) -> list:
+    """At most ``n`` of ``items``, evenly spread over the list (its order: rows of the grid)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, n).round().astype(int).tolist()))]
+
+
+def _likely_tissue(src: _Scan, grid: list, size: int, threshold: float) -> list:
+    """The grid positions whose footprint on the source's thumbnail has at least ``threshold`` tissue."""
+    thumb, t = src.thumbnail()
+    mask = tissue_mask(torch.from_numpy(np.array(thumb)).permute(2, 0, 1)[None].float() / 255)[0, 0].float().numpy()
+    integral = cv2.integral(mask)
+    out = []
+    for y, x in grid:
+        x0, y0 = int(x * t), int(y * t)
+        x1, y1 = max(x0 + 1, int(np.ceil((x + size) * t))), max(y0 + 1, int(np.ceil((y + size) * t)))
+        x1, y1 = min(x1, mask.shape[1]), min(y1, mask.shape[0])
+        area = max(1, (x1 - x0) * (y1 - y0))
+        frac = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+        if frac >= threshold:
+            out.append((y, x))
+    return out
+
+
 def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_px, min_score, slide, report):
     m = np.asarray(reg["matrix"])
     out.mkdir(parents=True, exist_ok=True)
+    grid = [(y, x) for y in range(0, src.height - size + 1, stride) for x in range(0, src.width - size + 1, stride)]
+    if max_pairs is not None and len(grid) > 4 * max_pairs:
+        # a large scan: read only tiles whose footprint on the thumbnail looks like tissue (at 0.8 of min_tissue),
+        # twice as many as wanted, evenly spread; each is checked at full resolution below
+        likely = _likely_tissue(src, grid, size, 0.8 * min_tissue)
+        report.rejected += len(grid) - len(likely)
+        grid = _spread(likely, 2 * max_pairs)
+        report.rejected += len(likely) - len(grid)
     candidates = []
-    for y in range(0, src.height - size + 1, stride):
-        for x in range(0, src.width - size + 1, stride):
-            tile, _ = src.region(x, y, size, size)
-            if tissue_fraction(tile) < min_tissue:
-                report.rejected += 1
-                continue
-            candidates.append((y, x, tile))
+    for y, x in grid:
+        tile, _ = src.region(x, y, size, size)
+        if tissue_fraction(tile) < min_tissue:
+            report.rejected += 1
+            continue
+        candidates.append((y, x, tile))
     if max_pairs is not None and len(candidates) > max_pairs:
-        keep = np.linspace(0, len(candidates) - 1, max_pairs).round().astype(int)
-        report.rejected += len(candidates) - len(set(keep.tolist()))
-        candidates = [candidates[i] for i in sorted(set(keep.tolist()))]
+        kept = _spread(candidates, max_pairs)
+        report.rejected += len(candidates) - len(kept)
+        candidates = kept
     if candidates:  # twice: the second round's windows follow the first round's rotation
         m, info = _refine(dst, m, candidates, size, search_px, min_score, reg)
         m, info2 = _refine(dst, m, candidates, size, search_px, min_score, dict(reg, thumb_px=1.0)) \
