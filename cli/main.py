@@ -466,12 +466,14 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
                    "224-px tiles of the MITOS pairs; different fields: under 0.15).")
 @click.option("--src-mpp", default=None, type=float, help="µm per pixel of SRC (default: a slide's metadata; plain images: as DST).")
 @click.option("--dst-mpp", default=None, type=float, help="µm per pixel of DST (default: a slide's metadata; plain images: as SRC).")
+@click.option("--min-peak", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Smallest phase-correlation peak of the thumbnails' registration (below: not the same slide).")
 @click.option("--slide", default=None, help="Slide id written to pairs.csv (default: SRC's file name without extension).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
                    "images are read region by region.")
-def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, search_px, min_score, src_mpp, dst_mpp, slide,
-                   max_pixels):
+def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, search_px, min_score, src_mpp, dst_mpp,
+                   min_peak, slide, max_pixels):
     """Cut registered tile pairs from two scans SRC and DST of the same slide (plain images or whole-slide images),
     for `shiftkit fit-scanner --pairs OUT/pairs.csv`.
 
@@ -488,7 +490,7 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     try:
         rep = pair_tiles(src, dst, out_dir, size=size, stride=stride, min_tissue=min_tissue, max_pairs=max_pairs,
                          search_px=search_px, min_score=min_score, src_mpp=src_mpp, dst_mpp=dst_mpp,
-                         max_pixels=max_pixels, slide=slide)
+                         min_peak=min_peak, max_pixels=max_pixels, slide=slide)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     r = rep.registration
@@ -503,7 +505,10 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
                f"--max-pairs), {len(rep.unmatched)} unmatched -> {rep.manifest}")
     for name, reason in rep.unmatched:
         click.echo(f"  UNMATCHED {name}: {reason}", err=True)
-    sys.exit(1 if rep.unmatched else 0)
+    if not rep.written:
+        click.echo(f"no pair written: expected source tiles of {size} px with at least {min_tissue} tissue that match "
+                   "DST; lower --min-tissue or --size, or check that SRC and DST are scans of the same slide", err=True)
+    sys.exit(1 if rep.unmatched or not rep.written else 0)
 
 
 @cli.command("fit-scanner")

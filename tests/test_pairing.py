@@ -159,3 +159,15 @@ def test_a_glass_rotated_by_a_few_degrees_is_measured_and_undone(tmp_path):
         assert np.hypot(dx, dy) < 0.35 and peak > 0.5, (r, dx, dy)
         off.append(np.hypot(dx, dy))
     assert np.median(off) < 0.15
+
+
+def test_pair_tiles_cli_refuses_scans_of_different_fields_and_says_when_nothing_paired(tmp_path):
+    folder = shared("mitos_scanner_pairs_dev")
+    a = folder / "aperio" / "A030_2.png"
+    res = CliRunner().invoke(cli, ["pair-tiles", str(a), str(folder / "hamamatsu" / "H050_3.png"), "-o", str(tmp_path / "x"),
+                                   "--size", "128"])
+    assert res.exit_code == 2 and "does not register" in res.output and "H050_3.png" in res.output
+    res = CliRunner().invoke(cli, ["pair-tiles", str(a), str(folder / "hamamatsu" / "H030_2.png"), "-o", str(tmp_path / "y"),
+                                   "--size", "300"])
+    assert res.exit_code == 1 and "0 pairs written" in res.output and "no pair written" in res.output
+    assert (tmp_path / "y" / "pairs.csv").read_text().startswith("src,dst,slide")

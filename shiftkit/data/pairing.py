@@ -182,7 +182,7 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
 
 def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional[int] = None, min_tissue: float = 0.5,
                max_pairs: Optional[int] = None, search_px: int = 48, min_score: float = 0.5,
-               src_mpp: Optional[float] = None, dst_mpp: Optional[float] = None, min_peak: float = 0.02,
+               src_mpp: Optional[float] = None, dst_mpp: Optional[float] = None, min_peak: float = 0.1,
                max_pixels: Optional[int] = None, slide: Optional[str] = None) -> PairingReport:
     """Cut registered ``size``² tile pairs from two scans of one slide into ``out_dir/src``, ``out_dir/dst`` and
     ``out_dir/pairs.csv`` (``src,dst,slide,x,y,dst_cx,dst_cy,score``: paths relative to it, the source tile's top-left,
@@ -198,7 +198,8 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
 
     Raises:
         InvalidArgumentError: an argument out of range, or a global registration whose phase-correlation peak is
-            under ``min_peak`` (not the same slide, or too little shared tissue).
+            under ``min_peak`` (not the same slide, or too little shared tissue; on 256-px MITOS crops the same field
+            on two scanners gave 0.31-0.94, its other orientations up to 0.13, a different field 0.05).
         ImageReadError: a scan that cannot be read.
     """
     if size < 32 or (stride is not None and stride < 1) or not 0 <= min_tissue <= 1 or search_px < 1 \
