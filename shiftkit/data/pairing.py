@@ -14,9 +14,6 @@ glass is not rotated, else warped bilinearly; resized when the pixel sizes diffe
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -29,7 +26,7 @@ from ..core.errors import InvalidArgumentError
 from ..stain.mask import tissue_mask
 from .io import read_image, write_image
 from .naming import ensure_inside
-from .tiling import WSI_SUFFIXES, open_slide, tissue_fraction
+from .tiling import WSI_SUFFIXES, open_slide, tissue_fraction, write_csv
 
 #: The largest side of the thumbnails the global registration runs on.
 THUMB_SIDE = 1024
@@ -408,15 +405,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
         rows.append({"src": f"src/{name}", "dst": f"dst/{name}", "slide": slide, "x": x, "y": y,
                      "dst_cx": f"{cx:.1f}", "dst_cy": f"{cy:.1f}", "score": f"{score:.3f}"})
         report.written += 1
-    manifest = out / "pairs.csv"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score"])
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = manifest.with_name(".pairs.csv.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, manifest)
-    report.manifest = str(manifest)
+    report.manifest = str(write_csv(out / "pairs.csv", ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score"], rows))
 
 
 __all__ = ["PairingReport", "pair_tiles", "register_scans", "dihedral", "THUMB_SIDE"]

@@ -145,13 +145,19 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                 report.written += 1
         except Exception as exc:  # the tiles written so far are kept and listed; the failure is reported
             report.failed.append((str(src), f"tiling stopped: {type(exc).__name__}: {exc}"))
-    manifest = out / "tiles.csv"
+    report.manifest = str(write_csv(out / "tiles.csv", ["path", "source", "x", "y", "size", "level", "mpp",
+                                                        "tissue_fraction", "icc"], rows))
+    return report
+
+
+def write_csv(path: Path, fieldnames: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Write ``rows`` as a CSV manifest atomically (a temporary file beside it, then renamed): a reader never sees
+    half a manifest."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "source", "x", "y", "size", "level", "mpp", "tissue_fraction", "icc"])
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = manifest.with_name(".tiles.csv.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(buf.getvalue())
-    os.replace(tmp, manifest)
-    report.manifest = str(manifest)
-    return report
+    os.replace(tmp, path)
+    return path
