@@ -64,19 +64,18 @@ class _Scan:
             thumb = cv2.resize(self.image, size, interpolation=cv2.INTER_AREA) if scale < 1 else self.image
         return thumb, thumb.shape[1] / self.width
 
-    def region(self, x: int, y: int, w: int, h: int) -> Tuple[np.ndarray, bool]:
-        """``(region (h, w, 3) uint8, inside)``: white beyond the scan; ``inside`` when no pixel is beyond it."""
-        inside = x >= 0 and y >= 0 and x + w <= self.width and y + h <= self.height
+    def region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The ``(h, w, 3)`` uint8 region at ``(x, y)`` (level 0), white beyond the scan."""
         if self.slide is not None:  # OpenSlide: transparent beyond the scanned area, taken as white glass
             rgba = np.asarray(self.slide.read_region((int(x), int(y)), 0, (int(w), int(h))))
             rgb = rgba[..., :3].copy()
             rgb[rgba[..., 3] == 0] = 255
-            return rgb, inside
+            return rgb
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
         if x1 > x0 and y1 > y0:
             out[y0 - y:y1 - y, x0 - x:x1 - x] = self.image[y0:y1, x0:x1]
-        return out, inside
+        return out
 
 
 def _darkness(rgb: np.ndarray) -> np.ndarray:
@@ -111,7 +110,7 @@ def _dihedral_matrix(k: int, flip: bool, w: float, h: float) -> np.ndarray:
 @dataclass
 class PairingReport:
     written: int = 0
-    rejected: int = 0  # source tiles with too little tissue
+    rejected: int = 0  # source tiles with too little tissue, or beyond max_pairs
     unmatched: List[Tuple[str, str]] = field(default_factory=list)  # (source tile, reason)
     registration: dict = field(default_factory=dict)
     manifest: str = ""
@@ -245,7 +244,7 @@ def _window(dst: _Scan, m: np.ndarray, x: int, y: int, size: int, search: int, k
         side = max(1, int(round(win * scale)))
         cx, cy, _ = a @ np.array([(win - 1) / 2, (win - 1) / 2, 1.0])
         x0, y0 = int(round(cx - (side - 1) / 2)), int(round(cy - (side - 1) / 2))
-        region, _ = dst.region(x0, y0, side, side)
+        region = dst.region(x0, y0, side, side)
         window = dihedral(region, k, flip)  # a square turns about its centre
         if side != win:
             window = cv2.resize(window, (win, win), interpolation=cv2.INTER_AREA if side > win else cv2.INTER_CUBIC)
@@ -256,7 +255,7 @@ def _window(dst: _Scan, m: np.ndarray, x: int, y: int, size: int, search: int, k
     corners = a @ np.array([[0, win - 1, 0, win - 1], [0, 0, win - 1, win - 1], [1, 1, 1, 1.0]])
     x0, y0 = int(np.floor(corners[0].min())) - 2, int(np.floor(corners[1].min())) - 2
     x1, y1 = int(np.ceil(corners[0].max())) + 3, int(np.ceil(corners[1].max())) + 3
-    region, _ = dst.region(x0, y0, x1 - x0, y1 - y0)
+    region = dst.region(x0, y0, x1 - x0, y1 - y0)
     to_region = np.array([[1.0, 0, -x0], [0, 1, -y0], [0, 0, 1]]) @ a
     window = cv2.warpAffine(region, to_region[:2], (win, win), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
@@ -368,7 +367,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
         report.rejected += len(likely) - len(grid)
     candidates = []
     for y, x in grid:
-        tile, _ = src.region(x, y, size, size)
+        tile = src.region(x, y, size, size)
         if tissue_fraction(tile) < min_tissue:
             report.rejected += 1
             continue
