@@ -135,8 +135,9 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
     """The global map from source to destination pixels, on thumbnails at the source's physical scale: the best of
     the destination's eight quarter turns and mirrors by phase-correlation peak, then the best small rotation of the
     glass (:data:`ANGLES`, refined to 0.1°) for it. ``scale``: destination px per source px. Returns the turn
-    ``k``, ``flip``, ``glass_angle`` (degrees, as :func:`_glass_angle`), the peaks, and ``matrix``: the 3x3 map of source to destination pixel
-    coordinates (accurate to about one thumbnail pixel; :func:`pair_tiles` refines it at full resolution)."""
+    ``k``, ``flip``, ``glass_angle`` (degrees, as :func:`_glass_angle`), the peaks, and ``matrix``: the 3x3 map of
+    source to destination pixel coordinates (good to about a thumbnail pixel, ``thumb_px`` source px;
+    :func:`pair_tiles` refits it at full resolution)."""
     ts_img, ts = src.thumbnail()
     td_img, td = dst.thumbnail(side=max(1, round(THUMB_SIDE * scale)) if scale > 1 else THUMB_SIDE)
     # the destination thumbnail at the source thumbnail's physical scale: ts source-thumb px per source px
@@ -188,7 +189,8 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
 
     Source tiles on a grid (step ``stride``, default ``size``) with at least ``min_tissue`` tissue are kept (at most
     ``max_pairs``, evenly spread over the candidates); each is located in the destination by the global
-    registration (:func:`register_scans`) and refined within ``± search_px`` by normalized cross-correlation; a
+    registration (:func:`register_scans`, refitted at full resolution as a similarity on up to
+    :data:`REFINE_TILES` of them) and matched within ``± search_px`` by normalized cross-correlation; a
     match under ``min_score`` or reaching beyond the destination is listed in the report, not written. Pixel sizes
     (µm/px): a whole-slide image's own unless given; plain images without one are taken as equal.
 
