@@ -409,4 +409,4 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
     report.manifest = str(write_csv(out / "pairs.csv", ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score"], rows))
 
 
-__all__ = ["PairingReport", "pair_tiles", "register_scans", "dihedral", "THUMB_SIDE"]
+__all__ = ["PairingReport", "pair_tiles", "dihedral", "THUMB_SIDE", "ANGLES", "REFINE_TILES"]
