@@ -529,7 +529,8 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
 @click.option("--parts", default="colour,mtf,noise,jpeg", show_default=True, help="Comma-separated parts to fit.")
 @click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
 @click.option("--max-shift", default=16.0, show_default=True, type=float, help="Largest accepted misregistration (px).")
-@click.option("--mpp", default=None, type=float, help="µm per pixel of the pairs (the MTF is rescaled when applied elsewhere).")
+@click.option("--mpp", default=None, type=float, help="µm per pixel of the pairs (the MTF is rescaled when applied "
+              "elsewhere; default: the --pairs manifests' mpp column when all its values agree, as pair-tiles writes).")
 @click.option("--jpeg-quality", default=None, type=click.IntRange(1, 100), help="Quality of scanner B's JPEG (default: read from JPEG --dst files' quantization tables, applied "
               "unless the --src files are JPEG at that quality or lower).")
 @click.option("--name", default=None, help="Profile name (default: the output file's stem).")
@@ -565,6 +566,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
 
     parts_t = tuple(x.strip() for x in parts.split(",") if x.strip())
     rows, failed = [], []
+    csv_mpps: set = set()
     if pairs_csv:
         if src_dir or dst_dir:
             raise click.UsageError("give --pairs or --src/--dst, not both")
@@ -578,6 +580,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
                     a, b = (Path(r[k]) if Path(r[k]).is_absolute() else csv_path.parent / r[k] for k in ("src", "dst"))
                     where = f"line {line}" if len(pairs_csv) == 1 else f"{csv_path} line {line}"
                     rows.append((a, b, r.get("slide") or None, where))
+                    csv_mpps.add((r.get("mpp") or "").strip())
     elif src_dir and dst_dir:
         try:
             rx = re.compile(match)
@@ -645,6 +648,16 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             click.echo(f"  FAILED {w}: {reason}", err=True)
         raise click.UsageError("no usable pair: every pair failed to read or match (listed above)")
     use_slides = slides if all(slides) and len(set(slides)) > 1 else None
+    if mpp is None and len(csv_mpps) == 1 and "" not in csv_mpps:  # every pair's µm/px, from pair-tiles' manifests
+        try:
+            mpp = float(csv_mpps.pop())
+        except ValueError:
+            raise click.BadParameter(f"expected a number of µm per pixel in the mpp column, got {csv_mpps!r}",
+                                     param_hint="--pairs")
+        click.echo(f"µm/px of the pairs: {mpp:g} (the mpp column of --pairs)")
+    elif mpp is None and len(csv_mpps - {""}) > 1:
+        click.echo(f"warning: the --pairs manifests' mpp columns differ ({', '.join(sorted(csv_mpps - {''}))}): no µm/px "
+                   "recorded (give --mpp to rescale the MTF elsewhere)", err=True)
     jpeg_estimate = None
     if not unpaired and jpeg_quality is None and "jpeg" in parts_t:
         jpeg_estimate = _jpeg_estimate(src_read, dst_read)

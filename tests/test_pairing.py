@@ -85,6 +85,12 @@ def test_a_whole_slide_source_and_a_destination_at_another_pixel_size(tmp_path):
         assert a.shape == b.shape == (256, 256, 3)
         dx, dy, peak = pair_offset(a, b)
         assert np.hypot(dx, dy) < 1.0 and peak > 0.5, (r, dx, dy, peak)
+    assert {r["mpp"] for r in rows(tmp_path / "out" / "pairs.csv")} == {"0.4990"}  # the source's, both tiles at it
+    res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "out" / "pairs.csv"), "-o",
+                                   str(tmp_path / "p.json"), "--parts", "colour,mtf"])
+    assert res.exit_code == 0, res.output
+    assert "µm/px of the pairs: 0.499 (the mpp column of --pairs)" in res.output
+    assert json.loads((tmp_path / "p.json").read_text())["mtf"]["mpp"] == pytest.approx(0.499)
 
 
 def test_real_cross_scanner_pair_and_unrelated_fields(tmp_path):

@@ -182,8 +182,9 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
                src_mpp: Optional[float] = None, dst_mpp: Optional[float] = None, min_peak: float = 0.1,
                max_pixels: Optional[int] = None, slide: Optional[str] = None) -> PairingReport:
     """Cut registered ``size``² tile pairs from two scans of one slide into ``out_dir/src``, ``out_dir/dst`` and
-    ``out_dir/pairs.csv`` (``src,dst,slide,x,y,dst_cx,dst_cy,score``: paths relative to it, the source tile's top-left,
-    the destination tile's centre in destination pixels, the match's normalized cross-correlation; ``slide`` defaults
+    ``out_dir/pairs.csv`` (``src,dst,slide,x,y,dst_cx,dst_cy,score,mpp``: paths relative to it, the source tile's
+    top-left, the destination tile's centre in destination pixels, the match's normalized cross-correlation, the
+    pairs' µm/px (the source's, when known; both tiles are at it); ``slide`` defaults
     to the source file's stem, so that ``shiftkit fit-scanner --pairs a/pairs.csv --pairs b/pairs.csv`` cross-validates by
     slide).
 
@@ -404,9 +405,11 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
         write_image(ensure_inside(out, out / "dst" / name), twin)
         cx, cy, _ = a @ np.array([lx + (size - 1) / 2, ly + (size - 1) / 2, 1.0])  # the twin's centre, destination px
         rows.append({"src": f"src/{name}", "dst": f"dst/{name}", "slide": slide, "x": x, "y": y,
-                     "dst_cx": f"{cx:.1f}", "dst_cy": f"{cy:.1f}", "score": f"{score:.3f}"})
+                     "dst_cx": f"{cx:.1f}", "dst_cy": f"{cy:.1f}", "score": f"{score:.3f}",
+                     "mpp": "" if src.mpp is None else f"{src.mpp:.4f}"})
         report.written += 1
-    report.manifest = str(write_csv(out / "pairs.csv", ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score"], rows))
+    report.manifest = str(write_csv(out / "pairs.csv", ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score",
+                                                        "mpp"], rows))
 
 
 __all__ = ["PairingReport", "pair_tiles", "dihedral", "THUMB_SIDE", "ANGLES", "REFINE_TILES"]
