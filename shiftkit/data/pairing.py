@@ -4,7 +4,8 @@
 The two scans may be plain images or whole-slide images (read region by region through OpenSlide, as
 :mod:`shiftkit.data.tiling` does), placed on the glass differently (any multiple of 90° and a mirror) and at different
 pixel sizes, the glass turned by up to ±5°. :func:`pair_tiles` registers them on thumbnails at the source's
-physical scale (phase correlation over the destination's eight quarter turns and mirrors, then over small rotations),
+physical scale (phase correlation over the destination's eight quarter turns and mirrors, then over small rotations;
+normalized cross-correlation for a source region that fits well inside the destination),
 refits the map at full resolution as a similarity on a few tiles matched with a wide search, and matches every
 source tile with tissue within ``± search_px`` (normalized cross-correlation). Each pair is written as two
 equal-size tiles in the source's orientation and pixel size (the destination's own pixels turned exactly where the
@@ -139,20 +140,38 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
     source to destination pixel coordinates (good to about a thumbnail pixel, ``thumb_px`` source px;
     :func:`pair_tiles` refits it at full resolution)."""
     ts_img, ts = src.thumbnail()
-    td_img, td = dst.thumbnail(side=max(1, round(THUMB_SIDE * scale)) if scale > 1 else THUMB_SIDE)
-    # the destination thumbnail at the source thumbnail's physical scale: ts source-thumb px per source px
-    factor = ts / (scale * td)
-    td_img = cv2.resize(td_img, (max(1, round(td_img.shape[1] * factor)), max(1, round(td_img.shape[0] * factor))),
-                        interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-    td = td * factor
+    td_img, td = dst.thumbnail()
+    # both at one physical scale, the coarser of the two (c thumbnail px per source px): a small region against a
+    # whole slide does not blow the slide's thumbnail up
+    c = min(ts, td * scale)
+
+    def resized(img, f):
+        if abs(f - 1) < 1e-9:
+            return img
+        return cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))),
+                          interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+
+    ts_img, td_img = resized(ts_img, c / ts), resized(td_img, c / (td * scale))
+    ts, td = ts_img.shape[1] / src.width, td_img.shape[1] / dst.width
     half = lambda img: cv2.resize(img, (max(1, img.shape[1] // 2), max(1, img.shape[0] // 2)),  # noqa: E731
                                   interpolation=cv2.INTER_AREA)
+    # a source that fits well inside the destination (a region against a whole slide) is found by normalized
+    # cross-correlation of the whole source thumbnail; two scans of about one extent by phase correlation
+    contained = (max(ts_img.shape[:2]) <= min(td_img.shape[:2])
+                 and ts_img.shape[0] * ts_img.shape[1] <= 0.5 * td_img.shape[0] * td_img.shape[1])
+
+    def corr(a_, b_):  # (dx, dy, score) with b_[p + d] ≈ a_[p]
+        if contained:
+            _, score, _, (lx, ly) = cv2.minMaxLoc(cv2.matchTemplate(b_, a_, cv2.TM_CCOEFF_NORMED))
+            return float(lx), float(ly), float(score) if np.isfinite(score) else -1.0
+        return _correlate(_tapered(a_), _tapered(b_))
+
     # the turn, mirror and coarse angle on half-size thumbnails (4x fewer pixels), the fine angle on the full ones
-    a_half, a = _tapered(_darkness(half(ts_img))), _tapered(_darkness(ts_img))
+    a_half, a = _darkness(half(ts_img)), _darkness(ts_img)
     tries = []
     for flip in (False, True):
         for k in range(4):
-            dx, dy, peak = _correlate(a_half, _tapered(_darkness(dihedral(half(td_img), k, flip))))
+            dx, dy, peak = corr(a_half, _darkness(dihedral(half(td_img), k, flip)))
             tries.append({"k": k, "flip": flip, "dx": 2 * dx, "dy": 2 * dy, "peak": peak})
     best = max(tries, key=lambda t: t["peak"])
     turned = _darkness(dihedral(td_img, best["k"], best["flip"]))
@@ -160,7 +179,7 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
 
     def at(angle, b, ref):  # `b` rotated by `angle` about its centre, correlated with `ref`
         rot = cv2.getRotationMatrix2D(((b.shape[1] - 1) / 2, (b.shape[0] - 1) / 2), float(angle), 1.0)
-        return _correlate(ref, _tapered(cv2.warpAffine(b, rot, (b.shape[1], b.shape[0]), flags=cv2.INTER_LINEAR))), rot
+        return corr(ref, cv2.warpAffine(b, rot, (b.shape[1], b.shape[0]), flags=cv2.INTER_LINEAR)), rot
 
     coarse = {float(ang): at(ang, turned_half, a_half)[0][2] for ang in ANGLES}
     angle = max(coarse, key=coarse.get)
@@ -174,6 +193,7 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
              @ np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]]) @ np.diag([ts, ts, 1.0]))
     others = sorted(t["peak"] for t in tries)[-2]
     return {"k": best["k"], "flip": best["flip"], "glass_angle": float(-angle), "peak": peak, "turn_peak": best["peak"],
+            "method": "normalized cross-correlation" if contained else "phase correlation",
             "second_peak": others, "scale": scale, "matrix": chain.tolist(), "thumb_px": 1 / ts, "tries": tries}
 
 
