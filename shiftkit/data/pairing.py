@@ -5,7 +5,7 @@ The two scans may be plain images or whole-slide images (read region by region t
 :mod:`shiftkit.data.tiling` does), placed on the glass differently (any multiple of 90° and a mirror) and at different
 pixel sizes, the glass turned by up to ±5°. :func:`pair_tiles` registers them on thumbnails at the source's
 physical scale (phase correlation over the destination's eight quarter turns and mirrors, then over small rotations;
-normalized cross-correlation for a source region that fits well inside the destination),
+normalized cross-correlation for one scan that fits well inside the other),
 refits the map at full resolution as a similarity on a few tiles matched with a wide search, and matches every
 source tile with tissue within ``± search_px`` (normalized cross-correlation). Each pair is written as two
 equal-size tiles in the source's orientation and pixel size (the destination's own pixels turned exactly where the
@@ -157,13 +157,16 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
                                   interpolation=cv2.INTER_AREA)
     # a source that fits well inside the destination (a region against a whole slide) is found by normalized
     # cross-correlation of the whole source thumbnail; two scans of about one extent by phase correlation
-    contained = (max(ts_img.shape[:2]) <= min(td_img.shape[:2])
-                 and ts_img.shape[0] * ts_img.shape[1] <= 0.5 * td_img.shape[0] * td_img.shape[1])
+    area = lambda img: img.shape[0] * img.shape[1]  # noqa: E731
+    contained = max(ts_img.shape[:2]) <= min(td_img.shape[:2]) and area(ts_img) <= 0.5 * area(td_img)
+    contains = max(td_img.shape[:2]) <= min(ts_img.shape[:2]) and area(td_img) <= 0.5 * area(ts_img)
 
     def corr(a_, b_):  # (dx, dy, score) with b_[p + d] ≈ a_[p]
-        if contained:
-            _, score, _, (lx, ly) = cv2.minMaxLoc(cv2.matchTemplate(b_, a_, cv2.TM_CCOEFF_NORMED))
-            return float(lx), float(ly), float(score) if np.isfinite(score) else -1.0
+        if contained or contains:
+            big, small = (b_, a_) if contained else (a_, b_)
+            _, score, _, (lx, ly) = cv2.minMaxLoc(cv2.matchTemplate(big, small, cv2.TM_CCOEFF_NORMED))
+            sign = 1.0 if contained else -1.0  # the destination inside the source: a_[p + l] ≈ b_[p], so d = -l
+            return sign * lx, sign * ly, float(score) if np.isfinite(score) else -1.0
         return _correlate(_tapered(a_), _tapered(b_))
 
     # the turn, mirror and coarse angle on half-size thumbnails (4x fewer pixels), the fine angle on the full ones
@@ -193,7 +196,7 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
              @ np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]]) @ np.diag([ts, ts, 1.0]))
     others = sorted(t["peak"] for t in tries)[-2]
     return {"k": best["k"], "flip": best["flip"], "glass_angle": float(-angle), "peak": peak, "turn_peak": best["peak"],
-            "method": "normalized cross-correlation" if contained else "phase correlation",
+            "method": "normalized cross-correlation" if contained or contains else "phase correlation",
             "second_peak": others, "scale": scale, "matrix": chain.tolist(), "thumb_px": 1 / ts, "tries": tries}
 
 
@@ -314,11 +317,21 @@ def _glass_angle(lin: np.ndarray, reg: dict) -> float:
 REFINE_TILES = 16
 
 
+def _inside(m: np.ndarray, x: int, y: int, size: int, dst: _Scan, margin: float = 0.0) -> bool:
+    """Whether the source tile at ``(x, y)`` lands inside the destination under ``m`` (to ``margin`` px)."""
+    c = m @ np.array([[x, x + size - 1, x, x + size - 1], [y, y, y + size - 1, y + size - 1], [1, 1, 1, 1.0]])
+    return bool(c[0].min() >= -margin and c[1].min() >= -margin and c[0].max() <= dst.width - 1 + margin
+                and c[1].max() <= dst.height - 1 + margin)
+
+
 def _refine(dst, m, candidates, size, search_px, min_score, reg) -> Tuple[np.ndarray, dict]:
     """The source -> destination map refitted (affine, least squares, one round of outlier rejection) on up to
     :data:`REFINE_TILES` tiles spread over the source, each matched within ``± max(search_px, 3 thumbnail px)``: the
     thumbnails' map is good to about a thumbnail pixel, which on a large slide is many full-resolution pixels."""
     wide = int(max(search_px, 3 * reg.get("thumb_px", 1.0) + 8))
+    candidates = [c for c in candidates if _inside(m, c[1], c[0], size, dst)]  # where the destination has the field
+    if not candidates:
+        return m, {"search_px": wide, "tiles": 0, "matched": 0, "refitted": False}
     pick = np.unique(np.linspace(0, len(candidates) - 1, min(REFINE_TILES, len(candidates))).round().astype(int))
     src_pts, dst_pts = [], []
     for i in pick:
@@ -410,6 +423,9 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
     rows = []
     for y, x, tile in candidates:
         name = f"{y}_{x}.png"
+        if not _inside(m, x, y, size, dst, margin=search_px * reg["scale"]):
+            report.unmatched.append((name, "beyond the destination scan (by the registration)"))
+            continue
         score, window, lx, ly, a = _match(dst, m, x, y, tile, search_px, reg)
         if score < min_score:
             report.unmatched.append((name, f"weak match: normalized cross-correlation {score:.2f} < {min_score}"))
@@ -418,7 +434,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
                                 [1, 1, 1, 1.0]])
         if (corners[0].min() < -0.5 or corners[1].min() < -0.5 or corners[0].max() > dst.width - 0.5
                 or corners[1].max() > dst.height - 0.5):
-            report.unmatched.append((name, "the match reaches beyond the destination scan"))
+            report.unmatched.append((name, "beyond the destination scan (the match reaches past its edge)"))
             continue
         twin = np.ascontiguousarray(window[ly:ly + size, lx:lx + size])
         write_image(ensure_inside(out, out / "src" / name), tile)
