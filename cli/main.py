@@ -480,10 +480,11 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     The scans may lie on the glass differently (any multiple of 90°, a mirror, and a rotation of up to ±5°) and
     differ in pixel size: they are registered on thumbnails, the map is refitted at full resolution on a few tiles,
     then each source tile with tissue is matched locally. DST's tiles are written in SRC's orientation and pixel
-    size (its own pixels turned exactly where the glass is not rotated, else warped bilinearly). Matches under --min-score or reaching beyond DST are listed and
-    skipped (exit code 1 if any was); pairs.csv is always written. For several slides, give each its own OUT and fit
-    with one --pairs per slide (`fit-scanner --pairs s1/pairs.csv --pairs s2/pairs.csv`): cross-validation then
-    holds out whole slides."""
+    size (its own pixels turned exactly where the glass is not rotated, else warped bilinearly). Matches under
+    --min-score are listed and skipped, tiles whose field lies beyond DST (a scan of part of the slide) counted;
+    exit code 1 if any match was weak or none was written; pairs.csv is always written. For several slides, give
+    each its own OUT and fit with one --pairs per slide (`fit-scanner --pairs s1/pairs.csv --pairs s2/pairs.csv`):
+    cross-validation then holds out whole slides."""
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data.pairing import pair_tiles
 
@@ -499,10 +500,10 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     fit = (f"; refined on {refined['inliers']} tiles at full resolution, rms {refined['rms_px']:.2f} px"
            if refined.get("refitted") else "; not refined at full resolution (fewer than 4 tiles matched)")
     click.echo(f"registration: DST turned {turn} to match SRC, glass rotated {r['glass_angle']:+.2f}°, scale "
-               f"{r['scale']:.3f} DST px per SRC px, thumbnail phase-correlation peak {r['peak']:.3f} (next best "
+               f"{r['scale']:.3f} DST px per SRC px, thumbnail {r['method']} peak {r['peak']:.3f} (next best "
                f"orientation {r['second_peak']:.3f}){fit}")
     click.echo(f"{rep.written} pairs written, {rep.rejected} source tiles skipped (tissue < {min_tissue} or beyond "
-               f"--max-pairs), {len(rep.unmatched)} unmatched -> {rep.manifest}")
+               f"--max-pairs), {rep.beyond} beyond DST, {len(rep.unmatched)} unmatched -> {rep.manifest}")
     for name, reason in rep.unmatched:
         click.echo(f"  UNMATCHED {name}: {reason}", err=True)
     if not rep.written:

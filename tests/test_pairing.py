@@ -111,8 +111,8 @@ def test_real_cross_scanner_pair_and_unrelated_fields(tmp_path):
     except InvalidArgumentError as exc:
         assert "does not register" in str(exc)
     else:
-        assert rep.written == 0 and rep.unmatched and all("weak match" in why or "beyond" in why
-                                                          for _, why in rep.unmatched)
+        assert rep.written == 0 and (rep.unmatched or rep.beyond)
+        assert all("weak match" in why for _, why in rep.unmatched)
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -209,7 +209,7 @@ def test_a_destination_region_is_found_inside_a_whole_source_slide(tmp_path):
     write_image(tmp_path / "b.png", dihedral(truth[y0:y0 + 900, x0:x0 + 1000], 2, False))
     rep = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", size=224, max_pixels=10 ** 8)
     assert rep.registration["method"] == "normalized cross-correlation" and rep.registration["k"] == 2
-    assert rep.written >= 6 and rep.unmatched and all("beyond" in why for _, why in rep.unmatched)
+    assert rep.written >= 6 and rep.beyond > 20 and not rep.unmatched
     for r in rows(tmp_path / "out" / "pairs.csv"):
         x, y = int(r["x"]), int(r["y"])
         assert x0 <= x and x + 224 <= x0 + 1000 and y0 <= y and y + 224 <= y0 + 900

@@ -10,7 +10,8 @@ refits the map at full resolution as a similarity on a few tiles matched with a 
 source tile with tissue within ``± search_px`` (normalized cross-correlation). Each pair is written as two
 equal-size tiles in the source's orientation and pixel size (the destination's own pixels turned exactly where the
 glass is not rotated, else warped bilinearly; resized when the pixel sizes differ) with a ``pairs.csv`` manifest
-(``src,dst,slide,...``). A tile whose match is weak or falls outside the destination is listed, not written.
+(``src,dst,slide,...``). A tile whose match is weak is listed, one whose field lies beyond the destination counted;
+neither is written.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def _dihedral_matrix(k: int, flip: bool, w: float, h: float) -> np.ndarray:
 class PairingReport:
     written: int = 0
     rejected: int = 0  # source tiles with too little tissue, or beyond max_pairs
-    unmatched: List[Tuple[str, str]] = field(default_factory=list)  # (source tile, reason)
+    beyond: int = 0  # source tiles whose field lies beyond the destination scan (by the registration, or the match)
+    unmatched: List[Tuple[str, str]] = field(default_factory=list)  # (source tile, reason): weak matches
     registration: dict = field(default_factory=dict)
     manifest: str = ""
 
@@ -215,7 +217,8 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
     ``max_pairs``, evenly spread over the candidates); each is located in the destination by the global
     registration (:func:`register_scans`, refitted at full resolution as a similarity on up to
     :data:`REFINE_TILES` of them) and matched within ``± search_px`` by normalized cross-correlation; a
-    match under ``min_score`` or reaching beyond the destination is listed in the report, not written. Pixel sizes
+    match under ``min_score`` is listed in the report (``unmatched``), a tile whose field lies beyond the destination
+    (a scan of part of the slide) counted (``beyond``); neither is written. Pixel sizes
     (µm/px): a whole-slide image's own unless given; plain images without one are taken as equal.
 
     Raises:
@@ -424,7 +427,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
     for y, x, tile in candidates:
         name = f"{y}_{x}.png"
         if not _inside(m, x, y, size, dst, margin=search_px * reg["scale"]):
-            report.unmatched.append((name, "beyond the destination scan (by the registration)"))
+            report.beyond += 1
             continue
         score, window, lx, ly, a = _match(dst, m, x, y, tile, search_px, reg)
         if score < min_score:
@@ -434,7 +437,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
                                 [1, 1, 1, 1.0]])
         if (corners[0].min() < -0.5 or corners[1].min() < -0.5 or corners[0].max() > dst.width - 0.5
                 or corners[1].max() > dst.height - 0.5):
-            report.unmatched.append((name, "beyond the destination scan (the match reaches past its edge)"))
+            report.beyond += 1
             continue
         twin = np.ascontiguousarray(window[ly:ly + size, lx:lx + size])
         write_image(ensure_inside(out, out / "src" / name), tile)
