@@ -482,7 +482,9 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     then each source tile with tissue is matched locally. DST's tiles are written in SRC's orientation and pixel
     size (its own pixels turned exactly where the glass is not rotated, else warped bilinearly). Matches under
     --min-score are listed and skipped, tiles whose field lies beyond DST (a scan of part of the slide) counted;
-    exit code 1 if any match was weak or none was written; pairs.csv is always written. For several slides, give
+    exit code 1 if any match was weak or none was written; pairs.csv is always written. OUT is new, empty or a
+    previous pair-tiles output (whose pairs are replaced); a folder with other files in src/ or dst/ is refused
+    untouched. For several slides, give
     each its own OUT and fit with one --pairs per slide (`fit-scanner --pairs s1/pairs.csv --pairs s2/pairs.csv`):
     cross-validation then holds out whole slides."""
     from shiftkit.core.errors import ShiftkitError

@@ -232,3 +232,19 @@ def test_a_whole_slide_destination(tmp_path):
     for r in rows(tmp_path / "out" / "pairs.csv"):
         x, y = int(r["x"]), int(r["y"])
         assert np.array_equal(read_image(tmp_path / "out" / r["dst"]), turned[y:y + 256, x:x + 256]), r
+
+
+def test_pair_tiles_never_writes_into_a_folder_it_did_not_make_and_reruns_cleanly(tmp_path):
+    img = svs_region()
+    write_image(tmp_path / "a.png", img)
+    write_image(tmp_path / "b.png", np.pad(dihedral(scanner_b(img), 1, False), PAD, constant_values=255))
+    mine = tmp_path / "data" / "src" / "0_0.png"  # a user's file where a pair would go
+    write_image(mine, img[:64, :64])
+    with pytest.raises(InvalidArgumentError, match="not a pair-tiles output"):
+        pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "data", size=256, max_pairs=4)
+    assert np.array_equal(read_image(mine), img[:64, :64]) and not (tmp_path / "data" / "pairs.csv").exists()
+    pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", size=256, max_pairs=8)
+    rep = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", size=224, max_pairs=3)  # a rerun
+    listed = {r[k] for r in rows(tmp_path / "out" / "pairs.csv") for k in ("src", "dst")}
+    on_disk = {f"{d}/{f.name}" for d in ("src", "dst") for f in (tmp_path / "out" / d).iterdir()}
+    assert rep.written == 3 and on_disk == listed  # the first run's tiles are gone, this run's all there

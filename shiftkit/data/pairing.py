@@ -220,6 +220,8 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
     match under ``min_score`` is listed in the report (``unmatched``), a tile whose field lies beyond the destination
     (a scan of part of the slide) counted (``beyond``); neither is written. Pixel sizes
     (µm/px): a whole-slide image's own unless given; plain images without one are taken as equal.
+    ``out_dir`` is new, empty or a previous output of this function, whose listed pairs are replaced once the scans
+    have registered; a folder with other files in ``src/`` or ``dst/`` is refused before anything is written.
 
     Raises:
         InvalidArgumentError: an argument out of range, or a global registration whose phase-correlation peak is
@@ -237,6 +239,7 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
         if v is not None and not (np.isfinite(v) and v > 0):
             raise InvalidArgumentError(f"`{name}` is invalid: expected a positive number of µm per pixel, got {v!r}")
     stride = stride or size
+    _check_output(Path(out_dir))
     src, dst = _Scan(src_path, max_pixels, src_mpp), None
     try:
         dst = _Scan(dst_path, max_pixels, dst_mpp)
@@ -393,9 +396,38 @@ def _likely_tissue(src: _Scan, grid: list, size: int, threshold: float) -> list:
     return out
 
 
+MANIFEST_FIELDS = ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score", "mpp"]
+
+
+def _check_output(out: Path) -> None:
+    """A folder whose ``src/`` or ``dst/`` holds files but that has no ``pairs.csv`` was not made by
+    :func:`pair_tiles` and is refused before anything is read or written."""
+    held = [f for d in ("src", "dst") if (out / d).is_dir() for f in (out / d).iterdir()]
+    if held and not (out / "pairs.csv").exists():
+        raise InvalidArgumentError(f"`out_dir` {out} is not a pair-tiles output: expected an empty or new folder, got "
+                                   f"{len(held)} files in its src/ or dst/ and no pairs.csv (nothing was written)")
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the tiles a previous run's ``pairs.csv`` lists (inside ``out/src`` and ``out/dst`` only) and leave an
+    empty manifest, so that the folder holds this run's pairs only, listed as they are written."""
+    manifest = out / "pairs.csv"
+    if manifest.exists():
+        import csv
+
+        with open(manifest, newline="") as fh:
+            for row in csv.DictReader(fh):
+                for key in ("src", "dst"):
+                    f = out / (row.get(key) or "")
+                    if row.get(key) and f.is_file() and f.resolve().parent.parent == out.resolve():
+                        f.unlink()
+    write_csv(manifest, MANIFEST_FIELDS, [])
+
+
 def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_px, min_score, slide, report):
     m = np.asarray(reg["matrix"])
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
     grid = [(y, x) for y in range(0, src.height - size + 1, stride) for x in range(0, src.width - size + 1, stride)]
     if max_pairs is not None and len(grid) > 4 * max_pairs:
         # a large scan: read only tiles whose footprint on the thumbnail looks like tissue (at 0.8 of min_tissue),
@@ -447,8 +479,7 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
                      "dst_cx": f"{cx:.1f}", "dst_cy": f"{cy:.1f}", "score": f"{score:.3f}",
                      "mpp": "" if src.mpp is None else f"{src.mpp:.4f}"})
         report.written += 1
-    report.manifest = str(write_csv(out / "pairs.csv", ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score",
-                                                        "mpp"], rows))
+    report.manifest = str(write_csv(out / "pairs.csv", MANIFEST_FIELDS, rows))
 
 
 __all__ = ["PairingReport", "pair_tiles", "dihedral", "THUMB_SIDE", "ANGLES", "REFINE_TILES"]
