@@ -484,9 +484,8 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     --min-score are listed and skipped, tiles whose field lies beyond DST (a scan of part of the slide) counted;
     exit code 1 if any match was weak or none was written; pairs.csv is always written. OUT is new, empty or a
     previous pair-tiles output (whose pairs are replaced); a folder with other files in src/ or dst/ is refused
-    untouched. For several slides, give
-    each its own OUT and fit with one --pairs per slide (`fit-scanner --pairs s1/pairs.csv --pairs s2/pairs.csv`):
-    cross-validation then holds out whole slides."""
+    untouched. For several slides, give each its own OUT and fit with one --pairs per slide (`fit-scanner --pairs
+    s1/pairs.csv --pairs s2/pairs.csv`): cross-validation then holds out whole slides."""
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data.pairing import pair_tiles
 
@@ -558,7 +557,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
 
     Beside the profile it writes PROFILE.report.md (pairs used and refused with reasons, cross-validated residual
     CIEDE2000 and sharpness before and after each part) and PROFILE.report.png (the colour map and the MTF ratio).
-    Pairs that cannot be read or differ in size, and files of --src/--dst that do not pair (no twin, or an id twice), are listed and skipped; exit code 1 if any was.
+    Pairs that cannot be read or differ in size, and files of --src/--dst that do not pair (no twin, or an id
+    twice), are listed and skipped; exit code 1 if any was.
     """
     import csv
     import re
@@ -652,10 +652,11 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         raise click.UsageError("no usable pair: every pair failed to read or match (listed above)")
     use_slides = slides if all(slides) and len(set(slides)) > 1 else None
     if mpp is None and len(csv_mpps) == 1 and "" not in csv_mpps:  # every pair's µm/px, from pair-tiles' manifests
+        value = next(iter(csv_mpps))
         try:
-            mpp = float(csv_mpps.pop())
+            mpp = float(value)
         except ValueError:
-            raise click.BadParameter(f"expected a number of µm per pixel in the mpp column, got {csv_mpps!r}",
+            raise click.BadParameter(f"expected a number of µm per pixel in the mpp column, got {value!r}",
                                      param_hint="--pairs")
         click.echo(f"µm/px of the pairs: {mpp:g} (the mpp column of --pairs)")
     elif mpp is None and len(csv_mpps - {""}) > 1:
@@ -793,9 +794,9 @@ def scanner_fit_report(profile: dict) -> str:
 
 def _jpeg_estimate(src_paths, dst_paths) -> dict:
     """The destination's JPEG quality from its files' quantization tables (IJG scale, see
-    :func:`shiftkit.data.io.jpeg_quality`; the lower median), for fit-scanner without --jpeg-quality: applied when every destination
-    file is a JPEG and the sources are not, or are at a higher quality (a source already as compressed as the
-    destination needs no more)."""
+    :func:`shiftkit.data.io.jpeg_quality`; the lower median), for fit-scanner without --jpeg-quality: applied when
+    every destination file is a JPEG and the sources are not, or are at a higher quality (a source already as
+    compressed as the destination needs no more)."""
     from shiftkit.data.io import jpeg_quality
 
     def side(paths):

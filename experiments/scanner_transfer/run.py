@@ -16,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
 import shiftkit
 from shiftkit import ScannerTransfer, StainNormalizer
+from shiftkit.functional.transfer import pair_offset
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[2] / "shared"
@@ -46,10 +48,6 @@ def moved_twin(a, b):
     """The twin ``b`` moved onto ``a``'s grid by the pair's phase-correlation offset (bilinear, reflected border): what a
     perfect transfer of ``a`` would give, since every transfer keeps ``a``'s geometry — its distance to ``b`` is the
     misregistration's alone."""
-    import cv2
-
-    from shiftkit.functional.transfer import pair_offset
-
     dx, dy, _ = pair_offset(a, b)  # b[p + d] ≈ a[p]
     m = np.float32([[1, 0, -dx], [0, 1, -dy]])
     return cv2.warpAffine(b, m, (b.shape[1], b.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)

@@ -16,19 +16,18 @@ neither is written.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
-import torch
 
 from ..core.errors import InvalidArgumentError
-from ..stain.mask import tissue_mask
 from .io import read_image, write_image
 from .naming import ensure_inside
-from .tiling import WSI_SUFFIXES, open_slide, tissue_fraction, write_csv
+from .tiling import WSI_SUFFIXES, open_slide, slide_region, tissue_fraction, tissue_map, write_csv
 
 #: The largest side of the thumbnails the global registration runs on.
 THUMB_SIDE = 1024
@@ -40,6 +39,7 @@ class _Scan:
     def __init__(self, path, max_pixels: Optional[int] = None, mpp: Optional[float] = None):
         self.path = Path(path)
         self.slide = None
+        self._thumb: Optional[Tuple[np.ndarray, float]] = None
         if self.path.suffix.lower() in WSI_SUFFIXES:
             slide = open_slide(self.path)
             self.width, self.height = (int(v) for v in slide.dimensions)
@@ -56,23 +56,26 @@ class _Scan:
         if self.slide is not None:
             self.slide.close()
 
-    def thumbnail(self, side: int = THUMB_SIDE) -> Tuple[np.ndarray, float]:
-        """``(thumbnail uint8 RGB, scale)`` with the scale thumbnail px per full-resolution px."""
-        scale = min(1.0, side / max(self.width, self.height))
+    def thumbnail(self) -> Tuple[np.ndarray, float]:
+        """``(thumbnail uint8 RGB, scale)``: at most :data:`THUMB_SIDE` px a side, the scale in thumbnail px per
+        full-resolution px (made once: the registration and the tissue prefilter both use it)."""
+        if self._thumb is None:
+            self._thumb = self._make_thumbnail()
+        return self._thumb
+
+    def _make_thumbnail(self) -> Tuple[np.ndarray, float]:
+        scale = min(1.0, THUMB_SIDE / max(self.width, self.height))
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         if self.slide is not None:
-            thumb = np.asarray(self.slide.get_thumbnail(size).convert("RGB"))
+            thumb = np.array(self.slide.get_thumbnail(size).convert("RGB"))  # writable: torch reads it
         else:
             thumb = cv2.resize(self.image, size, interpolation=cv2.INTER_AREA) if scale < 1 else self.image
         return thumb, thumb.shape[1] / self.width
 
     def region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """The ``(h, w, 3)`` uint8 region at ``(x, y)`` (level 0), white beyond the scan."""
-        if self.slide is not None:  # OpenSlide: transparent beyond the scanned area, taken as white glass
-            rgba = np.asarray(self.slide.read_region((int(x), int(y)), 0, (int(w), int(h))))
-            rgb = rgba[..., :3].copy()
-            rgb[rgba[..., 3] == 0] = 255
-            return rgb
+        if self.slide is not None:
+            return slide_region(self.slide, x, y, (h, w))
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
         if x1 > x0 and y1 > y0:
@@ -262,6 +265,12 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
             dst.close()
 
 
+def _turn_linear(k: int, flip: bool, scale: float) -> np.ndarray:
+    """The ``(2, 2)`` linear part of the source -> destination map for quarter turns, mirror and scale alone (no
+    rotation of the glass)."""
+    return scale * np.linalg.inv(_dihedral_matrix(k, flip, 1, 1))[:2, :2]
+
+
 def _window(dst: _Scan, m: np.ndarray, x: int, y: int, size: int, search: int, k: int, flip: bool, scale: float):
     """The destination's view of the source window ``[x - search, x + size + search)²``, in the source's orientation
     and pixel size: ``(window uint8, A)`` with ``A`` the 3x3 map of window pixel indices to destination pixel
@@ -271,8 +280,7 @@ def _window(dst: _Scan, m: np.ndarray, x: int, y: int, size: int, search: int, k
     win = size + 2 * search
     origin = np.array([[1.0, 0, x - search], [0, 1, y - search], [0, 0, 1]])
     a = m @ origin
-    ideal = scale * np.linalg.inv(_dihedral_matrix(k, flip, 1, 1))[:2, :2]
-    if np.abs(a[:2, :2] - ideal).max() * win < 0.25:
+    if np.abs(a[:2, :2] - _turn_linear(k, flip, scale)).max() * win < 0.25:
         side = max(1, int(round(win * scale)))
         cx, cy, _ = a @ np.array([(win - 1) / 2, (win - 1) / 2, 1.0])
         x0, y0 = int(round(cx - (side - 1) / 2)), int(round(cy - (side - 1) / 2))
@@ -315,7 +323,7 @@ def _glass_angle(lin: np.ndarray, reg: dict) -> float:
     """The rotation of the glass (degrees, counter-clockwise as displayed: OpenCV's getRotationMatrix2D convention)
     from the source to the destination left once the quarter turns, mirror and scale of ``reg`` are taken out of
     the linear map ``lin``."""
-    left = lin @ np.linalg.inv(reg["scale"] * np.linalg.inv(_dihedral_matrix(reg["k"], reg["flip"], 1, 1))[:2, :2])
+    left = lin @ np.linalg.inv(_turn_linear(reg["k"], reg["flip"], reg["scale"]))
     return float(np.degrees(np.arctan2(left[0, 1] - left[1, 0], left[0, 0] + left[1, 1])))
 
 
@@ -331,9 +339,10 @@ def _inside(m: np.ndarray, x: int, y: int, size: int, dst: _Scan, margin: float 
 
 
 def _refine(dst, m, candidates, size, search_px, min_score, reg) -> Tuple[np.ndarray, dict]:
-    """The source -> destination map refitted (affine, least squares, one round of outlier rejection) on up to
-    :data:`REFINE_TILES` tiles spread over the source, each matched within ``± max(search_px, 3 thumbnail px)``: the
-    thumbnails' map is good to about a thumbnail pixel, which on a large slide is many full-resolution pixels."""
+    """The source -> destination map refitted on up to :data:`REFINE_TILES` tiles spread over the part of the source
+    the destination covers, each matched within ``± max(search_px, 3 thumbnail px)`` (the thumbnails' map is good to
+    about a thumbnail pixel, which on a large slide is many full-resolution pixels): an affine least-squares fit with
+    outlier rejection, then its nearest similarity."""
     wide = int(max(search_px, 3 * reg.get("thumb_px", 1.0) + 8))
     candidates = [c for c in candidates if _inside(m, c[1], c[0], size, dst)]  # where the destination has the field
     if not candidates:
@@ -382,7 +391,7 @@ def _spread(items: list, n: int) -> list:
 def _likely_tissue(src: _Scan, grid: list, size: int, threshold: float) -> list:
     """The grid positions whose footprint on the source's thumbnail has at least ``threshold`` tissue."""
     thumb, t = src.thumbnail()
-    mask = tissue_mask(torch.from_numpy(np.array(thumb)).permute(2, 0, 1)[None].float() / 255)[0, 0].float().numpy()
+    mask = tissue_map(thumb)
     integral = cv2.integral(mask)
     out = []
     for y, x in grid:
@@ -413,8 +422,6 @@ def _clear_previous(out: Path) -> None:
     empty manifest, so that the folder holds this run's pairs only, listed as they are written."""
     manifest = out / "pairs.csv"
     if manifest.exists():
-        import csv
-
         with open(manifest, newline="") as fh:
             for row in csv.DictReader(fh):
                 for key in ("src", "dst"):

@@ -40,22 +40,34 @@ def open_slide(path):
         raise ImageReadError(f"`{path}` cannot be opened as a whole-slide image: {exc}") from exc
 
 
+def slide_region(slide, x: int, y: int, size: Tuple[int, int], level: int = 0) -> np.ndarray:
+    """An RGB uint8 region ``(h, w, 3)`` at level-0 coordinates ``(x, y)`` of an open OpenSlide slide; transparent
+    pixels (outside the scanned area) come back as white glass."""
+    rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(size[1]), int(size[0]))))
+    rgb = rgba[..., :3].copy()
+    rgb[rgba[..., 3] == 0] = 255
+    return rgb
+
+
 def read_region(path, x: int, y: int, size: Tuple[int, int], level: int = 0) -> np.ndarray:
-    """An RGB uint8 region ``(h, w, 3)`` at level-0 coordinates ``(x, y)`` of a whole-slide image."""
+    """:func:`slide_region` of the whole-slide image at ``path`` (opened and closed for this read)."""
     slide = open_slide(path)
     try:
-        rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(size[1]), int(size[0]))))
+        return slide_region(slide, x, y, size, level)
     finally:
         slide.close()
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255  # transparent (outside the scanned area) → white glass
-    return rgb
+
+
+def tissue_map(image: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` float 0/1 tissue mask of ``(H, W, 3)`` uint8 (luminosity rule of
+    :func:`shiftkit.stain.tissue_mask`)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    return tissue_mask(x)[0, 0].float().numpy()
 
 
 def tissue_fraction(tile: np.ndarray) -> float:
     """Fraction of tissue pixels (luminosity rule of :func:`shiftkit.stain.tissue_mask`)."""
-    x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255
-    return float(tissue_mask(x).mean())
+    return float(tissue_map(tile).mean())
 
 
 def _grid(h: int, w: int, size: int, stride: int) -> Iterator[Tuple[int, int]]:
