@@ -546,12 +546,16 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
 @click.option("--colour-loss", type=click.Choice(["l2", "l1", "cv"]), default="l2", show_default=True,
               help="Loss of the colour fit: least squares, least Euclidean residual lengths (robust to outlying "
                    "blocks), or both cross-validated (needs several slides to choose reliably). Paired fits only.")
+@click.option("--fit-region", type=click.Choice(["either", "destination"]), default="either", show_default=True,
+              help="8x8 blocks the colour map is fitted on: tissue (L* < 85) in either scan of a pair, or in the "
+                   "destination only (the metric's region; selecting on it teaches light colours to become tissue "
+                   "where pairs are misregistered). Paired fits.")
 @click.option("--background-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of light, non-tissue blocks (destination L* >= 85) in the colour fit against 1 for tissue: "
+              help="Weight of light, non-tissue blocks (outside --fit-region) in the colour fit against 1 for tissue: "
                    "0 fits tissue only (background is extrapolated); raise it where glass colour matters. Paired fits.")
 @input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, mtf_max_gain, mtf_mode, colour_loss, background_weight, max_pixels, apply_icc):
+                held_out, mtf_max_gain, mtf_mode, colour_loss, fit_region, background_weight, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -677,7 +681,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
                                     source=(", ".join(map(str, pairs_csv)) or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
                                     colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,),
-                                    background_weight=background_weight,
+                                    background_weight=background_weight, fit_region=fit_region,
                                     mtf_mode=mtf_mode)
     except ShiftkitError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -735,8 +739,11 @@ def scanner_fit_report(profile: dict) -> str:
                        "space-degree[-loss: l1 = least residual lengths; none = least squares], cheapest first):"), "",
                   "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
         lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
+        region = c.get("fit_region", "destination")
+        lines += ["", "Fitted on the 8x8 blocks that are tissue (L* < 85) " + ("in either scan of a pair" if region == "either"
+                  else "in the destination") + "; the cross-validation scores the destination's tissue."]
         if c.get("background_weight"):
-            lines += ["", f"Light blocks (destination L* >= 85) weighted {c['background_weight']:g} against tissue in the fit."]
+            lines += ["", f"Light blocks (outside that region) weighted {c['background_weight']:g} against tissue in the fit."]
         dom = profile.get("colour", {}).get("domain")
         if dom is not None:
             q = c.get("domain_quantiles", [0.001, 0.999])

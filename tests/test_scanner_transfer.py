@@ -190,14 +190,14 @@ def test_fitted_profiles_record_their_domain_and_the_affine_slope_beyond_it(pair
 
 
 def test_background_weight_decides_whether_light_blocks_shape_the_colour_map(pairs):
-    """Recolouring the destination's light blocks (L* >= 90, staying light) leaves a tissue-only fit
-    (background_weight 0, the default) unchanged to the last bit and moves a fit that weights them; the weight is
-    recorded and a bad one refused by name."""
+    """Recolouring the destination's light blocks (L* >= 90, staying light; light in the source too) leaves a
+    tissue-only fit (background_weight 0, the default) unchanged to the last bit and moves a fit that weights them;
+    the weight is recorded and a bad one refused by name."""
     from shiftkit.functional.transfer import block_means
 
     src, dst, slides = pairs
     lab = lambda d: rgb2lab(block_means(d))[..., 0]  # noqa: E731
-    light = [np.repeat(np.repeat(lab(d) >= 90, 8, 0), 8, 1) for d in dst]
+    light = [np.repeat(np.repeat((lab(d) >= 90) & (lab(x) >= 85), 8, 0), 8, 1) for x, d in zip(src, dst)]
     assert sum(m.sum() for m in light) > 64 * 20
     pink = dst.copy()
     for d, m in zip(pink, light):
@@ -213,6 +213,45 @@ def test_background_weight_decides_whether_light_blocks_shape_the_colour_map(pai
     for bad in (-0.5, float("nan"), "1"):
         with pytest.raises(InvalidArgumentError, match="background_weight"):
             ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), background_weight=bad)
+
+
+def test_fit_region_is_tissue_in_either_scan_or_the_destinations(pairs):
+    """The colour map is fitted on the 8x8 blocks that are tissue (L* < 85, scikit-image CIELAB of block means) in either
+    scan by default, or in the destination only: recolouring the source where it is tissue and its twin is light moves
+    the default fit and leaves a destination fit unchanged to the last bit; recolouring it where both scans are light
+    (and stay light) moves neither. The region is recorded; a bad one is refused by name."""
+    src, dst, slides = pairs
+    blocks = lambda x: rgb2lab(x.reshape(28, 8, 28, 8, 3).mean(axis=(1, 3)) / 255.0)[..., 0]  # noqa: E731
+    ls, ld = [blocks(x) for x in src], [blocks(d) for d in dst]
+    px = lambda m: np.repeat(np.repeat(m, 8, 0), 8, 1)  # noqa: E731
+
+    def recolour(masks, delta):
+        out = src.copy()
+        for x, m in zip(out, masks):
+            x[m] = np.clip(x[m].astype(int) + delta, 0, 255).astype(np.uint8)
+        return out
+
+    src_only = [px((a < 85) & (b >= 85)) for a, b in zip(ls, ld)]
+    both_light = [px((a >= 90) & (b >= 85)) for a, b in zip(ls, ld)]
+    assert sum(m.sum() for m in src_only) >= 64 * 30 and sum(m.sum() for m in both_light) >= 64 * 100
+    moved, light = recolour(src_only, [12, -12, 0]), recolour(both_light, [0, -3, 2])
+    assert all(((blocks(x) < 85) == (a < 85)).all() for x, a in zip(light, ls))  # the light blocks stay light
+    assert all(((blocks(x) < 85) == (a < 85)).all() for x, a in zip(moved, ls))  # and tissue stays tissue
+
+    def weights(s, **kw):
+        t = ScannerTransfer.fit(s, dst, slides=slides, parts=("colour",), colour_candidates=[("srgb", "srgb", 3)], **kw)
+        return t.profile["fit"]["colour"]["fit_region"], np.asarray(t.profile["colour"]["weights"])
+
+    region, base = weights(src)
+    assert region == "either"
+    assert np.abs(weights(moved)[1] - base).max() > 1e-3 and np.array_equal(weights(light)[1], base)
+    region, dest = weights(src, fit_region="destination")
+    assert region == "destination" and np.abs(dest - base).max() > 1e-6
+    assert np.array_equal(weights(moved, fit_region="destination")[1], dest)
+    assert np.array_equal(weights(light, fit_region="destination")[1], dest)
+    for bad in ("source", None, 1):
+        with pytest.raises(InvalidArgumentError, match="fit_region"):
+            ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), fit_region=bad)
 
 
 def test_bundled_profiles_carry_a_domain_and_map_within_it_as_fitted():
@@ -864,7 +903,8 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "profile.json"
     res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out), "--parts", "colour,mtf",
-                                   "--mpp", "0.5", "--colour-loss", "cv", "--background-weight", "0.5"])
+                                   "--mpp", "0.5", "--colour-loss", "cv", "--background-weight", "0.5",
+                                   "--fit-region", "destination"])
     assert res.exit_code == 1, res.output  # one input could not be read
     assert "missing.png" in res.output and "misregistered" in res.output
     prof = json.loads(out.read_text())
@@ -873,6 +913,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     report = (tmp_path / "profile.report.md").read_text()
     assert report.count("(chosen)") == 1  # one colour map marked in the table
     assert prof["fit"]["colour"]["background_weight"] == 0.5 and "weighted 0.5 against tissue" in report
+    assert prof["fit"]["colour"]["fit_region"] == "destination" and "tissue (L* < 85) in the destination;" in report
     lo = "/".join(f"{v:.3f}" for v in prof["colour"]["domain"][0])
     assert "Input domain of the map (the 0.1 % and 99.9 % quantiles" in report and f"low {lo}" in report
     assert "beyond it the map goes on with the affine fit's slope" in report

@@ -3,7 +3,8 @@
 
     python experiments/scanner_transfer/background_check.py     # ~1 min on this project's 2-core CPU
 
-ScannerTransfer's colour map is fitted, like the metric judges, on tissue: 8x8 blocks whose destination L* < 85.
+ScannerTransfer's colour map was fitted, like the metric judges, on tissue: 8x8 blocks whose destination L* < 85
+(``fit_region="destination"``, which this script keeps; the default is now tissue in either scan: fit_region.py).
 Light blocks (glass, lumen, light gaps) are left out, so the map extrapolates there. This scores, leave one slide
 out on the MITOS dev pairs, the colour part fitted with ``background_weight`` 0 (default), 0.25 and 1 (the weight
 of the non-tissue blocks against 1 for tissue): the mean CIEDE2000 over tissue (shared/eval/score_pairs.py) and over
@@ -84,7 +85,8 @@ def main():
             rec = {"tissue": [None] * len(src), "light": [None] * len(src), "maps": []}
             for s in sorted(set(slides)):
                 tr, te = slides != s, np.where(slides == s)[0]
-                t = ScannerTransfer.fit(src[tr], dst[tr], slides=slides[tr], parts=("colour",), background_weight=bw)
+                t = ScannerTransfer.fit(src[tr], dst[tr], slides=slides[tr], parts=("colour",), background_weight=bw,
+                                        fit_region="destination")
                 rec["maps"].append(t.profile["fit"]["colour"]["chosen"])
                 outs = t.augment(src[te])
                 for i, o in zip(te, outs):

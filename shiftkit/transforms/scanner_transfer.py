@@ -22,15 +22,18 @@ from .base import ShiftkitAugmentation, check_range, register_transform
 
 PARTS = ("colour", "mtf", "noise", "jpeg")
 PROFILE_FORMAT = "shiftkit-scanner-transfer/1"
-#: Colour-map candidates compared by cross-validation: (input space, output space, degree per channel) over sRGB,
-#: optical density and CIELAB; degree 1 is a 3x4 affine map (in sRGB to sRGB, the affine baseline). Ordered from
-#: the cheapest to apply to the dearest (a CIELAB conversion costs about as much as the degree-3 map itself); an
-#: exact tie goes to the cheaper.
+#: The 8x8 blocks a colour map is fitted on: tissue (L* < 85) in the destination scan (the region the metric judges),
+#: or tissue in either scan of the pair (not selected on the destination alone: see :meth:`ScannerTransfer.fit`).
+FIT_REGIONS = ("destination", "either")
 # caps on the relative MTF's gain, chosen by cross-validation (the geometric-mean sharpness closest to the twins'):
 # 1.5 (3.5 dB) limits noise amplification most; 8 (18 dB) matches the sharper scan's fine detail where it is there
 MTF_MAX_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 #: How the MTF part filters: one relative gain for every tile, or each tile towards the destination's spectrum.
 MTF_MODES = ("relative", "matched")
+#: Colour-map candidates compared by cross-validation: (input space, output space, degree per channel) over sRGB,
+#: optical density and CIELAB; degree 1 is a 3x4 affine map (in sRGB to sRGB, the affine baseline). Ordered from
+#: the cheapest to apply to the dearest (a CIELAB conversion costs about as much as the degree-3 map itself); an
+#: exact tie goes to the cheaper.
 COLOUR_CANDIDATES = tuple(sorted(((i, o, d) for i in T.SPACES for o in T.SPACES for d in (1, 2, 3)),
                                  key=lambda c: (T.SPACES.index(c[0]) + T.SPACES.index(c[1]), c[2])))
 
@@ -248,7 +251,7 @@ class ScannerTransfer(ShiftkitAugmentation):
             jpeg_quality: Optional[float] = None, align: bool = False,
             colour_candidates: Sequence[Tuple[str, str, int]] = COLOUR_CANDIDATES, mtf_max_gain: Optional[float] = None,
             colour_losses: Sequence[str] = ("l2",), mtf_mode: str = "relative", background_weight: float = 0.0,
-            **kwargs: Any) -> "ScannerTransfer":
+            fit_region: str = "either", **kwargs: Any) -> "ScannerTransfer":
         """Learn the transfer that takes ``src_images`` (scanner A) to ``dst_images`` (scanner B) from registered
         pairs, pair by pair the same size.
 
@@ -280,14 +283,23 @@ class ScannerTransfer(ShiftkitAugmentation):
             held_out: flag the profile as held-out (evaluation only; never a training view).
             source: where the pairs come from (recorded in the profile).
             ridge: ridge penalty of the colour fit.
-            background_weight: weight of the blocks that are not tissue in the destination (L* ≥ 85: glass, light
-                gaps) in the colour fit, against 1 for tissue; cross-validation still scores tissue only. 0 (default):
-                tissue only, the region the metric judges — light background is then extrapolated, and on the
-                MITOS dev pairs (leave one slide out) the paired light blocks came out further from their twins
-                than unchanged (CIEDE2000 17.1 Aperio -> Hamamatsu, 14.5 back, against 4.9). 1 brings them to 11.8
-                / 7.3 at a tissue cost of +0.28 Aperio -> Hamamatsu and a gain of 0.19 back
-                (experiments/scanner_transfer/background_check.py). Raise it where background matters (simulated
-                tiles with glass) and check your own pairs.
+            fit_region: the 8x8 blocks the colour map is fitted on (:data:`FIT_REGIONS`). ``"either"`` (default):
+                blocks that are tissue (L* < 85) in either scan of the pair. ``"destination"``: tissue in the
+                destination only, the region the metric judges — which selects blocks on the outcome: misregistration
+                keeps light source blocks whose twin is tissue and drops tissue whose twin is light, so light colours
+                are taught to become tissue (white went pink). Cross-validation scores the destination's tissue
+                either way. On the MITOS dev pairs (leave one slide out, default parts) ``"either"`` scored 0.04
+                CIEDE2000 below ``"destination"`` Aperio -> Hamamatsu (95 % CI -0.05 to -0.03) and 0.09 below back
+                (-0.26 to +0.08; no held-out slide worse than the affine baseline, one was +0.84), light blocks 16.9 /
+                9.8 against 17.2 / 14.4 (experiments/scanner_transfer/fit_region.py).
+            background_weight: weight of the blocks outside ``fit_region`` (glass, light gaps: L* >= 85 in the
+                destination, and in the source too for ``"either"``) in the colour fit, against 1 for tissue;
+                cross-validation still scores tissue only. 0 (default): tissue only — light background is then
+                extrapolated, and on the MITOS dev pairs (leave one slide out, fitted on the destination's tissue)
+                the paired light blocks came out further from their twins than unchanged (CIEDE2000 17.1 Aperio ->
+                Hamamatsu, 14.5 back, against 4.9). 1 brought them to 11.8 / 7.3 at a tissue cost of +0.28 Aperio ->
+                Hamamatsu and a gain of 0.19 back (experiments/scanner_transfer/background_check.py). Raise it where
+                background matters (simulated tiles with glass) and check your own pairs.
             colour_candidates: the ``(input space, output space, degree)`` maps to cross-validate, cheapest first
                 (default :data:`COLOUR_CANDIDATES`). Leave out CIELAB (``"lab"``) for the fastest application: a
                 CIELAB conversion costs about as much as a degree-3 map in sRGB (figures in docs/benchmarks.md).
@@ -337,6 +349,8 @@ class ScannerTransfer(ShiftkitAugmentation):
         colour_losses = _check_losses(colour_losses)
         _check_max_gain(mtf_max_gain)
         _check_mtf_mode(mtf_mode)
+        if fit_region not in FIT_REGIONS:
+            raise InvalidArgumentError(f"`fit_region` is invalid: expected one of {FIT_REGIONS}, got {fit_region!r}")
         if not (isinstance(background_weight, (int, float)) and math.isfinite(background_weight)
                 and background_weight >= 0):
             raise InvalidArgumentError(f"`background_weight` is invalid: expected a finite number >= 0, got "
@@ -371,7 +385,7 @@ class ScannerTransfer(ShiftkitAugmentation):
                 s_col, d_col = s_used, d_used
             profile["colour"], profile["fit"]["colour"] = _fit_colour(list(s_col), list(d_col), groups, ridge,
                                                                       colour_candidates, colour_losses,
-                                                                      float(background_weight))
+                                                                      float(background_weight), fit_region)
             profile["fit"]["colour"]["aligned"] = bool(align)
             profile["parts"].append("colour")
         if "mtf" in parts:
@@ -630,12 +644,15 @@ def _tissue_pixels(image: np.ndarray, tissue_blocks: np.ndarray, block: int = 8)
     return px[::max(1, -(-len(px) // DOMAIN_SAMPLE))].astype(np.float64) / 255.0
 
 
-def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("l2",), background_weight=0.0):
+def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("l2",), background_weight=0.0,
+                region="destination"):
     sb, db = [T.block_means(x) for x in src], [T.block_means(x) for x in dst]
-    tis = [_lab(d)[..., 0] < 85 for d in db]
-    pix = [_tissue_pixels(x, t | (background_weight > 0)) for x, t in zip(src, tis)]  # the blocks the fit sees
+    tis = [_lab(d)[..., 0] < 85 for d in db]  # the region the metric judges (and the cross-validation scores)
+    # the region the map is fitted on: the destination's tissue, or tissue in either scan
+    fit = tis if region == "destination" else [t | (_lab(s)[..., 0] < 85) for t, s in zip(tis, sb)]
+    pix = [_tissue_pixels(x, t | (background_weight > 0)) for x, t in zip(src, fit)]  # the blocks the fit sees
     flat = lambda idx, arr: np.concatenate([arr[i].reshape(-1, 3) for i in idx])  # noqa: E731
-    wflat = lambda idx: np.concatenate([tis[i].reshape(-1) + background_weight * ~tis[i].reshape(-1)  # noqa: E731
+    wflat = lambda idx: np.concatenate([fit[i].reshape(-1) + background_weight * ~fit[i].reshape(-1)  # noqa: E731
                                         for i in idx]).astype(np.float64)
     domains: Dict[Tuple[Any, ...], np.ndarray] = {}
     slopes: Dict[Tuple[Any, ...], np.ndarray] = {}
@@ -688,6 +705,7 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("
               "cv_delta_e2000_after": valid.get(best) if valid else None}
     report["domain_quantiles"] = list(T.DOMAIN_QUANTILES)
     report["background_weight"] = background_weight
+    report["fit_region"] = region
     return {"space": space, "out_space": out_space, "degree": degree, "loss": loss, "weights": w.tolist(),
             "domain": dom.tolist(), "beyond_slope": beyond.tolist()}, report
 
