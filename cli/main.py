@@ -546,10 +546,10 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
 @click.option("--colour-loss", type=click.Choice(["l2", "l1", "cv"]), default="l2", show_default=True,
               help="Loss of the colour fit: least squares, least Euclidean residual lengths (robust to outlying "
                    "blocks), or both cross-validated (needs several slides to choose reliably). Paired fits only.")
-@click.option("--fit-region", type=click.Choice(["either", "destination"]), default="either", show_default=True,
-              help="8x8 blocks the colour map is fitted on: tissue (L* < 85) in either scan of a pair, or in the "
-                   "destination only (the metric's region; selecting on it teaches light colours to become tissue "
-                   "where pairs are misregistered). Paired fits.")
+@click.option("--fit-region", type=click.Choice(["destination", "either"]), default="destination", show_default=True,
+              help="8x8 blocks the colour map is fitted on: tissue (L* < 85) in the destination (the metric's region; "
+                   "where pairs are misregistered it teaches light colours to become tissue), or in either scan of a "
+                   "pair (less of that cast; on the MITOS pairs a less monotone map off their colours). Paired fits.")
 @click.option("--background-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of light, non-tissue blocks (outside --fit-region) in the colour fit against 1 for tissue: "
                    "0 fits tissue only (background is extrapolated); raise it where glass colour matters. Paired fits.")

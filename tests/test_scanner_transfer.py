@@ -216,9 +216,9 @@ def test_background_weight_decides_whether_light_blocks_shape_the_colour_map(pai
 
 
 def test_fit_region_is_tissue_in_either_scan_or_the_destinations(pairs):
-    """The colour map is fitted on the 8x8 blocks that are tissue (L* < 85, scikit-image CIELAB of block means) in either
-    scan by default, or in the destination only: recolouring the source where it is tissue and its twin is light moves
-    the default fit and leaves a destination fit unchanged to the last bit; recolouring it where both scans are light
+    """The colour map is fitted on the 8x8 blocks that are tissue (L* < 85, scikit-image CIELAB of block means) in the
+    destination by default, or in either scan: recolouring the source where it is tissue and its twin is light moves
+    an "either" fit and leaves the default fit unchanged to the last bit; recolouring it where both scans are light
     (and stay light) moves neither. The region is recorded; a bad one is refused by name."""
     src, dst, slides = pairs
     blocks = lambda x: rgb2lab(x.reshape(28, 8, 28, 8, 3).mean(axis=(1, 3)) / 255.0)[..., 0]  # noqa: E731
@@ -242,13 +242,13 @@ def test_fit_region_is_tissue_in_either_scan_or_the_destinations(pairs):
         t = ScannerTransfer.fit(s, dst, slides=slides, parts=("colour",), colour_candidates=[("srgb", "srgb", 3)], **kw)
         return t.profile["fit"]["colour"]["fit_region"], np.asarray(t.profile["colour"]["weights"])
 
-    region, base = weights(src)
-    assert region == "either"
-    assert np.abs(weights(moved)[1] - base).max() > 1e-3 and np.array_equal(weights(light)[1], base)
-    region, dest = weights(src, fit_region="destination")
-    assert region == "destination" and np.abs(dest - base).max() > 1e-6
-    assert np.array_equal(weights(moved, fit_region="destination")[1], dest)
-    assert np.array_equal(weights(light, fit_region="destination")[1], dest)
+    region, dest = weights(src)
+    assert region == "destination"
+    assert np.array_equal(weights(moved)[1], dest) and np.array_equal(weights(light)[1], dest)
+    region, either = weights(src, fit_region="either")
+    assert region == "either" and np.abs(either - dest).max() > 1e-6
+    assert np.abs(weights(moved, fit_region="either")[1] - either).max() > 1e-3
+    assert np.array_equal(weights(light, fit_region="either")[1], either)
     for bad in ("source", None, 1):
         with pytest.raises(InvalidArgumentError, match="fit_region"):
             ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), fit_region=bad)
@@ -904,7 +904,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     out = tmp_path / "profile.json"
     res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out), "--parts", "colour,mtf",
                                    "--mpp", "0.5", "--colour-loss", "cv", "--background-weight", "0.5",
-                                   "--fit-region", "destination"])
+                                   "--fit-region", "either"])
     assert res.exit_code == 1, res.output  # one input could not be read
     assert "missing.png" in res.output and "misregistered" in res.output
     prof = json.loads(out.read_text())
@@ -913,7 +913,7 @@ def test_fit_scanner_cli_writes_profile_report_and_figure(pairs, tmp_path):
     report = (tmp_path / "profile.report.md").read_text()
     assert report.count("(chosen)") == 1  # one colour map marked in the table
     assert prof["fit"]["colour"]["background_weight"] == 0.5 and "weighted 0.5 against tissue" in report
-    assert prof["fit"]["colour"]["fit_region"] == "destination" and "tissue (L* < 85) in the destination;" in report
+    assert prof["fit"]["colour"]["fit_region"] == "either" and "tissue (L* < 85) in either scan of a pair;" in report
     lo = "/".join(f"{v:.3f}" for v in prof["colour"]["domain"][0])
     assert "Input domain of the map (the 0.1 % and 99.9 % quantiles" in report and f"low {lo}" in report
     assert "beyond it the map goes on with the affine fit's slope" in report
