@@ -3,8 +3,8 @@
 
     python experiments/scanner_transfer/background_check.py     # ~1 min on this project's 2-core CPU
 
-ScannerTransfer's colour map was fitted, like the metric judges, on tissue: 8x8 blocks whose destination L* < 85
-(``fit_region="destination"``, which this script keeps; the default is now tissue in either scan: fit_region.py).
+ScannerTransfer's colour map is fitted, like the metric judges, on tissue: 8x8 blocks whose destination L* < 85
+(``fit_region="destination"``, the default, named here; tissue in either scan is measured in fit_region.py).
 Light blocks (glass, lumen, light gaps) are left out, so the map extrapolates there. This scores, leave one slide
 out on the MITOS dev pairs, the colour part fitted with ``background_weight`` 0 (default), 0.25 and 1 (the weight
 of the non-tissue blocks against 1 for tissue): the mean CIEDE2000 over tissue (shared/eval/score_pairs.py) and over
