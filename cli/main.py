@@ -419,7 +419,7 @@ def simulate(input_, out_dir, shifts, profiles, held_out, severity, seed, mpp, d
               help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
                    "images are read region by region.")
 @click.option("--apply-icc", is_flag=True, help="Convert images and slides with an embedded ICC colour profile to sRGB "
-              "(the profile is recorded in tiles.csv either way).")
+              "(the profile is recorded in tiles.csv either way; without this flag the tiles keep it embedded).")
 def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, apply_icc):
     """Cut INPUTS (images, folders of images, whole-slide images such as .svs) into tiles with a tissue filter;
     writes OUT_DIR/<source path>/<y>_<x>.png and OUT_DIR/tiles.csv (a manifest for `shiftkit simulate`).
@@ -472,8 +472,11 @@ def tile(inputs, out_dir, size, stride, min_tissue, level, mpp, max_pixels, appl
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1),
               help="Largest plain image read whole, in pixels (default 64,000,000 or SHIFTKIT_MAX_PIXELS); whole-slide "
                    "images are read region by region.")
+@click.option("--apply-icc", is_flag=True, help="Convert scans with an embedded ICC colour profile to sRGB (LittleCMS) "
+              "before pairing; without it the tiles keep their scan's profile embedded (pairs.csv src_icc/dst_icc "
+              "name it), for fit-scanner --apply-icc.")
 def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, search_px, min_score, src_mpp, dst_mpp,
-                   min_peak, slide, max_pixels):
+                   min_peak, slide, max_pixels, apply_icc):
     """Cut registered tile pairs from two scans SRC and DST of the same slide (plain images or whole-slide images),
     for `shiftkit fit-scanner --pairs OUT/pairs.csv`.
 
@@ -492,7 +495,7 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     try:
         rep = pair_tiles(src, dst, out_dir, size=size, stride=stride, min_tissue=min_tissue, max_pairs=max_pairs,
                          search_px=search_px, min_score=min_score, src_mpp=src_mpp, dst_mpp=dst_mpp,
-                         min_peak=min_peak, max_pixels=max_pixels, slide=slide)
+                         min_peak=min_peak, max_pixels=max_pixels, slide=slide, apply_icc=apply_icc)
     except ShiftkitError as exc:
         raise click.UsageError(str(exc))
     r = rep.registration
@@ -503,6 +506,9 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
     click.echo(f"registration: DST turned {turn} to match SRC, glass rotated {r['glass_angle']:+.2f}°, scale "
                f"{r['scale']:.3f} DST px per SRC px, thumbnail {r['method']} peak {r['peak']:.3f} (next best "
                f"orientation {r['second_peak']:.3f}){fit}")
+    if r.get("src_icc") or r.get("dst_icc"):
+        click.echo(f"embedded ICC profiles: SRC {r.get('src_icc') or 'none'}, DST {r.get('dst_icc') or 'none'}"
+                   + ("" if apply_icc else " (kept in the tiles; --apply-icc converts to sRGB)"))
     click.echo(f"{rep.written} pairs written, {rep.rejected} source tiles skipped (tissue < {min_tissue} or beyond "
                f"--max-pairs), {rep.beyond} beyond DST, {len(rep.unmatched)} unmatched -> {rep.manifest}")
     for name, reason in rep.unmatched:

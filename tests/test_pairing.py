@@ -248,3 +248,42 @@ def test_pair_tiles_never_writes_into_a_folder_it_did_not_make_and_reruns_cleanl
     listed = {r[k] for r in rows(tmp_path / "out" / "pairs.csv") for k in ("src", "dst")}
     on_disk = {f"{d}/{f.name}" for d in ("src", "dst") for f in (tmp_path / "out" / d).iterdir()}
     assert rep.written == 3 and on_disk == listed  # the first run's tiles are gone, this run's all there
+
+
+def test_embedded_icc_profiles_travel_with_the_tiles_or_are_applied(tmp_path):
+    """A source scan with an embedded ICC profile (red and blue primaries swapped): its tiles keep the profile and its
+    pixels as stored, pairs.csv names each scan's profile, and `fit-scanner --apply-icc` converts them later exactly as
+    `pair-tiles --apply-icc` does now (tiles equal to the converted scan's pixels, no profile left)."""
+    from PIL import Image
+
+    from shiftkit.data.io import icc_description, icc_to_srgb, read_icc
+
+    from .test_scanner_transfer import swapped_primaries_icc
+
+    icc = swapped_primaries_icc()
+    img = svs_region(w=1000, h=1000)
+    Image.fromarray(img).save(tmp_path / "a.png", icc_profile=icc)
+    write_image(tmp_path / "b.png", np.pad(scanner_b(icc_to_srgb(img, icc)), PAD, constant_values=255))
+    kept = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "kept", size=224, max_pairs=6)
+    conv = pair_tiles(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "conv", size=224, max_pairs=6, apply_icc=True)
+    assert kept.written == conv.written == 6
+    assert (kept.registration["src_icc"], kept.registration["dst_icc"]) == ("RB-swap test!", "")
+    srgb = icc_to_srgb(img, icc)
+    for r, c in zip(rows(tmp_path / "kept" / "pairs.csv"), rows(tmp_path / "conv" / "pairs.csv")):
+        assert (r["src_icc"], r["dst_icc"], c["src_icc"]) == ("RB-swap test!", "", "RB-swap test! (applied)")
+        x, y = int(r["x"]), int(r["y"])
+        assert (int(c["x"]), int(c["y"])) == (x, y)
+        tile = tmp_path / "kept" / r["src"]
+        assert icc_description(read_icc(tile)) == "RB-swap test!" and read_icc(tmp_path / "conv" / c["src"]) is None
+        assert np.array_equal(read_image(tile), img[y:y + 224, x:x + 224])
+        assert np.array_equal(read_image(tmp_path / "conv" / c["src"]), srgb[y:y + 224, x:x + 224])
+        assert np.array_equal(read_image(tile, apply_icc=True), srgb[y:y + 224, x:x + 224])
+    res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "kept" / "pairs.csv"), "-o",
+                                   str(tmp_path / "p.json"), "--parts", "colour", "--apply-icc"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p.json").read_text())["fit"]["icc"] == {"applied": True, "src": ["RB-swap test!"],
+                                                                         "dst": ["none"]}
+    res = CliRunner().invoke(cli, ["pair-tiles", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o",
+                                   str(tmp_path / "cli"), "--size", "224", "--max-pairs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "embedded ICC profiles: SRC RB-swap test!, DST none (kept in the tiles" in res.output

@@ -1040,6 +1040,14 @@ def test_embedded_icc_profiles_are_read_recorded_and_applied_on_request(pairs, t
     y, x = (int(v) for v in Path(first).stem.split("_"))
     expect = read_image(src / (Path(first).parent.name + ".png"), apply_icc=True)[y:y + 112, x:x + 112]
     assert np.array_equal(read_image(tmp_path / "tiles" / first), expect)
+    assert read_icc(tmp_path / "tiles" / first) is None  # converted: no profile left
+    # without --apply-icc the tiles keep their source's pixels and profile, so that it can be applied later
+    res = CliRunner().invoke(cli, ["tile", str(src), str(tmp_path / "kept"), "--size", "112", "--min-tissue", "0"])
+    assert res.exit_code == 0, res.output
+    assert icc_description(read_icc(tmp_path / "kept" / first)) == "RB-swap test!"
+    assert np.array_equal(read_image(tmp_path / "kept" / first, apply_icc=True), expect)
+    assert np.array_equal(read_image(tmp_path / "kept" / first),
+                          read_image(src / (Path(first).parent.name + ".png"))[y:y + 112, x:x + 112])
 
 
 def test_jpeg_quality_is_read_from_the_quantization_table(tmp_path):

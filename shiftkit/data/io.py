@@ -31,8 +31,12 @@ from ..core.files import (  # noqa: F401  (re-exported)
 )
 
 
-def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir: Optional[PathLike] = None) -> None:
+def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir: Optional[PathLike] = None,
+                icc: Optional[bytes] = None) -> None:
     """Write ``(H, W, 3)`` uint8 RGB atomically: a temporary file, then a rename over ``path``.
+
+    ``icc``: an ICC colour profile to embed (PNG, JPEG, TIFF, encoded by Pillow then; other formats go without), e.g. the profile of the slide
+    a tile was cut from, so that ``read_image(..., apply_icc=True)`` can still convert the tile to sRGB.
 
     The temporary file is ``.shiftkit-<random>.tmp`` in ``tmp_dir`` (default: the output's folder; it must be on the
     same file system). The file's mode honours the process umask, like any file a program creates (0644 under
@@ -47,10 +51,21 @@ def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir
     p.parent.mkdir(parents=True, exist_ok=True)
     suffix = p.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if suffix in (".jpg", ".jpeg") else []
-    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)  # the same bytes as image[..., ::-1], ~30x faster
-    ok, buf = cv2.imencode(suffix if suffix in IMAGE_SUFFIXES else ".png", bgr, params)
-    if not ok:
-        raise OSError(f"`{p}` could not be encoded as {suffix}")
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix)
+    if icc and fmt:
+        import io as _io
+
+        from PIL import Image
+
+        out = _io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image)).save(out, format=fmt, icc_profile=icc,
+                                                         **({"quality": int(quality)} if fmt == "JPEG" else {}))
+        buf = np.frombuffer(out.getvalue(), np.uint8)
+    else:
+        bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)  # the same bytes as image[..., ::-1], ~30x faster
+        ok, buf = cv2.imencode(suffix if suffix in IMAGE_SUFFIXES else ".png", bgr, params)
+        if not ok:
+            raise OSError(f"`{p}` could not be encoded as {suffix}")
     tmp_folder = Path(tmp_dir) if tmp_dir is not None else p.parent
     tmp_folder.mkdir(parents=True, exist_ok=True)
     tmp = str(tmp_folder / f".shiftkit-{secrets.token_hex(8)}.tmp")

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from ..core.errors import InvalidArgumentError
-from .io import read_image, write_image
+from .io import icc_description, icc_transform, read_image, write_image
 from .naming import ensure_inside
 from .tiling import WSI_SUFFIXES, open_slide, slide_region, tissue_fraction, tissue_map, write_csv
 
@@ -36,21 +36,36 @@ THUMB_SIDE = 1024
 class _Scan:
     """A plain image held in memory, or a whole-slide image read region by region (level 0)."""
 
-    def __init__(self, path, max_pixels: Optional[int] = None, mpp: Optional[float] = None):
+    def __init__(self, path, max_pixels: Optional[int] = None, mpp: Optional[float] = None, apply_icc: bool = False):
         self.path = Path(path)
         self.slide = None
         self._thumb: Optional[Tuple[np.ndarray, float]] = None
+        self._to_srgb = None
         if self.path.suffix.lower() in WSI_SUFFIXES:
             slide = open_slide(self.path)
             self.width, self.height = (int(v) for v in slide.dimensions)
             prop = slide.properties.get("openslide.mpp-x")
             self.mpp = mpp if mpp is not None else (float(prop) if prop else None)
+            profile = getattr(slide, "color_profile", None)
+            self.icc = profile.tobytes() if profile is not None else None
             self.slide = slide
             self.image = None
+            if apply_icc and self.icc:
+                self._to_srgb = icc_transform(self.icc)  # built once, applied to every region and the thumbnail
         else:
-            self.image = read_image(self.path, max_pixels=max_pixels)
+            info: dict = {}
+            self.image = read_image(self.path, max_pixels=max_pixels, apply_icc=apply_icc, info=info)
+            self.icc = info["icc"]
             self.height, self.width = self.image.shape[:2]
             self.mpp = mpp
+        #: the scan's tiles are converted to sRGB; else they are written with the scan's profile embedded
+        self.applied = bool(apply_icc and self.icc)
+        self.icc_label = icc_description(self.icc) + (" (applied)" if self.applied else "")
+
+    @property
+    def tile_icc(self) -> Optional[bytes]:
+        """The profile to embed in the tiles written from this scan: its own, unless converted to sRGB."""
+        return None if self.applied else self.icc
 
     def close(self) -> None:
         if self.slide is not None:
@@ -68,6 +83,7 @@ class _Scan:
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         if self.slide is not None:
             thumb = np.array(self.slide.get_thumbnail(size).convert("RGB"))  # writable: torch reads it
+            thumb = self._to_srgb(thumb) if self._to_srgb is not None else thumb
         else:
             thumb = cv2.resize(self.image, size, interpolation=cv2.INTER_AREA) if scale < 1 else self.image
         return thumb, thumb.shape[1] / self.width
@@ -75,7 +91,8 @@ class _Scan:
     def region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """The ``(h, w, 3)`` uint8 region at ``(x, y)`` (level 0), white beyond the scan."""
         if self.slide is not None:
-            return slide_region(self.slide, x, y, (h, w))
+            region = slide_region(self.slide, x, y, (h, w))
+            return self._to_srgb(region) if self._to_srgb is not None else region
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
         if x1 > x0 and y1 > y0:
@@ -208,13 +225,15 @@ def register_scans(src: _Scan, dst: _Scan, scale: float) -> dict:
 def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional[int] = None, min_tissue: float = 0.5,
                max_pairs: Optional[int] = None, search_px: int = 48, min_score: float = 0.5,
                src_mpp: Optional[float] = None, dst_mpp: Optional[float] = None, min_peak: float = 0.1,
-               max_pixels: Optional[int] = None, slide: Optional[str] = None) -> PairingReport:
+               max_pixels: Optional[int] = None, slide: Optional[str] = None, apply_icc: bool = False) -> PairingReport:
     """Cut registered ``size``² tile pairs from two scans of one slide into ``out_dir/src``, ``out_dir/dst`` and
     ``out_dir/pairs.csv`` (``src,dst,slide,x,y,dst_cx,dst_cy,score,mpp``: paths relative to it, the source tile's
     top-left, the destination tile's centre in destination pixels, the match's normalized cross-correlation, the
-    pairs' µm/px (the source's, when known; both tiles are at it); ``slide`` defaults
-    to the source file's stem, so that ``shiftkit fit-scanner --pairs a/pairs.csv --pairs b/pairs.csv`` cross-validates by
-    slide).
+    pairs' µm/px (the source's, when known; both tiles are at it), then ``src_icc,dst_icc``: each scan's embedded ICC
+    profile (a slide's OpenSlide ``color_profile``, an image's own; ``""`` for none); ``slide`` defaults to the
+    source file's stem, so that ``shiftkit fit-scanner --pairs a/pairs.csv --pairs b/pairs.csv`` cross-validates by
+    slide). Tiles carry their scan's profile embedded, so that ``fit-scanner --apply-icc`` can convert them; with
+    ``apply_icc`` they are converted to sRGB here instead (the manifest says "(applied)").
 
     Source tiles on a grid (step ``stride``, default ``size``) with at least ``min_tissue`` tissue are kept (at most
     ``max_pairs``, evenly spread over the candidates); each is located in the destination by the global
@@ -243,9 +262,9 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
             raise InvalidArgumentError(f"`{name}` is invalid: expected a positive number of µm per pixel, got {v!r}")
     stride = stride or size
     _check_output(Path(out_dir))
-    src, dst = _Scan(src_path, max_pixels, src_mpp), None
+    src, dst = _Scan(src_path, max_pixels, src_mpp, apply_icc), None
     try:
-        dst = _Scan(dst_path, max_pixels, dst_mpp)
+        dst = _Scan(dst_path, max_pixels, dst_mpp, apply_icc)
         scale = src.mpp / dst.mpp if src.mpp and dst.mpp else 1.0  # destination px per source px
         if not 0.2 <= scale <= 5:
             raise InvalidArgumentError(f"the scans' pixel sizes are too far apart: expected within 5x, got "
@@ -255,7 +274,8 @@ def pair_tiles(src_path, dst_path, out_dir, *, size: int = 256, stride: Optional
             raise InvalidArgumentError(f"`{dst_path}` does not register with `{src_path}`: expected a phase-correlation "
                                        f"peak of at least {min_peak} on the thumbnails, got {reg['peak']:.3f} (not the "
                                        "same slide, or too little shared tissue)")
-        report = PairingReport(registration=dict(reg, src_mpp=src.mpp, dst_mpp=dst.mpp))
+        report = PairingReport(registration=dict(reg, src_mpp=src.mpp, dst_mpp=dst.mpp, src_icc=src.icc_label,
+                                                 dst_icc=dst.icc_label))
         _cut_pairs(src, dst, reg, Path(out_dir), size, stride, min_tissue, max_pairs, search_px, min_score,
                    slide or Path(src_path).stem, report)
         return report
@@ -405,7 +425,7 @@ def _likely_tissue(src: _Scan, grid: list, size: int, threshold: float) -> list:
     return out
 
 
-MANIFEST_FIELDS = ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score", "mpp"]
+MANIFEST_FIELDS = ["src", "dst", "slide", "x", "y", "dst_cx", "dst_cy", "score", "mpp", "src_icc", "dst_icc"]
 
 
 def _check_output(out: Path) -> None:
@@ -479,12 +499,13 @@ def _cut_pairs(src, dst, reg, out, size, stride, min_tissue, max_pairs, search_p
             report.beyond += 1
             continue
         twin = np.ascontiguousarray(window[ly:ly + size, lx:lx + size])
-        write_image(ensure_inside(out, out / "src" / name), tile)
-        write_image(ensure_inside(out, out / "dst" / name), twin)
+        write_image(ensure_inside(out, out / "src" / name), tile, icc=src.tile_icc)
+        write_image(ensure_inside(out, out / "dst" / name), twin, icc=dst.tile_icc)
         cx, cy, _ = a @ np.array([lx + (size - 1) / 2, ly + (size - 1) / 2, 1.0])  # the twin's centre, destination px
         rows.append({"src": f"src/{name}", "dst": f"dst/{name}", "slide": slide, "x": x, "y": y,
                      "dst_cx": f"{cx:.1f}", "dst_cy": f"{cy:.1f}", "score": f"{score:.3f}",
-                     "mpp": "" if src.mpp is None else f"{src.mpp:.4f}"})
+                     "mpp": "" if src.mpp is None else f"{src.mpp:.4f}", "src_icc": src.icc_label,
+                     "dst_icc": dst.icc_label})
         report.written += 1
     report.manifest = str(write_csv(out / "pairs.csv", MANIFEST_FIELDS, rows))
 

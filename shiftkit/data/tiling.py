@@ -103,7 +103,8 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
     ``out_dir/tiles.csv``. A source that cannot be opened, exceeds ``max_pixels`` (plain images; slides are read
     region by region) or raises while tiling fails alone and is listed; the manifest is always written. Each
     source's embedded ICC profile (images: the file's; slides: OpenSlide's ``color_profile``) is recorded in the
-    manifest's ``icc`` column; ``apply_icc`` converts the tiles to sRGB."""
+    manifest's ``icc`` column and embedded in its tiles (so that ``apply_icc`` can still convert them later);
+    ``apply_icc`` converts the tiles to sRGB instead."""
     if size < 16 or (stride is not None and stride < 1) or not 0 <= min_tissue <= 1:
         raise InvalidArgumentError(f"`size`/`stride`/`min_tissue` out of range: expected size >= 16, stride >= 1, "
                                    f"min_tissue in [0, 1], got {size}, {stride}, {min_tissue}")
@@ -150,7 +151,7 @@ def tile_sources(sources: Sequence, out_dir, size: int = 224, stride: Optional[i
                     report.rejected += 1
                     continue
                 rel = f"{folder}/{y}_{x}.png"
-                write_image(ensure_inside(out, out / rel), tile)
+                write_image(ensure_inside(out, out / rel), tile, icc=None if apply_icc else icc)
                 rows.append({"path": rel, "source": str(src), "x": x, "y": y, "size": size, "level": level,
                              "mpp": "" if src_mpp is None else f"{src_mpp:.4f}", "tissue_fraction": f"{frac:.3f}",
                              "icc": icc_label})
