@@ -580,6 +580,7 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     parts_t = tuple(x.strip() for x in parts.split(",") if x.strip())
     rows, failed = [], []
     csv_mpps: set = set()
+    scan_icc: dict = {"src": set(), "dst": set()}
     if pairs_csv:
         if src_dir or dst_dir:
             raise click.UsageError("give --pairs or --src/--dst, not both")
@@ -594,6 +595,9 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
                     where = f"line {line}" if len(pairs_csv) == 1 else f"{csv_path} line {line}"
                     rows.append((a, b, r.get("slide") or None, where))
                     csv_mpps.add((r.get("mpp") or "").strip())
+                    if r.get("src_icc") or r.get("dst_icc"):  # pair-tiles: the scans' profiles, tiles kept or converted
+                        scan_icc.update({"src": scan_icc["src"] | {r.get("src_icc") or "none"},
+                                         "dst": scan_icc["dst"] | {r.get("dst_icc") or "none"}})
     elif src_dir and dst_dir:
         try:
             rx = re.compile(match)
@@ -700,6 +704,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     t.profile["fit"]["icc"] = {"applied": apply_icc,
                                "src": sorted({icc_description(read_icc(a)) or "none" for a, _, _, _ in rows if a is not None}),
                                "dst": sorted({icc_description(read_icc(b)) or "none" for _, b, _, _ in rows if b is not None})}
+    if scan_icc["src"] or scan_icc["dst"]:
+        t.profile["fit"]["icc"]["scans"] = {k: sorted(v) for k, v in scan_icc.items()}
     t.save(output)
     report = scanner_fit_report(t.profile)
     output.with_name(output.stem + ".report.md").write_text(report)
@@ -720,6 +726,9 @@ def scanner_fit_report(profile: dict) -> str:
     if fit.get("icc"):
         lines += [f"Embedded ICC profiles: source {fit['icc']['src']}, destination {fit['icc']['dst']}; "
                   f"{'converted to sRGB before fitting' if fit['icc']['applied'] else 'not applied (--apply-icc)'}.", ""]
+        if fit["icc"].get("scans"):
+            lines += [f"The scans the pairs were cut from (pairs.csv): source {fit['icc']['scans']['src']}, destination "
+                      f"{fit['icc']['scans']['dst']}.", ""]
     if fit.get("paired"):
         lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds of consecutive pairs)'}.", ""]
         for r in fit.get("refused", []):

@@ -281,8 +281,15 @@ def test_embedded_icc_profiles_travel_with_the_tiles_or_are_applied(tmp_path):
     res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "kept" / "pairs.csv"), "-o",
                                    str(tmp_path / "p.json"), "--parts", "colour", "--apply-icc"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "p.json").read_text())["fit"]["icc"] == {"applied": True, "src": ["RB-swap test!"],
-                                                                         "dst": ["none"]}
+    assert json.loads((tmp_path / "p.json").read_text())["fit"]["icc"] == {
+        "applied": True, "src": ["RB-swap test!"], "dst": ["none"], "scans": {"src": ["RB-swap test!"], "dst": ["none"]}}
+    # tiles converted by pair-tiles carry no profile; the report still names the scans' (from pairs.csv)
+    res = CliRunner().invoke(cli, ["fit-scanner", "--pairs", str(tmp_path / "conv" / "pairs.csv"), "-o",
+                                   str(tmp_path / "q.json"), "--parts", "colour"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q.json").read_text())["fit"]["icc"] == {
+        "applied": False, "src": ["none"], "dst": ["none"], "scans": {"src": ["RB-swap test! (applied)"], "dst": ["none"]}}
+    assert "The scans the pairs were cut from (pairs.csv): source ['RB-swap test! (applied)']" in res.output
     res = CliRunner().invoke(cli, ["pair-tiles", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o",
                                    str(tmp_path / "cli"), "--size", "224", "--max-pairs", "2"])
     assert res.exit_code == 0, res.output
