@@ -767,6 +767,14 @@ def scanner_fit_report(profile: dict) -> str:
             lines += ["", (f"Input domain of the map (the {100 * q[0]:g} % and {100 * q[1]:g} % quantiles of the training "
                            f"tissue pixels in its input space, {profile['colour']['space']}; beyond it {beyond}): "
                            f"low {'/'.join(f'{v:.3f}' for v in dom[0])}, high {'/'.join(f'{v:.3f}' for v in dom[1])}.")]
+        if c.get("lighter_when_darker") is not None:
+            share = c["lighter_when_darker"]
+            lines += ["", (f"Lightness order: {100 * share:.2f} % of the training tissue pixels come out more than 1 L* "
+                           "lighter when made 15 % darker (0 = the map keeps lightness order)"
+                           + (". WARNING: the map folds — darker tissue comes out lighter; check that the pairs are "
+                              "the same fields on two scanners (in Python, ScannerTransfer.fit(colour_candidates=...) "
+                              "can keep to lower degrees)."
+                              if share > 0.01 else "."))]
     m = fit.get("mtf")
     if m:
         if m.get("unpaired"):

@@ -254,6 +254,33 @@ def test_fit_region_is_tissue_in_either_scan_or_the_destinations(pairs):
             ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), fit_region=bad)
 
 
+def test_a_colour_map_that_folds_lightness_is_reported(pairs):
+    """A fit records the share of its training tissue pixels that come out > 1 L* lighter when made 15 % darker:
+    0 for the known (monotone) affine scanner of the synthetic pairs; for pairs whose destination folds every channel
+    below 0.3 upwards (darker in, lighter out) it is over 1 %, the transfer applied to the source tiles and their
+    darker versions shows the fold (scikit-image CIELAB), and the fit report warns."""
+    src, dst, slides = pairs
+    one = [("srgb", "srgb", 3)]
+    ok = ScannerTransfer.fit(src, dst, slides=slides, parts=("colour",), colour_candidates=one)
+    assert ok.profile["fit"]["colour"]["lighter_when_darker"] == 0.0
+    folded = np.stack([(np.clip(0.3 + np.abs(x / 255.0 - 0.3), 0, 1) * 255).round().astype(np.uint8) for x in src])
+    bad = ScannerTransfer.fit(src, folded, slides=slides, parts=("colour",), colour_candidates=one)
+    assert bad.profile["fit"]["colour"]["lighter_when_darker"] > 0.01
+
+    def lighter(t):
+        darker = np.stack([(np.exp(np.log(np.clip(x / 255.0, 1 / 255, 1)) * 1.15) * 255).round().astype(np.uint8)
+                           for x in src])
+        lab_in, lab_out, lab_dark = (rgb2lab(v / 255.0)[..., 0] for v in (src, t.augment(src), t.augment(darker)))
+        return float(((lab_dark - lab_out) > 1.0)[lab_in < 85].mean())
+
+    assert lighter(ok) < 0.001 and lighter(bad) > 0.005
+    from shiftkit.cli.main import scanner_fit_report
+
+    assert "WARNING: the map folds" in scanner_fit_report(bad.profile)
+    report = scanner_fit_report(ok.profile)
+    assert "Lightness order: 0.00 % of the training tissue pixels" in report and "WARNING" not in report
+
+
 def test_bundled_profiles_carry_a_domain_and_map_within_it_as_fitted():
     """The shipped scanners5 profiles record a domain and a slope beyond it (make_bundled_profiles.py --add-domain,
     their maps unchanged); inside the domain each applies its polynomial exactly as fitted (numpy)."""
