@@ -392,6 +392,28 @@ def test_written_files_honour_the_umask(tiles, tmp_path, umask, mode):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
 
 
+def test_write_image_embeds_an_icc_profile_that_pillow_and_opencv_read_back(tmp_path):
+    """``write_image(..., icc=)``: Pillow reads the same profile bytes back from PNG (iCCP chunk), JPEG (APP2
+    segments, also a profile longer than one segment's 65,519 bytes) and TIFF; OpenCV decodes the same pixels as
+    without a profile (PNG exactly, JPEG byte for byte the same file otherwise); BMP goes without."""
+    from PIL import Image, ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    long_icc = icc + bytes(150_000)  # three APP2 segments in a JPEG
+    img = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    for ext in ("png", "jpg", "tif"):
+        for prof in (icc, long_icc):
+            path = tmp_path / f"p.{ext}"
+            write_image(path, img, icc=prof)
+            with Image.open(path) as im:
+                assert im.info.get("icc_profile") == prof, (ext, len(prof))
+            write_image(tmp_path / f"plain.{ext}", img)
+            np.testing.assert_array_equal(cv2.imread(str(path)), cv2.imread(str(tmp_path / f"plain.{ext}")))
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), img)
+    write_image(tmp_path / "p.bmp", img, icc=icc)
+    np.testing.assert_array_equal(read_image(tmp_path / "p.bmp"), img)
+
+
 def test_write_image_round_trips_rgb_and_refuses_what_is_not_an_rgb_tile(tmp_path):
     """The channel order on disk is OpenCV's BGR (checked with OpenCV itself), read back as the same RGB array; a
     wrong shape or dtype is refused by name before any file is made."""

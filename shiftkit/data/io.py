@@ -31,11 +31,31 @@ from ..core.files import (  # noqa: F401  (re-exported)
 )
 
 
+def _embed_icc(data: bytes, icc: bytes, png: bool) -> bytes:
+    """``data`` (a PNG or baseline JPEG file as OpenCV writes it) with the ICC profile ``icc`` embedded: a PNG ``iCCP``
+    chunk after ``IHDR`` (PNG 1.2, 4.2.2.4), or JPEG ``APP2 ICC_PROFILE`` segments after ``SOI``/``APP0`` (ICC.1, B.4)."""
+    import struct
+    import zlib
+
+    if png:
+        body = b"ICC Profile\x00\x00" + zlib.compress(icc)  # keyword, NUL, compression method 0 (zlib)
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        end = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4  # signature, IHDR
+        return data[:end] + chunk + data[end:]
+    pos = 2  # after SOI; JFIF's APP0 stays first
+    if data[2:4] == b"\xff\xe0":
+        pos = 4 + struct.unpack(">H", data[4:6])[0]
+    parts = [icc[i:i + 65519] for i in range(0, len(icc), 65519)]
+    segs = b"".join(b"\xff\xe2" + struct.pack(">H", 2 + 14 + len(c)) + b"ICC_PROFILE\x00" + bytes([i + 1, len(parts)]) + c
+                    for i, c in enumerate(parts))
+    return data[:pos] + segs + data[pos:]
+
+
 def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir: Optional[PathLike] = None,
                 icc: Optional[bytes] = None) -> None:
     """Write ``(H, W, 3)`` uint8 RGB atomically: a temporary file, then a rename over ``path``.
 
-    ``icc``: an ICC colour profile to embed (PNG, JPEG, TIFF, encoded by Pillow then; other formats go without), e.g. the profile of the slide
+    ``icc``: an ICC colour profile to embed (PNG, JPEG, TIFF; other formats go without), e.g. the profile of the slide
     a tile was cut from, so that ``read_image(..., apply_icc=True)`` can still convert the tile to sRGB.
 
     The temporary file is ``.shiftkit-<random>.tmp`` in ``tmp_dir`` (default: the output's folder; it must be on the
@@ -51,21 +71,21 @@ def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir
     p.parent.mkdir(parents=True, exist_ok=True)
     suffix = p.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if suffix in (".jpg", ".jpeg") else []
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix)
-    if icc and fmt:
+    if icc and suffix in (".tif", ".tiff"):
         import io as _io
 
         from PIL import Image
 
         out = _io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(image)).save(out, format=fmt, icc_profile=icc,
-                                                         **({"quality": int(quality)} if fmt == "JPEG" else {}))
+        Image.fromarray(np.ascontiguousarray(image)).save(out, format="TIFF", icc_profile=icc)
         buf = np.frombuffer(out.getvalue(), np.uint8)
     else:
         bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)  # the same bytes as image[..., ::-1], ~30x faster
         ok, buf = cv2.imencode(suffix if suffix in IMAGE_SUFFIXES else ".png", bgr, params)
         if not ok:
             raise OSError(f"`{p}` could not be encoded as {suffix}")
+        if icc and suffix in (".png", ".jpg", ".jpeg"):  # OpenCV's encoding (4-5x faster than Pillow's) + the profile
+            buf = np.frombuffer(_embed_icc(buf.tobytes(), icc, suffix == ".png"), np.uint8)
     tmp_folder = Path(tmp_dir) if tmp_dir is not None else p.parent
     tmp_folder.mkdir(parents=True, exist_ok=True)
     tmp = str(tmp_folder / f".shiftkit-{secrets.token_hex(8)}.tmp")
