@@ -1052,8 +1052,15 @@ def test_embedded_icc_profiles_are_read_recorded_and_applied_on_request(pairs, t
     res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "sim"), "--shift", "jpeg", "--severity", "1"])
     assert res.exit_code == 0, res.output
     assert {e["icc"] for e in json.loads((tmp_path / "sim" / "manifest.json").read_text())["outputs"]} == {"RB-swap test!"}
+    outs = json.loads((tmp_path / "sim" / "manifest.json").read_text())["outputs"]
+    assert all(icc_description(read_icc(tmp_path / "sim" / e["output"])) == "RB-swap test!" for e in outs)  # kept
     res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "sim"), "--shift", "jpeg", "--severity", "1", "--apply-icc"])
     assert res.exit_code == 2 and "apply_icc" in res.output
+    res = CliRunner().invoke(cli, ["simulate", str(src), str(tmp_path / "sim2"), "--shift", "jpeg", "--severity", "1",
+                                   "--apply-icc"])
+    assert res.exit_code == 0, res.output
+    outs = json.loads((tmp_path / "sim2" / "manifest.json").read_text())["outputs"]
+    assert outs and all(read_icc(tmp_path / "sim2" / e["output"]) is None for e in outs)  # converted: none left
     res = CliRunner().invoke(cli, ["normalize", str(src), str(tmp_path / "norm"), "--apply-icc", "--target",
                                    str(shiftkit.data.sample_path("slideflow"))])
     assert res.exit_code == 0, res.output

@@ -370,8 +370,9 @@ def simulate(
     ``workers`` threads encode and write files (default ``None``: one per CPU core, at most 8, chosen from
     experiments/speed/bench_simulate.py; 0 writes in the calling thread); the pixels do not depend on it.
 
-    Colour profiles: each source's embedded ICC profile is recorded in the manifest (``icc``, its description);
-    ``apply_icc=True`` converts sources with one to sRGB before the shift (default: the dataset's setting).
+    Colour profiles: each source's embedded ICC profile is recorded in the manifest (``icc``, its description) and
+    embedded in its outputs (PNG, JPEG, TIFF: the shifted pixels stay in the source's colour space);
+    ``apply_icc=True`` converts sources with one to sRGB before the shift instead (default: the dataset's setting).
     """
     from ..shifts.registry import get_spec
 
@@ -470,16 +471,20 @@ def simulate(
 
     # read each source once, then group by (shift, severity, size, mpp) into batches; bounded memory: one batch
     icc_of: Dict[str, str] = {}
+    icc_bytes_of: Dict[str, bytes] = {}  # sources whose profile is kept: embedded in their outputs (one copy per profile)
+    icc_copies: Dict[bytes, bytes] = {}
     failed: Dict[str, str] = dict(bad_rows)
 
     def read_source(rec: TileRecord):
-        """``(image, pixel sha, file sha, icc, error)`` of one source; touches no shared state (runs in the pool)."""
+        """``(image, pixel sha, file sha, icc description, icc bytes, error)`` of one source; touches no shared state
+        (runs in the pool)."""
         try:
             info: dict = {}
             img = read_image(rec.path, max_pixels=ds.max_pixels, apply_icc=ds.apply_icc, info=info)
-            return img, hashlib.sha256(img.tobytes()).hexdigest(), info["sha256"], icc_description(info["icc"]), ""
+            return (img, hashlib.sha256(img.tobytes()).hexdigest(), info["sha256"], icc_description(info["icc"]),
+                    info["icc"], "")
         except Exception as exc:
-            return None, "", "", "", str(exc)
+            return None, "", "", "", None, str(exc)
 
     def read_ahead(recs: List[TileRecord], window: int):
         """``read_source`` of each record in order; with a pool, up to ``window`` reads run ahead in it (decoding
@@ -508,11 +513,11 @@ def simulate(
         workers = default_workers()
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
 
-    def write_one(rel, a):
+    def write_one(rel, a, icc=None):
         target = ensure_inside(out, out / rel)
         if str(target.resolve()) in sources:
             raise InvalidArgumentError(f"output `{target}` is a source image: expected a path that is no input")
-        write_image(target, a, tmp_dir=tmp_dir)
+        write_image(target, a, tmp_dir=tmp_dir, icc=icc)
         return file_sha256(target)
 
     def run_batch(name, sev, items):
@@ -540,18 +545,19 @@ def simulate(
                         failed[it[0].sample_id] = f"shift {name!r} severity {sev} failed: {type(exc).__name__}: {exc}"
             for group, (arr, seeds, drawn) in zip(groups, results):
                 rels = [out_rel(name, sev, it[0]) for it in group]
+                iccs = [icc_bytes_of.get(it[0].sample_id) for it in group]  # the source's profile, kept (not applied)
                 if pool:  # encode and write in the pool while the next batch is read and shifted
-                    outs = [pool.submit(guarded, r, a) for r, a in zip(rels, arr)]
+                    outs = [pool.submit(guarded, r, a, c) for r, a, c in zip(rels, arr, iccs)]
                 else:
-                    outs = [guarded(r, a) for r, a in zip(rels, arr)]
+                    outs = [guarded(r, a, c) for r, a, c in zip(rels, arr, iccs)]
                 inflight.append((name, sev, group, rels, outs, seeds, drawn))
             drain(keep=2)  # at most two batches in flight: bounded memory
             if progress:
                 progress(len(items))
 
-        def guarded(rel, a):
+        def guarded(rel, a, icc=None):
             try:
-                return write_one(rel, a), ""
+                return write_one(rel, a, icc), ""
             except Exception as exc:
                 return "", f"cannot write {rel}: {type(exc).__name__}: {exc}"
 
@@ -579,7 +585,8 @@ def simulate(
         for name, sev, rec in todo:
             by_source.setdefault(rec.sample_id, []).append((name, sev, rec))
         sources_in_order = [jobs[0][2] for jobs in by_source.values()]
-        for (sid, jobs), (img, sha, fsha, icc, err) in zip(by_source.items(), read_ahead(sources_in_order, batch_size)):
+        for (sid, jobs), (img, sha, fsha, icc, icc_bytes, err) in zip(by_source.items(),
+                                                                      read_ahead(sources_in_order, batch_size)):
             if img is None:
                 failed[sid] = err
                 if progress:
@@ -587,6 +594,8 @@ def simulate(
                 continue
             file_sha[sid] = fsha  # the bytes decoded: the file is read once
             icc_of[sid] = icc
+            if icc_bytes and not ds.apply_icc:
+                icc_bytes_of[sid] = icc_copies.setdefault(icc_bytes, icc_bytes)
             for name, sev, rec in jobs:
                 key = (name, sev, (img.shape, tile_mpp(rec)))
                 pending.setdefault(key, []).append((rec, img, sha))
