@@ -294,3 +294,37 @@ def test_embedded_icc_profiles_travel_with_the_tiles_or_are_applied(tmp_path):
                                    str(tmp_path / "cli"), "--size", "224", "--max-pairs", "2"])
     assert res.exit_code == 0, res.output
     assert "embedded ICC profiles: SRC RB-swap test!, DST none (kept in the tiles" in res.output
+
+
+def test_a_whole_slide_source_with_an_embedded_icc_profile(tmp_path):
+    """A tiled TIFF named .svs (OpenSlide reads it as a generic TIFF, with its ICC profile as ``color_profile``): its
+    regions and thumbnail are converted by one transform with apply_icc (tiles equal the converted image exactly),
+    else the tiles keep the slide's pixels and carry its profile; `tile` does the same."""
+    import tifffile  # a scikit-image dependency
+
+    from shiftkit.data.io import icc_description, icc_to_srgb, read_icc
+
+    from .test_scanner_transfer import swapped_primaries_icc
+
+    icc = swapped_primaries_icc()
+    img = svs_region(w=1024, h=1024)
+    tifffile.imwrite(tmp_path / "a.svs", img, tile=(256, 256), photometric="rgb", compression="zlib",
+                     extratags=[(34675, 7, len(icc), icc, True)])  # InterColorProfile
+    srgb = icc_to_srgb(img, icc)
+    write_image(tmp_path / "b.png", np.pad(scanner_b(srgb), PAD, constant_values=255))
+    for apply in (False, True):
+        out = tmp_path / f"out{int(apply)}"
+        rep = pair_tiles(tmp_path / "a.svs", tmp_path / "b.png", out, size=224, max_pairs=4, apply_icc=apply)
+        assert rep.written == 4 and rep.registration["src_icc"] == "RB-swap test!" + (" (applied)" if apply else "")
+        for r in rows(out / "pairs.csv"):
+            x, y = int(r["x"]), int(r["y"])
+            tile = out / r["src"]
+            assert np.array_equal(read_image(tile), (srgb if apply else img)[y:y + 224, x:x + 224])
+            assert (read_icc(tile) is None) if apply else (icc_description(read_icc(tile)) == "RB-swap test!")
+    res = CliRunner().invoke(cli, ["tile", str(tmp_path / "a.svs"), str(tmp_path / "tiles"), "--size", "256"])
+    assert res.exit_code == 0, res.output
+    first = rows(tmp_path / "tiles" / "tiles.csv")[0]
+    assert first["icc"] == "RB-swap test!"
+    y, x = int(first["y"]), int(first["x"])
+    assert icc_description(read_icc(tmp_path / "tiles" / first["path"])) == "RB-swap test!"
+    assert np.array_equal(read_image(tmp_path / "tiles" / first["path"]), img[y:y + 256, x:x + 256])
