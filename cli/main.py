@@ -596,8 +596,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
                     rows.append((a, b, r.get("slide") or None, where))
                     csv_mpps.add((r.get("mpp") or "").strip())
                     if r.get("src_icc") or r.get("dst_icc"):  # pair-tiles: the scans' profiles, tiles kept or converted
-                        scan_icc.update({"src": scan_icc["src"] | {r.get("src_icc") or "none"},
-                                         "dst": scan_icc["dst"] | {r.get("dst_icc") or "none"}})
+                        scan_icc["src"].add(r.get("src_icc") or "none")
+                        scan_icc["dst"].add(r.get("dst_icc") or "none")
     elif src_dir and dst_dir:
         try:
             rx = re.compile(match)

@@ -78,21 +78,22 @@ def write_image(path: PathLike, image: np.ndarray, *, quality: int = 95, tmp_dir
 
         out = _io.BytesIO()
         Image.fromarray(np.ascontiguousarray(image)).save(out, format="TIFF", icc_profile=icc)
-        buf = np.frombuffer(out.getvalue(), np.uint8)
+        data = out.getvalue()
     else:
         bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)  # the same bytes as image[..., ::-1], ~30x faster
         ok, buf = cv2.imencode(suffix if suffix in IMAGE_SUFFIXES else ".png", bgr, params)
         if not ok:
             raise OSError(f"`{p}` could not be encoded as {suffix}")
+        data = buf.tobytes()
         if icc and suffix in (".png", ".jpg", ".jpeg"):  # OpenCV's encoding (4-5x faster than Pillow's) + the profile
-            buf = np.frombuffer(_embed_icc(buf.tobytes(), icc, suffix == ".png"), np.uint8)
+            data = _embed_icc(data, icc, suffix == ".png")
     tmp_folder = Path(tmp_dir) if tmp_dir is not None else p.parent
     tmp_folder.mkdir(parents=True, exist_ok=True)
     tmp = str(tmp_folder / f".shiftkit-{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.tobytes())
+            fh.write(data)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
