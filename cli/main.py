@@ -61,6 +61,46 @@ def _load_target(target: str, method: str | None, on_failure: str, intensity: st
         raise click.BadParameter(str(exc), param_hint="--target") from exc
 
 
+class _TransferNormalizer:
+    """``normalize --transfer``: a learned scanner transfer's colour and MTF parts at full strength, behind the
+    ``normalize(batch, source=, return_status=)`` of a StainNormalizer (uint8 in and out; every tile "ok")."""
+
+    method = "scanner-transfer"
+    APPLIED = ("colour", "mtf")
+
+    def __init__(self, ref: str, mpp, device: str):
+        from shiftkit import ScannerTransfer
+        from shiftkit.core.errors import ShiftkitError
+        from shiftkit.shifts.transfer import PROFILES_DIR, bundled_profiles
+
+        path = Path(ref)
+        if not path.is_file() and ref in bundled_profiles():
+            path = PROFILES_DIR / f"{ref}.json"
+        if not path.is_file():
+            raise click.BadParameter(f"expected a scanner-transfer JSON profile (from fit-scanner) or a bundled profile "
+                                     f"name ({', '.join(bundled_profiles())}), got {ref!r}, which is neither",
+                                     param_hint="--transfer")
+        try:
+            profile = ScannerTransfer.read_profile(path)
+            parts = [p for p in self.APPLIED if p in profile.get("parts", [])]
+            if not parts:
+                raise click.BadParameter(f"expected a profile with a colour or MTF part, got {str(path)!r} with parts "
+                                         f"{profile.get('parts')}", param_hint="--transfer")
+            self.transfer = ScannerTransfer(profile, mpp=mpp, parts=parts).to(device)
+        except ShiftkitError as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--transfer") from exc
+        self.path, self.full_parts = path, list(profile["parts"])
+
+    def describe(self) -> dict:
+        t = self.transfer
+        return {"profile": str(self.path), "name": t.profile.get("name", ""), "applied_parts": t.parts,
+                "left_out_parts": [p for p in self.full_parts if p not in t.parts], "mpp": t.mpp}
+
+    def normalize(self, batch, source="tile", return_status=False):
+        out = self.transfer.augment(batch)  # uint8 in, uint8 out; strength 1, no random part
+        return (out, ["ok"] * len(out)) if return_status else out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shiftkit")
 def cli():
@@ -72,7 +112,15 @@ def cli():
 @click.argument("out", type=click.Path(path_type=Path), required=False)
 @click.option("--method", type=click.Choice(["reinhard", "macenko", "vahadane"]), default=None,
               help="Normalization method (default: the saved target's, else macenko).")
-@click.option("--target", required=True, help="Target: an image, a folder of images (pooled) or a JSON file from fit-target.")
+@click.option("--target", default=None, help="Target: an image, a folder of images (pooled) or a JSON file from "
+              "fit-target. Required unless --transfer is given.")
+@click.option("--transfer", default=None, help="Instead of stain normalization, apply a learned scanner transfer towards "
+              "the scanner you normalize to: a JSON profile from fit-scanner (fitted from pairs of THIS scanner's "
+              "tiles as the source and the target scanner's as the destination) or a bundled profile name (see "
+              "`shiftkit shifts 'scanner-transfer:*'`). Its colour and MTF parts are applied at full strength "
+              "(deterministic; the destination's noise and JPEG are simulation, see `simulate`).")
+@click.option("--mpp", type=float, default=None, help="With --transfer: µm per pixel of the tiles, to which the MTF is "
+              "rescaled (default: the profile's; refused beyond 0.5-2x of it).")
 @click.option("--target-intensity", type=click.Choice(["pooled", "median"]), default="pooled", show_default=True,
               help="A folder --target's intensity scale: from its pooled tissue, or the median tile's (see fit-target).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -89,13 +137,17 @@ def cli():
               "each file keeps its name and format). The only way to write into SRC.")
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def normalize(src, out, method, target, target_intensity, device, batch_size, fmt, on_failure, source_level, in_place,
-              max_pixels, apply_icc, as_json):
+def normalize(src, out, method, target, transfer, mpp, target_intensity, device, batch_size, fmt, on_failure, source_level,
+              in_place, max_pixels, apply_icc, as_json):
     """Stain-normalize SRC (an image, a folder searched recursively, or a CSV manifest with a path column) into OUT,
     mirroring file names.
 
     --source-level slide or folder estimates the source stains once from all tiles of a slide (or of SRC), from a
     bounded pixel sample, and applies that estimate to each; tiles with too little tissue keep their own fallback.
+
+    --transfer PROFILE normalizes by a learned scanner transfer instead (one global colour map and MTF for every
+    tile, no stain estimation: see docs/real_scanner_shift.md); --method, --source-level and --target-intensity do
+    not apply to it.
 
     Output names are derived from the input paths; two inputs that would give one name (a.png, a.jpg) both keep
     their suffix (a.png.png, a.jpg.png). OUT must not be SRC or lie inside it; use --in-place to replace the
@@ -118,6 +170,18 @@ def normalize(src, out, method, target, target_intensity, device, batch_size, fm
         fmt = "same"
     elif out is None:
         raise click.UsageError("missing argument OUT: expected an output folder (or --in-place to replace the images in SRC)")
+    if (target is None) == (transfer is None):
+        raise click.UsageError("expected exactly one of --target (stain normalization) and --transfer (a learned scanner "
+                               f"transfer), got {'both' if target is not None else 'neither'}")
+    if transfer is not None:
+        given = [f"--{n}" for n, v, default in (("method", method, None), ("source-level", source_level, "tile"),
+                                                ("target-intensity", target_intensity, "pooled")) if v != default]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --transfer (one global map for every tile, no "
+                                   "stain estimation): expected them left out")
+    elif mpp is not None:
+        raise click.BadParameter(f"expected --mpp only with --transfer (it rescales the transfer's MTF), got {mpp}",
+                                 param_hint="--mpp")
     slide_of = {}
     if Path(src).suffix.lower() == ".csv":
         from shiftkit.data.shifted import TileDataset
@@ -134,9 +198,12 @@ def normalize(src, out, method, target, target_intensity, device, batch_size, fm
     if not files:
         raise click.UsageError(f"SRC {str(src)!r} contains no images (expected {', '.join(('png', 'jpg', 'tif'))} files)")
     device = _device(device)
-    # the target is fitted with a fallback policy; "raise" then applies to the tiles (each failing tile fails alone)
-    norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure, target_intensity).to(device)
-    norm.on_failure = on_failure
+    if transfer is not None:
+        norm = _TransferNormalizer(transfer, mpp, device)
+    else:
+        # the target is fitted with a fallback policy; "raise" then applies to the tiles (each failing tile fails alone)
+        norm = _load_target(target, method, "reference" if on_failure == "raise" else on_failure, target_intensity).to(device)
+        norm.on_failure = on_failure
     jobs, dups = plan_outputs(files, root, out, fmt)
     groups: dict = {}
     for job in jobs:  # slide: the manifest's slide column, else the immediate subfolder (sources outside the root too)
@@ -168,7 +235,8 @@ def normalize(src, out, method, target, target_intensity, device, batch_size, fm
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
     summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place,
                "source_level": source_level, "pooled_sources": pooled_info, **report.to_dict(),
-               "target_intensity": None if str(target).lower().endswith(".json") else target_intensity,
+               "target_intensity": None if transfer is not None or str(target).lower().endswith(".json") else target_intensity,
+               "transfer": norm.describe() if transfer is not None else None,
                "apply_icc": apply_icc,
                "outputs": [{"source": str(p), "output": str(o), "status": st, "icc": icc_description(read_icc(p))}
                            for p, o, st in report.written]}
@@ -536,6 +604,9 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile JSON to write.")
 @click.option("--parts", default="colour,mtf,noise,jpeg", show_default=True, help="Comma-separated parts to fit.")
 @click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
+@click.option("--reverse", is_flag=True, help="Fit the other way: from the dst scans (the manifests' dst column, or "
+              "--dst) to the src scans — the transfer that normalizes the dst scanner's tiles towards src's "
+              "(`normalize --transfer`).")
 @click.option("--max-shift", default=16.0, show_default=True, type=float, help="Largest accepted misregistration (px).")
 @click.option("--mpp", default=None, type=float, help="µm per pixel of the pairs (the MTF is rescaled when applied "
               "elsewhere; default: the --pairs manifests' mpp column when all its values agree, as pair-tiles writes).")
@@ -560,8 +631,8 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
               help="Weight of light, non-tissue blocks (outside --fit-region) in the colour fit against 1 for tissue: "
                    "0 fits tissue only (background is extrapolated); raise it where glass colour matters. Paired fits.")
 @input_options
-def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, max_shift, mpp, jpeg_quality, name,
-                held_out, mtf_max_gain, mtf_mode, colour_loss, fit_region, background_weight, max_pixels, apply_icc):
+def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, reverse, max_shift, mpp,
+                jpeg_quality, name, held_out, mtf_max_gain, mtf_mode, colour_loss, fit_region, background_weight, max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -641,6 +712,9 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
             failed += [(str(b), f"no --src file has its id {i!r}") for i, b in dst_by_id.items() if i not in paired]
     else:
         raise click.UsageError("give --pairs CSV, or --src DIR and --dst DIR")
+    if reverse:  # the pairs' (or sets') roles swapped; slide ids stay with their pairs
+        rows = [(b, a, slide, where) for a, b, slide, where in rows]
+        scan_icc = {"src": scan_icc["dst"], "dst": scan_icc["src"]}
     src_imgs, dst_imgs, slides, src_read, dst_read = [], [], [], [], []
     for a, b, slide, where in rows:
         try:
@@ -684,12 +758,16 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     try:
         if unpaired:
             t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
-                                             held_out=held_out, source=str(src_dir) + " -> " + str(dst_dir),
+                                             held_out=held_out, source=(f"{dst_dir} -> {src_dir}" if reverse
+                                                                        else f"{src_dir} -> {dst_dir}"),
                                              mtf_max_gain=mtf_max_gain, mtf_mode=mtf_mode)
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
-                                    source=(", ".join(map(str, pairs_csv)) or f"{src_dir} -> {dst_dir}"), mtf_max_gain=mtf_max_gain,
+                                    source=((", ".join(map(str, pairs_csv)) + (" (dst -> src)" if reverse else ""))
+                                            if pairs_csv else
+                                            (f"{dst_dir} -> {src_dir}" if reverse else f"{src_dir} -> {dst_dir}")),
+                                    mtf_max_gain=mtf_max_gain,
                                     colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,),
                                     background_weight=background_weight, fit_region=fit_region,
                                     mtf_mode=mtf_mode)

@@ -147,6 +147,9 @@ class ScannerTransfer(ShiftkitAugmentation):
         strength_range: range of the per-sample strength in ``[0, 1]``.
         mpp: µm per pixel of the tiles this transfer is applied to (default: the profile's); the MTF is rescaled
             to it, and a ratio to the fit's µm/px outside ``[0.5, 2]`` is refused.
+        parts: apply only these of the profile's fitted parts (default: all), e.g. ``("colour", "mtf")`` for a
+            deterministic normalization without the destination's noise and JPEG; a part the profile lacks is an
+            error. :attr:`profile` is then the fitted profile restricted to them.
         p: probability per sample.
         same_on_batch: one draw for the whole batch.
         keepdim: keep a ``(3, H, W)`` input's rank.
@@ -155,11 +158,18 @@ class ScannerTransfer(ShiftkitAugmentation):
 
     def __init__(self, profile: Union[None, dict, str, Path] = None, strength_range: Sequence[float] = (1.0, 1.0),
                  mpp: Optional[float] = None, p: float = 1.0, same_on_batch: bool = False, keepdim: bool = False,
-                 seed: SeedLike = None):
+                 seed: SeedLike = None, parts: Optional[Sequence[str]] = None):
         super().__init__(p=p, same_on_batch=same_on_batch, keepdim=keepdim, seed=seed)
         if isinstance(profile, (str, Path)):
             profile = self.read_profile(profile)
         self.profile = _check_profile(profile if profile is not None else {"format": PROFILE_FORMAT, "parts": []})
+        if parts is not None:
+            keep = _check_parts(list(parts) if not isinstance(parts, str) else [parts])
+            missing = [q for q in keep if q not in self.profile["parts"]]
+            if missing:
+                raise InvalidArgumentError(f"`parts` is invalid: expected parts the profile has "
+                                           f"({list(self.profile['parts'])}), got {missing} it lacks")
+            self.profile = dict(self.profile, parts=[q for q in self.profile["parts"] if q in keep])
         self.strength_range = check_range("strength_range", strength_range, 0.0, 1.0)
         fit_mpp = self.profile.get("mtf", {}).get("mpp")
         self.mpp = float(mpp) if mpp is not None else fit_mpp
