@@ -795,6 +795,9 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     sys.exit(1 if failed else 0)
 
 
+_SPACE_NAMES = {"srgb": "sRGB", "od": "optical density", "lab": "CIELAB"}
+
+
 def scanner_fit_report(profile: dict) -> str:
     """The fit report of a scanner-transfer profile, as Markdown."""
     fit = profile["fit"]
@@ -820,7 +823,7 @@ def scanner_fit_report(profile: dict) -> str:
         mean, std = c["lab_mean"], c["lab_std"]
         fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
         lines += ["", ("Colour (unpaired: the affine map that moves the source's tissue colour mean and covariance onto "
-                       f"the destination's, in sRGB; {c['tissue_blocks'][0]} and {c['tissue_blocks'][1]} tissue blocks of "
+                       f"the destination's, in {_SPACE_NAMES.get(profile['colour'].get('space'), 'sRGB')}; {c['tissue_blocks'][0]} and {c['tissue_blocks'][1]} tissue blocks of "
                        "8x8; in-sample, there are no pairs to hold out):"), "",
                   "| tissue blocks | CIELAB mean (L*/a*/b*) | CIELAB std |", "|---|---|---|"]
         lines += [f"| {label} | {fmt(mean[k])} | {fmt(std[k])} |"

@@ -866,6 +866,35 @@ def test_cli_source_level_slide_pools_each_subfolder(pairs, tmp_path):
     assert np.array_equal(got, expect)
 
 
+@pytest.mark.parametrize("space", ["srgb", "od", "lab"])
+def test_unpaired_colour_map_is_the_gaussian_monge_map_in_its_space(pairs, space):
+    """The unpaired colour map moves the source's tissue block colours (8x8 means, L* < 85 by scikit-image) so that
+    their mean and covariance in ``space`` (numpy / scikit-image conversions) equal the destination's, and it is
+    the symmetric-positive-definite (Monge) solution; optical density by default."""
+    src = pairs[0]
+    other = np.stack([scanner_b(x, blur=0, shift=(0, 0)) for x in load_sample_tiles()[12:]])
+    t = ScannerTransfer.fit_unpaired(src, other, parts=("colour",), colour_space=space)
+    if space == "od":
+        assert ScannerTransfer.fit_unpaired(src, other, parts=("colour",)).profile["colour"] == t.profile["colour"]
+
+    def blocks(x):
+        return np.concatenate([cv2.resize(v, (28, 28), interpolation=cv2.INTER_AREA).reshape(-1, 3) for v in x])
+
+    a, b = blocks(src / 255.0), blocks(other / 255.0)
+    a, b = a[rgb2lab(a[None])[0, :, 0] < 85], b[rgb2lab(b[None])[0, :, 0] < 85]
+    c = t.profile["colour"]
+    assert c["space"] == c["out_space"] == space and c["degree"] == 1
+    w = np.asarray(c["weights"])
+    mapped = np.c_[np.ones(len(a)), _space(a, space)] @ w  # the map in its own space, unclipped
+    np.testing.assert_allclose(mapped.mean(0), _space(b, space).mean(0), atol=1e-6)
+    np.testing.assert_allclose(np.cov(mapped.T), np.cov(_space(b, space).T), rtol=1e-3, atol=1e-8)
+    m = w[1:]
+    np.testing.assert_allclose(m, m.T, atol=1e-9)  # symmetric ...
+    assert np.linalg.eigvalsh(m).min() > 0  # ... positive definite: the Monge map, not any matching map
+    with pytest.raises(InvalidArgumentError, match="colour_space"):
+        ScannerTransfer.fit_unpaired(src, other, parts=("colour",), colour_space="hsv")
+
+
 def test_fit_scanner_cli_unpaired_writes_profile_and_report(tmp_path):
     """--unpaired on two folders of different fields: the same profile as ScannerTransfer.fit_unpaired, and a report
     that names the MTF's cap chosen on the sets."""
