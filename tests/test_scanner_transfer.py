@@ -1262,3 +1262,18 @@ def test_fit_scanner_cli_reverse_fits_dst_to_src(pairs, tmp_path):
         assert got["colour"] == want["colour"] and got["mtf"]["gain"] == want["mtf"]["gain"]
         assert got["fit"]["source"] == (f"{tmp_path / 'pairs.csv'} (dst -> src)" if "--pairs" in args
                                         else f"{tmp_path / 'b'} -> {tmp_path / 'a'}")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_cli_normalize_by_a_transfer_on_every_device(pairs, tmp_path, device):
+    """``normalize --transfer --device D`` (colour map + MTF) writes what the transfer gives on the CPU, to within one
+    level (float32 FFTs and power planes differ by device)."""
+    src, dst, slides = pairs
+    profile = ScannerTransfer.fit(dst, src, slides=slides, parts=("colour", "mtf"), mpp=0.5).save(tmp_path / "p.json")
+    for i, img in enumerate(dst[:4]):
+        write_image(tmp_path / "b" / f"t{i}.png", img)
+    res = CliRunner().invoke(cli, ["normalize", str(tmp_path / "b"), str(tmp_path / "out"), "--transfer", str(profile),
+                                   "--device", device])
+    assert res.exit_code == 0, res.output
+    got = np.stack([shiftkit.data.read_image(tmp_path / "out" / f"t{i}.png") for i in range(4)]).astype(int)
+    assert np.abs(got - ScannerTransfer.load(profile).augment(dst[:4]).astype(int)).max() <= 1
