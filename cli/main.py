@@ -213,7 +213,8 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
     from shiftkit.data.runner import RunReport
 
     report, pooled_info = RunReport(), []
-    with Progress(len(files), f"normalize ({norm.method}, source {source_level})") as bar:
+    label = f"scanner transfer {norm.path.name}" if transfer is not None else f"{norm.method}, source {source_level}"
+    with Progress(len(files), f"normalize ({label})") as bar:
         for key, group in groups.items():
             source = "tile"
             if source_level != "tile":
