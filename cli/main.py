@@ -603,7 +603,8 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
 @click.option("--slide-regex", default=None, help="Regular expression searched in a --src file's name without its "
               "extension; its first group is the slide id (cross-validation groups), e.g. '^A(\\d\\d)'.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile JSON to write.")
-@click.option("--parts", default="colour,mtf,noise,jpeg", show_default=True, help="Comma-separated parts to fit.")
+@click.option("--parts", default=None, help="Comma-separated parts to fit (default: colour,mtf,noise,jpeg; with "
+              "--unpaired colour,mtf,noise).")
 @click.option("--unpaired", is_flag=True, help="Fit from two unpaired sets (--src, --dst): stain and sharpness statistics only.")
 @click.option("--reverse", is_flag=True, help="Fit the other way: from the dst scans (the manifests' dst column, or "
               "--dst) to the src scans — the transfer that normalizes the dst scanner's tiles towards src's "
@@ -649,6 +650,8 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     from shiftkit.core.errors import ShiftkitError
     from shiftkit.data import list_images, read_image
 
+    if parts is None:
+        parts = "colour,mtf,noise" if unpaired else "colour,mtf,noise,jpeg"
     parts_t = tuple(x.strip() for x in parts.split(",") if x.strip())
     rows, failed = [], []
     csv_mpps: set = set()

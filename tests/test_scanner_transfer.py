@@ -915,7 +915,15 @@ def test_fit_scanner_cli_unpaired_writes_profile_and_report(tmp_path):
     report = (tmp_path / "unpaired.report.md").read_text()
     assert f"gain cap {ref.profile['fit']['mtf']['max_gain']:g}" in report and "unpaired" in report
     after = f"after {ref.profile['fit']['colour']['delta_e2000_of_means_after']:.2f}"
-    assert "| mapped source |" in report and after in report
+    assert "| mapped source |" in report and after in report and "in optical density;" in report
+    # without --parts: the unpaired parts (the paired default includes jpeg, which an unpaired fit refuses)
+    res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--unpaired",
+                                   "-o", str(tmp_path / "default.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "default.json").read_text())["fit"]["paired"] is False
+    res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--unpaired",
+                                   "-o", str(tmp_path / "jpeg.json"), "--parts", "colour,jpeg"])
+    assert res.exit_code != 0 and "jpeg" in res.output
 
 
 def test_fit_scanner_cli_pairs_folders_by_match_and_names_what_did_not_pair(pairs, tmp_path):
