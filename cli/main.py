@@ -89,15 +89,34 @@ class _TransferNormalizer:
             self.transfer = ScannerTransfer(profile, mpp=mpp, parts=parts).to(device)
         except ShiftkitError as exc:
             raise click.BadParameter(f"{path}: {exc}", param_hint="--transfer") from exc
-        self.path, self.full_parts = path, list(profile["parts"])
+        self.path, self.full_parts, self.device, self._by_mpp = path, list(profile["parts"]), device, {}
 
     def describe(self) -> dict:
         t = self.transfer
+        used = sorted(k for k, v in self._by_mpp.items() if not isinstance(v, Exception))
         return {"profile": str(self.path), "name": t.profile.get("name", ""), "applied_parts": t.parts,
-                "left_out_parts": [p for p in self.full_parts if p not in t.parts], "mpp": t.mpp}
+                "left_out_parts": [p for p in self.full_parts if p not in t.parts], "mpp": t.mpp,
+                "rescaled_to_mpp": used}
 
-    def normalize(self, batch, source="tile", return_status=False):
-        out = self.transfer.augment(batch)  # uint8 in, uint8 out; strength 1, no random part
+    def at(self, mpp):
+        """The transfer for tiles of ``mpp`` µm/px (None: as given by --mpp, else the profile's)."""
+        from shiftkit import ScannerTransfer
+        from shiftkit.core.errors import ShiftkitError
+
+        if mpp is None or mpp == self.transfer.mpp or "mtf" not in self.transfer.parts:
+            return self.transfer
+        if mpp not in self._by_mpp:
+            try:
+                self._by_mpp[mpp] = ScannerTransfer(self.transfer.profile, mpp=mpp).to(self.device)
+            except ShiftkitError as exc:  # e.g. beyond 0.5-2x of the fit's µm/px: these tiles fail, listed
+                self._by_mpp[mpp] = exc
+        t = self._by_mpp[mpp]
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    def normalize(self, batch, source="tile", return_status=False, mpp=None):
+        out = self.at(mpp).augment(batch)  # uint8 in, uint8 out; strength 1, no random part
         return (out, ["ok"] * len(out)) if return_status else out
 
 
@@ -120,7 +139,8 @@ def cli():
               "`shiftkit shifts 'scanner-transfer:*'`). Its colour and MTF parts are applied at full strength "
               "(deterministic; the destination's noise and JPEG are simulation, see `simulate`).")
 @click.option("--mpp", type=float, default=None, help="With --transfer: µm per pixel of the tiles, to which the MTF is "
-              "rescaled (default: the profile's; refused beyond 0.5-2x of it).")
+              "rescaled (default: a manifest SRC's mpp column per tile, else the profile's; refused beyond 0.5-2x "
+              "of it).")
 @click.option("--target-intensity", type=click.Choice(["pooled", "median"]), default="pooled", show_default=True,
               help="A folder --target's intensity scale: from its pooled tissue, or the median tile's (see fit-target).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -182,13 +202,14 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
     elif mpp is not None:
         raise click.BadParameter(f"expected --mpp only with --transfer (it rescales the transfer's MTF), got {mpp}",
                                  param_hint="--mpp")
-    slide_of = {}
+    slide_of, mpp_of = {}, {}
     if Path(src).suffix.lower() == ".csv":
         from shiftkit.data.shifted import TileDataset
 
         ds = TileDataset(src)
         root, files = ds.root, [r.path for r in ds.records if not r.error]
         slide_of = {r.path: r.meta.get("slide", "") for r in ds.records}
+        mpp_of = {r.path: r.mpp for r in ds.records if r.mpp is not None}
     else:
         root, files = collect_inputs(src)
     out = root if in_place else Path(out)
@@ -209,6 +230,8 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
     for job in jobs:  # slide: the manifest's slide column, else the immediate subfolder (sources outside the root too)
         parts = source_key(job[0], root).split("/")
         key = (slide_of.get(job[0]) or (parts[0] if len(parts) > 1 else "")) if source_level == "slide" else ""
+        if transfer is not None and mpp is None:  # a manifest's mpp column: each tile's MTF at its own µm/px
+            key = mpp_of.get(job[0])
         groups.setdefault(key, []).append(job)
     from shiftkit.data.runner import RunReport
 
@@ -225,7 +248,9 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
                     source, status = "tile", f"no pooled source ({exc}); per-tile estimates used"
                 pooled_info.append({"group": key or ".", "tiles": len(group), "status": status})
 
-            def fn(batch, source=source):
+            def fn(batch, source=source, key=key):
+                if transfer is not None:
+                    return norm.normalize(batch, mpp=key, return_status=True)
                 out_b, status = norm.normalize(batch, source=source, return_status=True)
                 return out_b, status
 

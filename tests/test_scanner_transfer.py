@@ -1285,3 +1285,24 @@ def test_cli_normalize_by_a_transfer_on_every_device(pairs, tmp_path, device):
     assert res.exit_code == 0, res.output
     got = np.stack([shiftkit.data.read_image(tmp_path / "out" / f"t{i}.png") for i in range(4)]).astype(int)
     assert np.abs(got - ScannerTransfer.load(profile).augment(dst[:4]).astype(int)).max() <= 1
+
+
+def test_cli_normalize_by_a_transfer_takes_each_tiles_mpp_from_a_manifest(pairs, tmp_path):
+    """With a manifest SRC whose mpp column differs from the fit's, each tile's MTF is rescaled to its own µm/px (as
+    ScannerTransfer(mpp=) does); a tile beyond 0.5-2x of the fit's fails alone, named, and the rest are written."""
+    src, dst, slides = pairs
+    profile = ScannerTransfer.fit(dst, src, slides=slides, parts=("colour", "mtf"), mpp=0.5).save(tmp_path / "p.json")
+    rows = ["path,mpp"]
+    for i, m in enumerate((0.5, 0.6, 2.0)):
+        write_image(tmp_path / "b" / f"t{i}.png", dst[i])
+        rows.append(f"b/t{i}.png,{m}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(cli, ["normalize", str(tmp_path / "m.csv"), str(tmp_path / "out"), "--transfer", str(profile)])
+    assert res.exit_code == 1 and "t2.png" in res.output and "0.5-2x" in res.output, res.output
+    got = [shiftkit.data.read_image(tmp_path / "out" / "b" / f"t{i}.png") for i in range(2)]
+    assert np.array_equal(got[0], ScannerTransfer.load(profile).augment(dst[0]))
+    at_06 = ScannerTransfer.load(profile, mpp=0.6).augment(dst[1])
+    assert np.array_equal(got[1], at_06) and not np.array_equal(at_06, ScannerTransfer.load(profile).augment(dst[1]))
+    assert not (tmp_path / "out" / "b" / "t2.png").exists()
+    summary = json.loads((tmp_path / "out" / "normalize.json").read_text())
+    assert summary["transfer"]["rescaled_to_mpp"] == [0.6] and len(summary["failed"]) == 1
