@@ -197,8 +197,9 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
         given = [f"--{n}" for n, v, default in (("method", method, None), ("source-level", source_level, "tile"),
                                                 ("target-intensity", target_intensity, "pooled")) if v != default]
         if given:
-            raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --transfer (one global map for every tile, no "
-                                   "stain estimation): expected them left out")
+            verb = "does" if len(given) == 1 else "do"
+            raise click.UsageError(f"{', '.join(given)} {verb} not apply to --transfer (one global map for every tile, "
+                                   "no stain estimation): expected them left out")
     elif mpp is not None:
         raise click.BadParameter(f"expected --mpp only with --transfer (it rescales the transfer's MTF), got {mpp}",
                                  param_hint="--mpp")
@@ -261,7 +262,8 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
     report.failed += [(f, "listed twice: the first occurrence is used") for f in dups]
     summary = {"method": norm.method, "inputs": len(files), "out": str(out), "in_place": in_place,
                "source_level": source_level, "pooled_sources": pooled_info, **report.to_dict(),
-               "target_intensity": None if transfer is not None or str(target).lower().endswith(".json") else target_intensity,
+               "target_intensity": (None if transfer is not None or str(target).lower().endswith(".json")
+                                    else target_intensity),
                "transfer": norm.describe() if transfer is not None else None,
                "apply_icc": apply_icc,
                "outputs": [{"source": str(p), "output": str(o), "status": st, "icc": icc_description(read_icc(p))}
@@ -659,7 +661,8 @@ def pair_tiles_cmd(src, dst, out_dir, size, stride, min_tissue, max_pairs, searc
                    "0 fits tissue only (background is extrapolated); raise it where glass colour matters. Paired fits.")
 @input_options
 def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, unpaired, reverse, max_shift, mpp,
-                jpeg_quality, name, held_out, mtf_max_gain, mtf_mode, colour_loss, fit_region, background_weight, max_pixels, apply_icc):
+                jpeg_quality, name, held_out, mtf_max_gain, mtf_mode, colour_loss, fit_region, background_weight,
+                max_pixels, apply_icc):
     """Learn a scanner transfer (colour map, relative MTF, noise, JPEG) from registered pairs of the same fields on two
     scanners, and write it as a profile usable as the shift scanner-transfer:PATH.
 
@@ -852,7 +855,8 @@ def scanner_fit_report(profile: dict) -> str:
         mean, std = c["lab_mean"], c["lab_std"]
         fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
         lines += ["", ("Colour (unpaired: the affine map that moves the source's tissue colour mean and covariance onto "
-                       f"the destination's, in {_SPACE_NAMES.get(profile['colour'].get('space'), 'sRGB')}; {c['tissue_blocks'][0]} and {c['tissue_blocks'][1]} tissue blocks of "
+                       f"the destination's, in {_SPACE_NAMES.get(profile['colour'].get('space'), 'sRGB')}; "
+                       f"{c['tissue_blocks'][0]} and {c['tissue_blocks'][1]} tissue blocks of "
                        "8x8; in-sample, there are no pairs to hold out):"), "",
                   "| tissue blocks | CIELAB mean (L*/a*/b*) | CIELAB std |", "|---|---|---|"]
         lines += [f"| {label} | {fmt(mean[k])} | {fmt(std[k])} |"
