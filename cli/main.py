@@ -62,8 +62,8 @@ def _load_target(target: str, method: str | None, on_failure: str, intensity: st
 
 
 class _TransferNormalizer:
-    """``normalize --transfer``: a learned scanner transfer's colour and MTF parts at full strength, behind the
-    ``normalize(batch, source=, return_status=)`` of a StainNormalizer (uint8 in and out; every tile "ok")."""
+    """``normalize --transfer``: a learned scanner transfer's colour and MTF parts at full strength (uint8 in and
+    out; every tile "ok"), at each tile's µm/px."""
 
     method = "scanner-transfer"
     APPLIED = ("colour", "mtf")
@@ -115,9 +115,10 @@ class _TransferNormalizer:
             raise t
         return t
 
-    def normalize(self, batch, source="tile", return_status=False, mpp=None):
-        out = self.at(mpp).augment(batch)  # uint8 in, uint8 out; strength 1, no random part
-        return (out, ["ok"] * len(out)) if return_status else out
+    def apply(self, batch, mpp=None):
+        """``(uint8 out, statuses)`` of a uint8 batch: strength 1, no random part; every tile "ok"."""
+        out = self.at(mpp).augment(batch)
+        return out, ["ok"] * len(out)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -251,9 +252,8 @@ def normalize(src, out, method, target, transfer, mpp, target_intensity, device,
 
             def fn(batch, source=source, key=key):
                 if transfer is not None:
-                    return norm.normalize(batch, mpp=key, return_status=True)
-                out_b, status = norm.normalize(batch, source=source, return_status=True)
-                return out_b, status
+                    return norm.apply(batch, mpp=key)
+                return norm.normalize(batch, source=source, return_status=True)
 
             part = map_images(group, fn, out_dir=out, batch_size=batch_size, device=device, progress=bar.update,
                               in_place=in_place, max_pixels=max_pixels, apply_icc=apply_icc)
@@ -787,19 +787,19 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         jpeg_estimate = _jpeg_estimate(src_read, dst_read)
         if jpeg_estimate["applied"]:
             jpeg_quality = jpeg_estimate["dst"]["quality_median"]
+    if pairs_csv:
+        source = ", ".join(map(str, pairs_csv)) + (" (dst -> src)" if reverse else "")
+    else:
+        source = f"{dst_dir} -> {src_dir}" if reverse else f"{src_dir} -> {dst_dir}"
     try:
         if unpaired:
             t = ScannerTransfer.fit_unpaired(src_imgs, dst_imgs, parts=parts_t, mpp=mpp, name=name or output.stem,
-                                             held_out=held_out, source=(f"{dst_dir} -> {src_dir}" if reverse
-                                                                        else f"{src_dir} -> {dst_dir}"),
-                                             mtf_max_gain=mtf_max_gain, mtf_mode=mtf_mode)
+                                             held_out=held_out, source=source, mtf_max_gain=mtf_max_gain,
+                                             mtf_mode=mtf_mode)
         else:
             t = ScannerTransfer.fit(src_imgs, dst_imgs, parts=parts_t, max_shift_px=max_shift, slides=use_slides, mpp=mpp,
                                     name=name or output.stem, held_out=held_out, jpeg_quality=jpeg_quality,
-                                    source=((", ".join(map(str, pairs_csv)) + (" (dst -> src)" if reverse else ""))
-                                            if pairs_csv else
-                                            (f"{dst_dir} -> {src_dir}" if reverse else f"{src_dir} -> {dst_dir}")),
-                                    mtf_max_gain=mtf_max_gain,
+                                    source=source, mtf_max_gain=mtf_max_gain,
                                     colour_losses=("l2", "l1") if colour_loss == "cv" else (colour_loss,),
                                     background_weight=background_weight, fit_region=fit_region,
                                     mtf_mode=mtf_mode)

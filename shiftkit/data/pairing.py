@@ -367,10 +367,9 @@ def _refine(dst, m, candidates, size, search_px, min_score, reg) -> Tuple[np.nda
     candidates = [c for c in candidates if _inside(m, c[1], c[0], size, dst)]  # where the destination has the field
     if not candidates:
         return m, {"search_px": wide, "tiles": 0, "matched": 0, "refitted": False}
-    pick = np.unique(np.linspace(0, len(candidates) - 1, min(REFINE_TILES, len(candidates))).round().astype(int))
+    pick = _spread(candidates, REFINE_TILES)
     src_pts, dst_pts = [], []
-    for i in pick:
-        y, x, tile = candidates[i]
+    for y, x, tile in pick:
         score, _, lx, ly, a = _match(dst, m, x, y, tile, wide, reg, subpixel=True)
         if score >= min_score:
             src_pts.append([x + (size - 1) / 2, y + (size - 1) / 2])

@@ -670,6 +670,15 @@ def _tissue_pixels(image: np.ndarray, tissue_blocks: np.ndarray, block: int = 8)
 DARKER = 1.15
 
 
+def _map_pixels(pixels: np.ndarray, colour: dict, dom=None, beyond=None) -> np.ndarray:
+    """A profile's colour part applied to ``(N, 3)`` colours in ``[0, 1]`` (float64, as one ``(1, 3, N, 1)`` image):
+    ``(N, 3)`` in ``[0, 1]``."""
+    img = torch.from_numpy(np.ascontiguousarray(pixels.T, dtype=np.float64)).reshape(1, 3, -1, 1)
+    out = T.apply_colour_map(img, torch.tensor(colour["weights"], dtype=torch.float64), colour["space"],
+                             int(colour["degree"]), torch.ones(1, dtype=torch.float64), _out_space(colour), dom, beyond)
+    return out[0, :, :, 0].T.numpy()
+
+
 def _lighter_when_darker(pixels: np.ndarray, colour: dict, dom, beyond) -> float:
     """The share of ``pixels`` ``(N, 3)`` in ``[0, 1]`` (the training tissue's; those with L* < 85) whose mapped colour
     comes out more than 1 L* *lighter* when the pixel's optical density is multiplied by :data:`DARKER`: 0 for a map
@@ -678,14 +687,7 @@ def _lighter_when_darker(pixels: np.ndarray, colour: dict, dom, beyond) -> float
     x = np.clip(pixels[lab[:, 0] < 85], 1.0 / 255.0, 1.0)
     if not len(x):
         return 0.0
-    w = torch.tensor(colour["weights"], dtype=torch.float64)
-
-    def lightness(v: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(v.T)).reshape(1, 3, -1, 1)
-        out = T.apply_colour_map(t, w, colour["space"], int(colour["degree"]), torch.ones(1, dtype=torch.float64),
-                                 _out_space(colour), dom, beyond)
-        return _lab(out[0, :, :, 0].T.numpy()[:, None])[:, 0, 0]
-
+    lightness = lambda v: _lab(_map_pixels(v, colour, dom, beyond)[:, None])[:, 0, 0]  # noqa: E731
     return float(np.mean(lightness(np.exp(np.log(x) * DARKER)) - lightness(x) > 1.0))
 
 
@@ -861,10 +863,7 @@ def _unpaired_colour_report(a: np.ndarray, b: np.ndarray, colour: dict) -> dict:
     CIEDE2000 between the mean colours before and after the map."""
     from skimage.color import deltaE_ciede2000
 
-    w = torch.tensor(colour["weights"], dtype=torch.float64)
-    img = torch.from_numpy(np.ascontiguousarray(a.T)).reshape(1, 3, -1, 1)
-    mapped = T.apply_colour_map(img, w, colour["space"], 1, torch.ones(1, dtype=torch.float64), _out_space(colour))
-    mapped = mapped[0, :, :, 0].T.clamp(0, 1).numpy()
+    mapped = _map_pixels(a, colour)
     la, lb, lm = (_lab(v[None])[0] for v in (a, b, mapped))
     de = lambda u, v: float(deltaE_ciede2000(u.mean(0), v.mean(0)))  # noqa: E731
     return {"unpaired": True, "tissue_blocks": [int(len(a)), int(len(b))],
