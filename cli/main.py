@@ -670,6 +670,9 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
     CIEDE2000 and sharpness before and after each part) and PROFILE.report.png (the colour map and the MTF ratio).
     Pairs that cannot be read or differ in size, and files of --src/--dst that do not pair (no twin, or an id
     twice), are listed and skipped; exit code 1 if any was.
+
+    A profile describes the scanner units and export settings of its pairs, not the scanner model: fit on scans
+    from the instruments whose images you will transform (docs/real_scanner_shift.md).
     """
     import csv
     import re
