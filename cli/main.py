@@ -833,6 +833,11 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
 _SPACE_NAMES = {"srgb": "sRGB", "od": "optical density", "lab": "CIELAB"}
 
 
+def _cell(value) -> str:
+    """A cross-validated figure for a report table: two decimals, or "n/a" where there was nothing to hold out."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def scanner_fit_report(profile: dict) -> str:
     """The fit report of a scanner-transfer profile, as Markdown."""
     fit = profile["fit"]
@@ -846,7 +851,14 @@ def scanner_fit_report(profile: dict) -> str:
             lines += [f"The scans the pairs were cut from (pairs.csv): source {fit['icc']['scans']['src']}, destination "
                       f"{fit['icc']['scans']['dst']}.", ""]
     if fit.get("paired"):
-        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (5 folds of consecutive pairs)'}.", ""]
+        cv = {"slides": "leave one slide out", "consecutive pairs": f"{min(5, fit['used'])} folds of consecutive pairs",
+              "2x2 spatial blocks of the one pair": "leave one of the one pair's 2x2 spatial blocks out",
+              "none: one pair too small to split": ("none (one pair under 64 px a side): the first candidate map is "
+                                                    "used, unchecked against identity")}.get(fit.get("cv"))
+        if cv is None:  # profiles fitted before the fit recorded its folds
+            cv = "leave one slide out" if fit.get("slides") else "5 folds of consecutive pairs"
+        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given'}; "
+                  f"cross-validation: {cv}.", ""]
         for r in fit.get("refused", []):
             lines.append(f"- refused pair {r['pair']}: {r['reason']}")
     else:
@@ -869,8 +881,8 @@ def scanner_fit_report(profile: dict) -> str:
     elif c:
         lines += ["", ("Colour (cross-validated mean CIEDE2000 of 8x8 block means over tissue; map = input space-output "
                        "space-degree[-loss: l1 = least residual lengths; none = least squares], cheapest first):"), "",
-                  "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {c['identity_delta_e2000']:.2f} |"]
-        lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {v:.2f} |" for k, v in c["cv_delta_e2000"].items()]
+                  "| map | CV ΔE2000 |", "|---|---|", f"| identity (before) | {_cell(c['identity_delta_e2000'])} |"]
+        lines += [f"| {k}{' (chosen)' if k == c['chosen'] else ''} | {_cell(v)} |" for k, v in c["cv_delta_e2000"].items()]
         region = c.get("fit_region", "destination")
         lines += ["", "Fitted on the 8x8 blocks that are tissue (L* < 85) " + ("in either scan of a pair" if region == "either"
                   else "in the destination") + "; the cross-validation scores the destination's tissue."]
@@ -899,19 +911,25 @@ def scanner_fit_report(profile: dict) -> str:
             lines += ["", (f"MTF: the ratio of the sets' mean spectra (unpaired), gain cap {m['max_gain']:g} (sharpness "
                            f"ratio of the sets, geometric mean, by cap: {by_cap}).")]
         else:
+            unit = "of the pair's 2x2 blocks" if fit.get("cv", "").startswith("2x2") else "pairs"
             lines += ["", f"MTF ({m.get('mode', 'relative')}): "
-                          f"{'fitted on %d pairs' % m['pairs'] if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
+                          f"{'fitted on %d %s' % (m['pairs'], unit) if m.get('fitted') else 'not fitted: ' + m.get('reason', '')}."]
         if m.get("fitted") and not m.get("unpaired"):
             lines.append(f"Sharpness (Laplacian variance of source / destination, median): before "
-                         f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {m['sharpness_ratio_after_cv']:.2f}.")
+                         f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {_cell(m['sharpness_ratio_after_cv'])}.")
             if m.get("delta_e2000_after_cv") is not None:
                 lines.append(f"CIEDE2000 of the colour-mapped pairs before the MTF {m['delta_e2000_before']:.2f}, after it, "
                              f"cross-validated, {m['delta_e2000_after_cv']:.2f}.")
             if "max_gain" in m:  # profiles fitted before the cap was chosen have no such entry
-                how = "chosen by cross-validation" if m.get("max_gain_chosen_by_cv") else "as given"
                 by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("cv_sharpness_geomean_by_max_gain", {}).items())
-                lines.append(f"Gain cap {m['max_gain']:g} ({how}; cross-validated sharpness ratio, geometric mean, by cap: "
-                             f"{by_cap}).")
+                if m.get("max_gain_chosen_by_cv"):
+                    how = "chosen by cross-validation"
+                elif m.get("max_gain_given", bool(by_cap)):  # older profiles: a cap with CV figures was given
+                    how = "as given"
+                else:
+                    how = "the smallest candidate: nothing to cross-validate"
+                lines.append(f"Gain cap {m['max_gain']:g} ({how}"
+                             + (f"; cross-validated sharpness ratio, geometric mean, by cap: {by_cap})." if by_cap else ")."))
             mc = m.get("matched_cv")
             if m.get("mode") == "matched" and mc and mc.get("sharpness_ratio_after_cv") is not None:
                 lines.append(f"Matched MTF (each tile towards the destination's tissue spectrum, the cap above): sharpness "

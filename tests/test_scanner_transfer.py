@@ -1014,6 +1014,37 @@ def test_cross_validation_folds_hold_out_whole_slides_or_runs_of_consecutive_pai
     assert _folds(None, 1) == [] and len(_folds(None, 3)) == 3
 
 
+def test_a_single_pair_is_cross_validated_over_its_spatial_blocks(pairs, tmp_path):
+    """One registered pair (a user's single scanned region): the fit holds out one of its 2x2 blocks at a time, so
+    every figure of the report is a number and the map is checked against identity; a pair too small to split is
+    fitted with the first candidate, said so, and still writes strict JSON (no NaN)."""
+    from shiftkit.cli.main import scanner_fit_report
+
+    src, dst, _ = pairs
+    t = ScannerTransfer.fit(src[:1], dst[:1], parts=("colour", "mtf", "noise"), align=True)
+    fit = t.profile["fit"]
+    assert fit["cv"] == "2x2 spatial blocks of the one pair" and fit["used"] == 1 and fit["sizes"] == ["224x224"]
+    c = fit["colour"]
+    assert c["cv_folds"] == 4 and all(np.isfinite(v) for v in c["cv_delta_e2000"].values())
+    assert c["cv_delta_e2000_after"] < 0.6 * c["identity_delta_e2000"]  # held-out blocks (1.97 against 3.83)
+    assert fit["mtf"]["pairs"] == 4 and np.isfinite(fit["mtf"]["sharpness_ratio_after_cv"])
+    aligned = np.roll(dst[1:4], (-3, 2), axis=(1, 2))  # other fields: the map carries over to them
+    assert mean_de(t.augment(src[1:4]), aligned) < 0.5 * mean_de(src[1:4], aligned)
+    json.dumps(t.profile, allow_nan=False)
+    report = scanner_fit_report(t.profile)
+    assert "2x2 spatial blocks out" in report and "fitted on 4 of the pair's 2x2 blocks" in report
+    assert "nan" not in report.lower()
+
+    small = ScannerTransfer.fit(src[:1, :48, :48], dst[:1, :48, :48], parts=("colour", "mtf"))
+    fit = small.profile["fit"]
+    assert fit["cv"] == "none: one pair too small to split" and fit["colour"]["cv_folds"] == 0
+    assert fit["colour"]["chosen"] == "srgb-srgb-1" and fit["colour"]["identity_delta_e2000"] is None
+    json.dumps(small.profile, allow_nan=False)
+    report = scanner_fit_report(small.profile)
+    assert "unchecked against identity" in report and "nothing to cross-validate" in report
+    assert "nan" not in report.lower() and "| n/a |" in report
+
+
 def test_real_dev_pairs_cross_validated_by_slide():
     """On the real Aperio -> Hamamatsu pairs: leave one slide out, the learned transfer beats unnormalized colour by
     far and lands within 0.67-1.5x of the twins' sharpness (figures in experiments/scanner_transfer)."""

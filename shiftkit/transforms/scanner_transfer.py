@@ -118,6 +118,14 @@ def _laplacian_var(img: np.ndarray) -> float:
     return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var())
 
 
+def _quadrants(img: np.ndarray) -> List[np.ndarray]:
+    """The 2×2 spatial blocks of one pair's image, cut at multiples of 8 px (the 8×8 blocks and a JPEG grid keep
+    their phase): the cross-validation groups of a fit on a single pair."""
+    h, w = img.shape[:2]
+    r, c = 8 * round(h / 16), 8 * round(w / 16)
+    return [img[:r, :c], img[:r, c:], img[r:, :c], img[r:, c:]]
+
+
 def _folds(groups: Sequence[Any], n: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Leave-one-group-out when there are several groups (slides, spatial blocks), else 5 folds of consecutive pairs
     (pairs listed in order usually run field by field: neighbouring, often overlapping crops stay in one fold
@@ -270,7 +278,9 @@ class ScannerTransfer(ShiftkitAugmentation):
         whose stains are not H&E are refused (named
         and counted in ``profile["fit"]["refused"]``). The colour map (input space, output space and degree,
         :data:`COLOUR_CANDIDATES`) and the loss it is fitted with (``colour_losses``) are chosen by cross-validation
-        over ``slides`` (leave one slide out; else 5 folds of consecutive pairs), on the mean CIEDE2000 of 8×8 block means over
+        over ``slides`` (leave one slide out; else 5 folds of consecutive pairs; a single pair: leave one of its 2×2
+        spatial blocks out, every part fitted on the blocks; a single pair under 64 px a side is not cross-validated,
+        the first candidate is used and the report says so), on the mean CIEDE2000 of 8×8 block means over
         tissue; a map whose cross-validated residual is not below identity's is an error. The map's input domain is
         recorded (``profile["colour"]["domain"]``: per channel of its input space, the 0.1 % and 99.9 % quantiles of
         the training tissue pixels) with the slope of the affine map fitted on the same pairs (``"beyond_slope"``):
@@ -391,11 +401,20 @@ class ScannerTransfer(ShiftkitAugmentation):
                    "fit": {"paired": True, "pairs": len(src), "used": len(used), "refused": refused, "source": source,
                            "mpp": mpp, "offsets_px": offsets, "slides": sorted({str(g) for g in groups}) if groups else None,
                            "sizes": sorted({f"{a.shape[1]}x{a.shape[0]}" for a in s_used})}}
-        if "colour" in parts:
-            if align:  # the colour map is fitted on the overlap of each pair at its measured offset
-                s_col, d_col = zip(*[_aligned(src[i], dst[i], offsets[i]) for i in used])
+        if align:  # the colour map is fitted on the overlap of each pair at its measured offset
+            s_col, d_col = (list(v) for v in zip(*[_aligned(src[i], dst[i], offsets[i]) for i in used]))
+        else:
+            s_col, d_col = s_used, d_used
+        profile["fit"]["cv"] = "slides" if groups is not None and len(set(map(str, groups))) >= 2 else "consecutive pairs"
+        if len(used) == 1:  # one pair: cross-validate over its 2x2 spatial blocks (leave one block out)
+            if min(min(x.shape[:2]) for x in (s_used[0], s_col[0])) >= 2 * MIN_PAIR_SIDE:
+                s_used, d_used = _quadrants(s_used[0]), _quadrants(d_used[0])
+                s_col, d_col = _quadrants(s_col[0]), _quadrants(d_col[0])
+                groups = [f"block {k}" for k in range(4)]
+                profile["fit"]["cv"] = "2x2 spatial blocks of the one pair"
             else:
-                s_col, d_col = s_used, d_used
+                profile["fit"]["cv"] = "none: one pair too small to split"
+        if "colour" in parts:
             profile["colour"], profile["fit"]["colour"] = _fit_colour(list(s_col), list(d_col), groups, ridge,
                                                                       colour_candidates, colour_losses,
                                                                       float(background_weight), fit_region)
@@ -733,12 +752,14 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("
                 pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
                                           degree, torch.ones(1), out_space, dom, beyond)[0].permute(1, 2, 0).numpy()
                 res.append(_delta_e(pred, db[i], tis[i]))
-        scores[_candidate_name(space, out_space, degree, loss)] = float(np.nanmean(res)) if res else float("nan")
-    before = float(np.nanmean(identity)) if identity else float("nan")
-    valid = {k: v for k, v in scores.items() if math.isfinite(v)}
+        finite = [r for r in res if math.isfinite(r)]
+        scores[_candidate_name(space, out_space, degree, loss)] = float(np.mean(finite)) if finite else None
+    finite = [r for r in identity if math.isfinite(r)]
+    before = float(np.mean(finite)) if finite else None
+    valid = {k: v for k, v in scores.items() if v is not None}
     if valid:
         best = min(valid, key=valid.get)  # the first of equal scores: candidates come in order of cost
-        if valid[best] >= before:
+        if before is not None and valid[best] >= before:
             raise ScannerTransferError(f"the colour fit is no better than identity: expected a cross-validated CIEDE2000 "
                                        f"below identity's {before:.2f}, got {valid[best]:.2f} (are the pairs the same fields, "
                                        "on two different scanners?)")
@@ -845,7 +866,7 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None, mode="relative"):
         # destinations, before the MTF and after it (the MTF cross-validated): what the MTF costs or gains in colour
         "delta_e2000_before": float(np.nanmean(de_before)) if de_before else None,
         "delta_e2000_after_cv": float(np.nanmean(de_after[cap])) if de_after[cap] else None,
-        "max_gain_chosen_by_cv": max_gain is None and chosen is not None,
+        "max_gain_chosen_by_cv": max_gain is None and chosen is not None, "max_gain_given": max_gain is not None,
         "sharpness_ratio_after_cv": float(np.median(after[cap])) if after[cap] else None,
         "sharpness_ratio_after_cv_geomean": _geomean(after[cap]) if after[cap] else None,
         "cv_sharpness_geomean_by_max_gain": {str(c): _geomean(r) for c, r in after.items() if r}}
