@@ -84,11 +84,11 @@ def own_pair_blocks(x, y):
     """The transfer fitted on this very pair, each 2x2 spatial block predicted by a fit on the other three (the cut
     of ``ScannerTransfer.fit``'s single-pair cross-validation): what fitting on one's own scanner units gives, an
     optimistic bound since neighbouring blocks share the specimen."""
-    from shiftkit.transforms.scanner_transfer import _quadrants
-
-    xs, ys, out = _quadrants(x), _quadrants(y), np.empty_like(x)
-    r, c = xs[0].shape[:2]
-    for k, (oy, ox) in enumerate(((0, 0), (0, c), (r, 0), (r, c))):
+    r, c = 8 * round(x.shape[0] / 16), 8 * round(x.shape[1] / 16)  # cut at multiples of 8 px, as the fit cuts
+    corners = ((0, 0), (0, c), (r, 0), (r, c))
+    cut = lambda im: [im[:r, :c], im[:r, c:], im[r:, :c], im[r:, c:]]  # noqa: E731
+    xs, ys, out = cut(x), cut(y), np.empty_like(x)
+    for k, (oy, ox) in enumerate(corners):
         tr = [i for i in range(4) if i != k]
         t = ScannerTransfer.fit([xs[i] for i in tr], [ys[i] for i in tr], slides=tr, parts=("colour",), seed=0)
         out[oy:oy + xs[k].shape[0], ox:ox + xs[k].shape[1]] = t.augment(xs[k][None])[0]
