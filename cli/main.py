@@ -857,7 +857,7 @@ def scanner_fit_report(profile: dict) -> str:
                                                     "used, unchecked against identity")}.get(fit.get("cv"))
         if cv is None:  # profiles fitted before the fit recorded its folds
             cv = "leave one slide out" if fit.get("slides") else "5 folds of consecutive pairs"
-        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given'}; "
+        lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (or one)'}; "
                   f"cross-validation: {cv}.", ""]
         for r in fit.get("refused", []):
             lines.append(f"- refused pair {r['pair']}: {r['reason']}")
