@@ -918,7 +918,7 @@ def scanner_fit_report(profile: dict) -> str:
             lines.append(f"Sharpness (Laplacian variance of source / destination, median): before "
                          f"{m['sharpness_ratio_before']:.2f}, after, cross-validated, {_cell(m['sharpness_ratio_after_cv'])}.")
             if m.get("delta_e2000_after_cv") is not None:
-                lines.append(f"CIEDE2000 of the colour-mapped pairs before the MTF {m['delta_e2000_before']:.2f}, after it, "
+                lines.append(f"CIEDE2000 of the colour-mapped pairs before the MTF {_cell(m['delta_e2000_before'])}, after it, "
                              f"cross-validated, {m['delta_e2000_after_cv']:.2f}.")
             if "max_gain" in m:  # profiles fitted before the cap was chosen have no such entry
                 by_cap = ", ".join(f"{k}: {v:.2f}" for k, v in m.get("cv_sharpness_geomean_by_max_gain", {}).items())
@@ -934,7 +934,7 @@ def scanner_fit_report(profile: dict) -> str:
             if m.get("mode") == "matched" and mc and mc.get("sharpness_ratio_after_cv") is not None:
                 lines.append(f"Matched MTF (each tile towards the destination's tissue spectrum, the cap above): sharpness "
                              f"ratio, cross-validated, median {mc['sharpness_ratio_after_cv']:.2f}, geometric mean "
-                             f"{mc['sharpness_ratio_after_cv_geomean']:.2f}; CIEDE2000 after it {mc['delta_e2000_after_cv']:.2f}.")
+                             f"{mc['sharpness_ratio_after_cv_geomean']:.2f}; CIEDE2000 after it {_cell(mc['delta_e2000_after_cv'])}.")
     n = fit.get("noise")
     if n:
         lines += ["", f"Noise: extra σ of the destination {n.get('sigma_extra_median', n.get('sigma', 0)):.4f} "

@@ -1043,6 +1043,9 @@ def test_a_single_pair_is_cross_validated_over_its_spatial_blocks(pairs, tmp_pat
     report = scanner_fit_report(small.profile)
     assert "unchecked against identity" in report and "nothing to cross-validate" in report
     assert "nan" not in report.lower() and "| n/a |" in report
+    from shiftkit.transforms.scanner_transfer import _finite_mean  # held-out pairs without tissue blocks score NaN
+
+    assert _finite_mean([float("nan"), 1.0, 3.0]) == 2.0 and _finite_mean([float("nan")]) is None
 
 
 def test_real_dev_pairs_cross_validated_by_slide():

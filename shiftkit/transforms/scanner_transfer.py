@@ -118,6 +118,13 @@ def _laplacian_var(img: np.ndarray) -> float:
     return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float64), cv2.CV_64F).var())
 
 
+def _finite_mean(values: Sequence[float]) -> Optional[float]:
+    """Mean of the finite values (a held-out pair without tissue blocks scores NaN), or None where there are none:
+    a profile's figures are numbers or null, never NaN (which strict JSON parsers reject)."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
 def _quadrants(img: np.ndarray) -> List[np.ndarray]:
     """The 2×2 spatial blocks of one pair's image, cut at multiples of 8 px (the 8×8 blocks and a JPEG grid keep
     their phase): the cross-validation groups of a fit on a single pair."""
@@ -752,10 +759,8 @@ def _fit_colour(src, dst, groups, ridge, candidates=COLOUR_CANDIDATES, losses=("
                 pred = T.apply_colour_map(torch.from_numpy(sb[i]).permute(2, 0, 1)[None], torch.from_numpy(w), space,
                                           degree, torch.ones(1), out_space, dom, beyond)[0].permute(1, 2, 0).numpy()
                 res.append(_delta_e(pred, db[i], tis[i]))
-        finite = [r for r in res if math.isfinite(r)]
-        scores[_candidate_name(space, out_space, degree, loss)] = float(np.mean(finite)) if finite else None
-    finite = [r for r in identity if math.isfinite(r)]
-    before = float(np.mean(finite)) if finite else None
+        scores[_candidate_name(space, out_space, degree, loss)] = _finite_mean(res)
+    before = _finite_mean(identity)
     valid = {k: v for k, v in scores.items() if v is not None}
     if valid:
         best = min(valid, key=valid.get)  # the first of equal scores: candidates come in order of cost
@@ -858,14 +863,14 @@ def _fit_mtf(src, dst, groups, mpp, raw=None, max_gain=None, mode="relative"):
                 des.append(_delta_e(T.block_means(o), dst_blocks[j], tissue[j]))
         matched = {"sharpness_ratio_after_cv": float(np.median(ratios)) if ratios else None,
                    "sharpness_ratio_after_cv_geomean": _geomean(ratios) if ratios else None,
-                   "delta_e2000_after_cv": float(np.nanmean(des)) if des else None}
+                   "delta_e2000_after_cv": _finite_mean(des)}
     return mtf, {
         "mode": mode, "matched_cv": matched,
         "fitted": True, "pairs": len(rich), "sharpness_ratio_before": before, "max_gain": cap,
         # CIEDE2000 of block means over tissue of the colour-mapped sources (map fitted on all pairs) against the
         # destinations, before the MTF and after it (the MTF cross-validated): what the MTF costs or gains in colour
-        "delta_e2000_before": float(np.nanmean(de_before)) if de_before else None,
-        "delta_e2000_after_cv": float(np.nanmean(de_after[cap])) if de_after[cap] else None,
+        "delta_e2000_before": _finite_mean(de_before),
+        "delta_e2000_after_cv": _finite_mean(de_after[cap]),
         "max_gain_chosen_by_cv": max_gain is None and chosen is not None, "max_gain_given": max_gain is not None,
         "sharpness_ratio_after_cv": float(np.median(after[cap])) if after[cap] else None,
         "sharpness_ratio_after_cv_geomean": _geomean(after[cap]) if after[cap] else None,
