@@ -810,6 +810,11 @@ def fit_scanner(pairs_csv, src_dir, dst_dir, match, slide_regex, output, parts, 
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     t.profile["fit"]["failed_inputs"] = [{"input": w, "reason": r} for w, r in failed]
+    for r in t.profile["fit"].get("refused", []):  # the files behind the indexes the fit refused
+        if "pair" in r:
+            r["files"] = [str(src_read[r["pair"]]), str(dst_read[r["pair"]])]
+        else:
+            r["file"] = str((src_read if r["set"] == "src" else dst_read)[r["image"]])
     if jpeg_estimate is not None and "jpeg" in t.profile["fit"]:
         t.profile["fit"]["jpeg"]["estimated"] = jpeg_estimate
     from shiftkit.data.io import icc_description, read_icc
@@ -860,9 +865,14 @@ def scanner_fit_report(profile: dict) -> str:
         lines += [f"Pairs: {fit['used']} used of {fit['pairs']}; slides {fit.get('slides') or 'not given (or one)'}; "
                   f"cross-validation: {cv}.", ""]
         for r in fit.get("refused", []):
-            lines.append(f"- refused pair {r['pair']}: {r['reason']}")
+            files = f" ({' / '.join(r['files'])})" if r.get("files") else ""
+            lines.append(f"- refused pair {r['pair']}{files}: {r['reason']}")
     else:
-        lines += [f"Unpaired: {fit.get('src_images')} source and {fit.get('dst_images')} destination images.", ""]
+        lines += [f"Unpaired: {fit.get('src_images')} source and {fit.get('dst_images')} destination images"
+                  + (f", {fit['used'][0]} and {fit['used'][1]} used." if "used" in fit else "."), ""]
+        for r in fit.get("refused", []):
+            lines.append(f"- refused {'source' if r['set'] == 'src' else 'destination'} image {r['image']}"
+                         + (f" ({r['file']})" if r.get("file") else "") + f": {r['reason']}")
     for r in fit.get("failed_inputs", []):
         lines.append(f"- failed input {r['input']}: {r['reason']}")
     c = fit.get("colour")

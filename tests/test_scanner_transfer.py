@@ -769,8 +769,42 @@ def test_unpaired_fit_refuses_empty_and_tissueless_sets_by_name(pairs):
     for args, arg in ((([], src), "src_images"), ((src, []), "dst_images")):
         with pytest.raises(InvalidArgumentError, match=f"`{arg}` is empty"):
             ScannerTransfer.fit_unpaired(*args)
-    with pytest.raises(ScannerTransferError, match="too little tissue.*got 0 and"):
+    with pytest.raises(ScannerTransferError, match=r"no usable image in `src_images`.*all refused \(3 background only\)"):
         ScannerTransfer.fit_unpaired(np.full((3, 64, 64, 3), 245, np.uint8), src)
+
+
+def test_unpaired_fit_leaves_out_non_he_blank_and_tiny_images_by_name(pairs, tmp_path):
+    """An IHC image, a blank tile or a sliver in an unpaired set is left out, named and counted — the profile is the one
+    fitted without them — rather than bending the stain statistics silently."""
+    src, dst, _ = pairs
+    ihc = cv2.resize(np.array(__import__("PIL.Image", fromlist=["Image"]).open(
+        __import__("skimage").data.__path__[0] + "/ihc.png").convert("RGB")), (224, 224))
+    blank = np.full_like(src[0], 245)
+    clean = ScannerTransfer.fit_unpaired(list(src[:6]), list(dst[6:12]), parts=("colour", "mtf"))
+    mixed = ScannerTransfer.fit_unpaired(list(src[:6]) + [ihc, src[0][:20, :20]], [blank] + list(dst[6:12]),
+                                         parts=("colour", "mtf"))
+    fit = mixed.profile["fit"]
+    assert fit["used"] == [6, 6] and (fit["src_images"], fit["dst_images"]) == (8, 7)
+    assert [(r["set"], r["image"], r["reason"].split(":")[0]) for r in fit["refused"]] == [
+        ("src", 6, "not H&E"), ("src", 7, "too small"), ("dst", 0, "background only")]
+    assert mixed.profile["colour"] == clean.profile["colour"] and mixed.profile["mtf"] == clean.profile["mtf"]
+    # the command line names the files behind the indexes
+    for name, images in (("a", list(src[:3]) + [ihc]), ("b", list(dst[6:9]))):
+        (tmp_path / name).mkdir()
+        for i, x in enumerate(images):
+            write_image(tmp_path / name / f"t{i}.png", x)
+    res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "b"), "--unpaired",
+                                   "-o", str(tmp_path / "u.json")])
+    assert res.exit_code == 0, res.output
+    assert f"- refused source image 3 ({tmp_path / 'a' / 't3.png'}): not H&E" in res.output
+    assert "4 source and 3 destination images, 3 and 3 used." in res.output
+    (tmp_path / "c").mkdir()  # the same names as a/, registered twins and the IHC image: a paired fit names the pair
+    for i, x in enumerate(list(dst[:3]) + [ihc]):
+        write_image(tmp_path / "c" / f"t{i}.png", x)
+    res = CliRunner().invoke(cli, ["fit-scanner", "--src", str(tmp_path / "a"), "--dst", str(tmp_path / "c"),
+                                   "--parts", "colour", "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert f"- refused pair 3 ({tmp_path / 'a' / 't3.png'} / {tmp_path / 'c' / 't3.png'}): not H&E" in res.output
 
 
 def test_unpaired_fit_moves_colour_statistics_towards_the_destination(pairs):

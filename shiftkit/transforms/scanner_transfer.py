@@ -471,6 +471,8 @@ class ScannerTransfer(ShiftkitAugmentation):
         (``experiments/scanner_transfer/unpaired_space.py``); the MTF is the ratio of the sets' mean power
         spectra, its gain capped where the filtered source set's sharpness (geometric mean of Laplacian variances)
         comes closest to the destination set's (in-sample: there are no pairs to hold out); noise as in :meth:`fit`.
+        Images smaller than :data:`MIN_PAIR_SIDE` px a side, with almost no tissue, or whose stains are not H&E are
+        left out, named and counted in ``profile["fit"]["refused"]``; a set with none left is an error.
 
         Args:
             src_images: images of scanner A.
@@ -498,11 +500,22 @@ class ScannerTransfer(ShiftkitAugmentation):
         if "jpeg" in parts:
             raise InvalidArgumentError("`parts` includes 'jpeg': expected colour, mtf or noise for an unpaired fit, got jpeg")
         src, dst = _uint8_list(src_images, "src_images"), _uint8_list(dst_images, "dst_images")
+        refused = []
         for arg, images in (("src_images", src), ("dst_images", dst)):
             if not images:
                 raise InvalidArgumentError(f"`{arg}` is empty: expected at least one image of tissue")
+            bad = _screen_images(images)
+            refused += [{"set": arg[:3], "image": i, "reason": r} for i, r in bad]
+            if len(bad) == len(images):
+                raise ScannerTransferError(f"no usable image in `{arg}`: expected H&E images with tissue, got "
+                                           f"{len(images)}, all refused ({_reasons([{'reason': r} for _, r in bad])})")
+        n_src, n_dst = len(src), len(dst)
+        skip = {(r["set"], r["image"]) for r in refused}
+        src = [x for i, x in enumerate(src) if ("src", i) not in skip]
+        dst = [x for i, x in enumerate(dst) if ("dst", i) not in skip]
         profile = {"format": PROFILE_FORMAT, "version": 1, "name": name, "held_out": bool(held_out), "parts": [],
-                   "fit": {"paired": False, "src_images": len(src), "dst_images": len(dst), "source": source, "mpp": mpp}}
+                   "fit": {"paired": False, "src_images": n_src, "dst_images": n_dst, "used": [len(src), len(dst)],
+                           "refused": refused, "source": source, "mpp": mpp}}
         if "colour" in parts:
             a = np.concatenate([T.block_means(x).reshape(-1, 3) for x in src])
             b = np.concatenate([T.block_means(x).reshape(-1, 3) for x in dst])
@@ -631,6 +644,22 @@ def _reasons(refused: List[dict]) -> str:
 
 #: The smallest side of a pair :meth:`ScannerTransfer.fit` uses (colour is fitted on 8x8 block means, the MTF on spectra).
 MIN_PAIR_SIDE = 32
+
+
+def _screen_images(images) -> List[Tuple[int, str]]:
+    """``(index, reason)`` of the images an unpaired fit cannot use: too small, background only, or not H&E (the
+    checks of :func:`_screen_pairs` that need no twin)."""
+    from ..stain import estimate_stains
+
+    bad = []
+    for i, x in enumerate(images):
+        if min(x.shape[:2]) < MIN_PAIR_SIDE:
+            bad.append((i, f"too small: {x.shape[1]}x{x.shape[0]} px, expected at least {MIN_PAIR_SIDE} px a side"))
+        elif _tissue_fraction(x) < 0.05:
+            bad.append((i, "background only: less than 5 % tissue"))
+        elif estimate_stains(x[None], "macenko").status[0] == "degenerate":
+            bad.append((i, "not H&E: the stain estimate is degenerate (IHC, ink or no stain)"))
+    return bad
 
 
 def _screen_pairs(src, dst, max_shift_px, min_peak):
