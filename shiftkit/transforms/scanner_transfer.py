@@ -646,45 +646,56 @@ def _reasons(refused: List[dict]) -> str:
 MIN_PAIR_SIDE = 32
 
 
-def _screen_images(images) -> List[Tuple[int, str]]:
-    """``(index, reason)`` of the images an unpaired fit cannot use: too small, background only, or not H&E (the
-    checks of :func:`_screen_pairs` that need no twin)."""
+#: Least tissue fraction of an image (of both images of a pair) a fit uses.
+MIN_TISSUE = 0.05
+_BACKGROUND_ONLY = f"background only: less than {100 * MIN_TISSUE:g} % tissue"
+_NOT_HE = "not H&E: the stain estimate is degenerate (IHC, ink or no stain)"
+
+
+def _too_small(image: np.ndarray) -> str:
+    return (f"too small: {image.shape[1]}x{image.shape[0]} px, expected at least {MIN_PAIR_SIDE} px a side (8x8 blocks "
+            "and a spectrum)")
+
+
+def _not_he(*images: np.ndarray) -> bool:
+    """Whether the stain estimate of any of ``images`` (of one size) is degenerate: IHC, ink or no stain."""
     from ..stain import estimate_stains
 
+    return any(s == "degenerate" for s in estimate_stains(np.stack(images), "macenko").status)
+
+
+def _screen_images(images) -> List[Tuple[int, str]]:
+    """``(index, reason)`` of the images an unpaired fit cannot use: the checks of :func:`_screen_pairs` that need
+    no twin."""
     bad = []
     for i, x in enumerate(images):
         if min(x.shape[:2]) < MIN_PAIR_SIDE:
-            bad.append((i, f"too small: {x.shape[1]}x{x.shape[0]} px, expected at least {MIN_PAIR_SIDE} px a side"))
-        elif _tissue_fraction(x) < 0.05:
-            bad.append((i, "background only: less than 5 % tissue"))
-        elif estimate_stains(x[None], "macenko").status[0] == "degenerate":
-            bad.append((i, "not H&E: the stain estimate is degenerate (IHC, ink or no stain)"))
+            bad.append((i, _too_small(x)))
+        elif _tissue_fraction(x) < MIN_TISSUE:
+            bad.append((i, _BACKGROUND_ONLY))
+        elif _not_he(x):
+            bad.append((i, _NOT_HE))
     return bad
 
 
 def _screen_pairs(src, dst, max_shift_px, min_peak):
-    from ..stain import estimate_stains
-
     used, refused, offsets = [], [], []
     for i, (a, b) in enumerate(zip(src, dst)):
         dx, dy, peak = T.pair_offset(a, b)
         offsets.append([round(dx, 2), round(dy, 2), round(peak, 3)])
         shift = math.hypot(dx, dy)
         if min(a.shape[:2]) < MIN_PAIR_SIDE:
-            refused.append({"pair": i, "reason": f"too small: {a.shape[1]}x{a.shape[0]} px, expected at least "
-                                                 f"{MIN_PAIR_SIDE} px a side (8x8 blocks and a spectrum)"})
-        elif min(_tissue_fraction(a), _tissue_fraction(b)) < 0.05:
-            refused.append({"pair": i, "reason": "background only: less than 5 % tissue"})
+            refused.append({"pair": i, "reason": _too_small(a)})
+        elif min(_tissue_fraction(a), _tissue_fraction(b)) < MIN_TISSUE:
+            refused.append({"pair": i, "reason": _BACKGROUND_ONLY})
         elif shift > max_shift_px:
             refused.append({"pair": i, "reason": f"misregistered: offset {shift:.1f} px > max_shift_px {max_shift_px}"})
         elif peak < min_peak:
             refused.append({"pair": i, "reason": f"not the same field: phase-correlation peak {peak:.3f} < {min_peak}"})
+        elif _not_he(a, b):
+            refused.append({"pair": i, "reason": _NOT_HE})
         else:
-            status = estimate_stains(np.stack([a, b]), "macenko").status
-            if any(s == "degenerate" for s in status):
-                refused.append({"pair": i, "reason": "not H&E: the stain estimate is degenerate (IHC, ink or no stain)"})
-            else:
-                used.append(i)
+            used.append(i)
     return used, refused, offsets
 
 
